@@ -1,0 +1,265 @@
+"""The codec's losses: small functions named after what they compute, each testable against its formula.
+
+The objective follows latent-diffusion's `LPIPSWithDiscriminator`:
+    rec  = pixel(x, x̂) + w_p · perceptual(x, x̂)
+    nll  = rec / exp(s) + s                  (s: a scalar log-variance, optionally learned)
+    loss = Σ_pixels nll + β · KL(q(z|x) || N(0, I))      per sample, averaged over the batch
+We divide that per-sample sum by the number of pixel elements: the optimum and β's meaning (1e-6 as in
+the field) are unchanged, and gradient norms no longer grow with the image size, so clipping means the
+same at 64² and 512².
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codec.config import LossConfig
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VAE terms
+# ---------------------------------------------------------------------------------------------------------
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) || N(0, I)) = ½ Σ (μ² + σ² − 1 − log σ²), summed over all but the batch dimension."""
+    return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=tuple(range(1, mean.dim())))
+
+
+def pixel_loss(x: torch.Tensor, recon: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Per-element |x − x̂| (l1) or (x − x̂)² (mse), same shape as x."""
+    if kind == "l1":
+        return (x - recon).abs()
+    if kind == "mse":
+        return (x - recon).pow(2)
+    raise ValueError(f"pixel loss {kind!r}: expected l1 or mse")
+
+
+def gaussian_nll(rec: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """rec / exp(s) + s: the reconstruction as a Laplace/Gaussian NLL with a scalar log-scale s.
+    With s learned, its optimum is s = log(mean rec), which balances reconstruction against KL by itself."""
+    return rec / logvar.exp() + logvar
+
+
+def kl_weight_at(step: int, cfg: LossConfig) -> float:
+    """β at an optimizer step. constant: β. linear (KL annealing): β·min(1, step/warmup).
+    cyclical (Fu et al. 2019): within each cycle of `kl_cycle_steps`, ramp 0 -> β over the first
+    `kl_cycle_ramp` fraction, then hold β."""
+    beta = cfg.kl_weight
+    if cfg.kl_schedule == "constant":
+        return beta
+    if cfg.kl_schedule == "linear":
+        return beta if cfg.kl_warmup_steps <= 0 else beta * min(1.0, step / cfg.kl_warmup_steps)
+    if cfg.kl_schedule == "cyclical":
+        phase = (step % cfg.kl_cycle_steps) / cfg.kl_cycle_steps
+        ramp = max(cfg.kl_cycle_ramp, 1e-12)
+        return beta * min(1.0, phase / ramp)
+    raise ValueError(f"kl_schedule {cfg.kl_schedule!r}")
+
+
+@dataclass
+class VAELoss:
+    total: torch.Tensor  # what is backpropagated (per pixel element, batch mean)
+    nll: torch.Tensor  # Σ nll / N_pix, batch mean: the part the adaptive GAN weight balances against
+    rec: torch.Tensor  # mean pixel term (for logs)
+    perceptual: torch.Tensor  # mean perceptual term (for logs; 0 when off)
+    kl: torch.Tensor  # KL summed per sample, batch mean (the field's unit)
+
+
+def vae_loss(
+    x: torch.Tensor,
+    recon: torch.Tensor,
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    nll_logvar: torch.Tensor,
+    kl_weight: float,
+    pixel: str = "l1",
+    pixel_weight: float = 1.0,
+    perceptual: "PerceptualLoss | None" = None,
+    perceptual_weight: float = 1.0,
+) -> VAELoss:
+    rec_map = pixel_weight * pixel_loss(x, recon, pixel)
+    if perceptual is not None and perceptual_weight > 0:
+        p = perceptual(x, recon).view(-1, 1, 1, 1)  # one value per image, broadcast over its pixels as in LDM
+        rec_map = rec_map + perceptual_weight * p
+    else:
+        p = torch.zeros((), device=x.device)
+    pixels_per_sample = x[0].numel()
+    nll = gaussian_nll(rec_map, nll_logvar).flatten(1).sum(1) / pixels_per_sample
+    kl = kl_divergence(mean, logvar)
+    total = (nll + kl_weight * kl / pixels_per_sample).mean()
+    return VAELoss(total=total, nll=nll.mean(), rec=pixel_loss(x, recon, pixel).mean().detach(), perceptual=p.mean().detach(), kl=kl.mean().detach())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Perceptual terms: LPIPS (needs an ImageNet backbone file) or MS-SSIM (weight-free)
+# ---------------------------------------------------------------------------------------------------------
+
+# torchvision's file names for the ImageNet weights LPIPS builds on; torch hub caches them under these names.
+LPIPS_BACKBONE_FILES = {
+    "alex": ("alexnet", "alexnet-owt-7be5be79.pth"),
+    "vgg": ("vgg16", "vgg16-397923af.pth"),
+    "squeeze": ("squeezenet1_1", "squeezenet1_1-b8a52dc0.pth"),
+}
+
+
+class LPIPSBackboneMissing(FileNotFoundError):
+    pass
+
+
+def lpips_backbone_path(net: str, override: str | None = None) -> Path:
+    if override:
+        return Path(override).expanduser()
+    return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net][1]
+
+
+def build_lpips(net: str = "alex", backbone: str | None = None) -> nn.Module:
+    """LPIPS with its linear heads from the `lpips` package and the ImageNet backbone from a local file.
+
+    The package would download the backbone at run time; this machine (and many clusters) has no internet,
+    so we never let it: the backbone network is built empty and loaded from `backbone` or torch hub's cache.
+    """
+    import lpips
+    import torchvision
+
+    path = lpips_backbone_path(net, backbone)
+    if not path.is_file():
+        tv_name, file_name = LPIPS_BACKBONE_FILES[net]
+        raise LPIPSBackboneMissing(
+            f"LPIPS ({net}) needs the ImageNet weights of torchvision's {tv_name} at {path}. Place the file "
+            f"{file_name} there (or set loss.lpips_backbone to its path), or choose a weight-free perceptual "
+            f"term with loss.perceptual: ms_ssim or loss.if_lpips_missing: ms_ssim."
+        )
+    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    reference = getattr(torchvision.models, LPIPS_BACKBONE_FILES[net][0])(weights=None)
+    reference.load_state_dict(state)
+    # lpips keeps torchvision's `features[i]` as `sliceK.<i>`: copy each layer by its index.
+    for slice_module in model.net.children():
+        for index, layer in slice_module.named_children():
+            layer.load_state_dict(reference.features[int(index)].state_dict())
+    model.eval().requires_grad_(False)
+    return model
+
+
+def ms_ssim_scales(size: int, kernel: int = 11, max_scales: int = 5) -> int:
+    """How many MS-SSIM scales fit an image side: each scale halves it and must stay larger than the kernel."""
+    scales = 1
+    while scales < max_scales and size // (2**scales) > kernel - 1:
+        scales += 1
+    return scales
+
+
+def ms_ssim_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 − MS-SSIM per image, for images in [-1, 1]; the standard 5 weights truncated and renormalised when
+    the image is too small for 5 scales."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
+
+    betas = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)[: ms_ssim_scales(min(x.shape[-2:]))]
+    betas = tuple(b / sum(betas) for b in betas)
+    score = ms_ssim(y.float(), x.float(), data_range=2.0, betas=betas, reduction="none", normalize="relu")
+    return 1.0 - score
+
+
+class PerceptualLoss(nn.Module):
+    """One value per image pair; `name` records which perceptual term is really in use."""
+
+    def __init__(self, name: str, lpips_model: nn.Module | None = None):
+        super().__init__()
+        self.name = name
+        self.lpips = lpips_model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.name == "lpips":
+            return self.lpips(x.float(), y.float()).flatten()
+        return ms_ssim_distance(x, y)
+
+
+def build_perceptual(cfg: LossConfig) -> tuple[PerceptualLoss | None, str]:
+    """The perceptual term the config asks for, and a sentence saying what is really used and why."""
+    if cfg.perceptual == "none" or cfg.perceptual_weight == 0:
+        return None, "none (disabled in config)"
+    if cfg.perceptual == "ms_ssim":
+        return PerceptualLoss("ms_ssim"), "ms_ssim (chosen in config)"
+    try:
+        model = build_lpips(cfg.lpips_net, cfg.lpips_backbone)
+        return PerceptualLoss("lpips", model), f"lpips-{cfg.lpips_net} (backbone {lpips_backbone_path(cfg.lpips_net, cfg.lpips_backbone)})"
+    except LPIPSBackboneMissing as exc:
+        if cfg.if_lpips_missing == "error":
+            raise
+        why = f"LPIPS backbone missing at {lpips_backbone_path(cfg.lpips_net, cfg.lpips_backbone)}; loss.if_lpips_missing={cfg.if_lpips_missing}"
+        log.warning("%s", exc)
+        if cfg.if_lpips_missing == "ms_ssim":
+            return PerceptualLoss("ms_ssim"), f"ms_ssim instead of lpips ({why})"
+        return None, f"none instead of lpips ({why})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Patch-GAN
+# ---------------------------------------------------------------------------------------------------------
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix's N-layer patch discriminator. GroupNorm instead of BatchNorm: per-sample statistics behave the
+    same on one process or many and need no SyncBatchNorm."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        width = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            blocks += [nn.Conv2d(width, out, 4, stride, 1, bias=False), nn.GroupNorm(math.gcd(32, out), out), nn.LeakyReLU(0.2, True)]
+            width = out
+        blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """½ (E[relu(1 − D(x))] + E[relu(1 + D(x̂))])."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def discriminator_loss(disc: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """D's hinge loss on real images and *detached* reconstructions: its backward reaches D only. (The public
+    script fed undetached reconstructions here and leaked gradients into the VAE's next step.)"""
+    return hinge_d_loss(disc(real), disc(fake.detach()))
+
+
+def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """−E[D(x̂)]: the generator's side of the hinge GAN."""
+    return -logits_fake.mean()
+
+
+def adaptive_gan_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+    """λ = ||∇_w nll|| / (||∇_w g_loss|| + 1e-4), clamped to [0, max_weight], w = the decoder's last conv weight
+    (Esser et al., taming-transformers): the GAN gradient is scaled to the size of the reconstruction's."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+@contextmanager
+def frozen(module: nn.Module):
+    """Stop gradients from reaching `module`'s parameters (the generator's GAN term must not train D)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)

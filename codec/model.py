@@ -1,0 +1,170 @@
+"""The codec network: diffusers' `AutoencoderKL`, plus the few functions around it that training and users need.
+
+Using the library's class (not a copy of it) is what makes our checkpoints load anywhere with
+`AutoencoderKL.from_pretrained(path)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import nn
+
+from codec.config import ModelConfig
+
+
+def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
+    levels = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.sample_size,
+        mid_block_add_attention=cfg.mid_block_add_attention,
+        # Placeholder until real statistics are measured at export (see write_latent_stats).
+        scaling_factor=1.0,
+    )
+
+
+def downsample_factor(vae: AutoencoderKL) -> int:
+    # Each level but the last halves the resolution (diffusers' DownEncoderBlock2D convention).
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_shape(vae: AutoencoderKL, height: int, width: int) -> tuple[int, int, int]:
+    f = downsample_factor(vae)
+    if height % f or width % f:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the codec's downsampling factor {f}")
+    return (vae.config.latent_channels, height // f, width // f)
+
+
+def compression_ratio(vae: AutoencoderKL, height: int, width: int, channels: int = 3) -> float:
+    """Image elements per latent element: 48 for 512x512x3 -> 4x64x64 (f8, c4)."""
+    return channels * height * width / math.prod(latent_shape(vae, height, width))
+
+
+def encode_posterior(vae: AutoencoderKL, images: torch.Tensor) -> DiagonalGaussianDistribution:
+    """q(z|x): `.mean`, `.logvar` (clamped to [-30, 20]), `.sample(generator)` by reparameterization, `.mode()`."""
+    return vae.encode(images).latent_dist
+
+
+def per_sample_noise(shape: tuple[int, ...], seeds: torch.Tensor, device, dtype) -> torch.Tensor:
+    """Standard normal noise of `shape` where row i depends only on seeds[i].
+
+    Keying the reparameterization noise to the sample (not to the process's RNG stream) makes a 2-process
+    run draw exactly the noise a 1-process run draws for the same images.
+    """
+    rows = []
+    for seed in seeds.tolist():
+        g = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+        rows.append(torch.randn(shape[1:], generator=g))
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+class CodecForTraining(nn.Module):
+    """The VAE's full training forward pass in one module, so accelerate's DDP wrapper sees encode and decode
+    (calling them on the unwrapped model bypasses gradient averaging, a bug of the public training script).
+    Also holds the learned scalar output log-variance of the NLL, so its gradient is averaged too."""
+
+    def __init__(self, vae: AutoencoderKL, learn_logvar: bool = False, logvar_init: float = 0.0):
+        super().__init__()
+        self.vae = vae
+        self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
+
+    def forward(self, images: torch.Tensor, noise_seeds: torch.Tensor | None = None):
+        posterior = encode_posterior(self.vae, images)
+        if noise_seeds is None:
+            z = posterior.mode()
+        else:
+            noise = per_sample_noise(posterior.mean.shape, noise_seeds, posterior.mean.device, posterior.mean.dtype)
+            z = posterior.mean + posterior.std * noise
+        recon = self.vae.decode(z).sample
+        return recon, posterior.mean, posterior.logvar
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """Encode -> posterior mean -> decode: the deterministic reconstruction used for evaluation."""
+    return vae.decode(encode_posterior(vae, images).mode()).sample
+
+
+@torch.no_grad()
+def sample_prior(vae: AutoencoderKL, n: int, height: int, width: int, generator: torch.Generator | None = None):
+    """Decode z ~ N(0, I): what the VAE generates on its own, without a diffusion model on its latents."""
+    shape = (n, *latent_shape(vae, height, width))
+    z = torch.randn(shape, generator=generator).to(vae.device, vae.dtype)
+    return vae.decode(z).sample
+
+
+@torch.no_grad()
+def interpolate(vae: AutoencoderKL, a: torch.Tensor, b: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Decode straight-line blends of two images' posterior means; returns (steps, 3, H, W) from a to b."""
+    za = encode_posterior(vae, a[None]).mode()
+    zb = encode_posterior(vae, b[None]).mode()
+    t = torch.linspace(0, 1, steps, device=za.device, dtype=za.dtype).view(-1, 1, 1, 1)
+    return vae.decode(za * (1 - t) + zb * t).sample
+
+
+@torch.no_grad()
+def latent_statistics(vae: AutoencoderKL, batches) -> dict:
+    """Statistics of posterior means over `batches` of images: global std and per-channel mean/std.
+
+    SD's 0.18215 is exactly 1/global std of its codec's latents, measured once; we measure it for each codec.
+    """
+    count, total, total_sq = 0, None, None
+    for images in batches:
+        z = encode_posterior(vae, images.to(vae.device, vae.dtype)).mode().double()
+        per_channel = z.transpose(0, 1).reshape(z.shape[1], -1)
+        s, s2 = per_channel.sum(1), (per_channel**2).sum(1)
+        total = s if total is None else total + s
+        total_sq = s2 if total_sq is None else total_sq + s2
+        count += per_channel.shape[1]
+    if not count:
+        raise ValueError("latent_statistics: no images given")
+    mean_c = total / count
+    var_c = total_sq / count - mean_c**2
+    mean_all = total.sum() / (count * len(total))
+    var_all = total_sq.sum() / (count * len(total)) - mean_all**2
+    return {
+        "std": float(var_all.clamp_min(0).sqrt()),
+        "mean": float(mean_all),
+        "channel_mean": [float(v) for v in mean_c],
+        "channel_std": [float(v) for v in var_c.clamp_min(0).sqrt()],
+        "elements_per_channel": int(count),
+    }
+
+
+def write_latent_stats(vae: AutoencoderKL, stats: dict, mode: str = "global") -> None:
+    """Store latent statistics in the model's config, in the convention diffusers' pipelines read.
+
+    global: scaling_factor = 1/std (SD convention). per_channel: latents_mean/latents_std with
+    scaling_factor 1 (SDXL pipelines compute (z - mean) * scaling_factor / std).
+    """
+    if mode == "global":
+        vae.register_to_config(scaling_factor=1.0 / stats["std"], latents_mean=None, latents_std=None)
+    elif mode == "per_channel":
+        vae.register_to_config(
+            scaling_factor=1.0, latents_mean=list(stats["channel_mean"]), latents_std=list(stats["channel_std"])
+        )
+    else:
+        raise ValueError(f"latent statistics mode {mode!r}: expected global or per_channel")
+
+
+def codec_identity(vae: AutoencoderKL) -> str:
+    """A short hash of the weights and architecture: shards and checkpoints record which codec made them."""
+    h = hashlib.sha256()
+    arch = {k: v for k, v in vae.config.items() if k not in ("scaling_factor", "latents_mean", "latents_std", "shift_factor")}
+    h.update(repr(sorted(arch.items())).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,403 @@
+"""Train the KL-VAE codec: one loop, top to bottom.
+
+Run it through `accelerate launch scripts/train_codec.py --config configs/codec/small.yaml`: accelerate decides
+the device, the number of processes and the precision; this file never branches on them.
+
+Reproducibility by construction: every training image is identified by a global draw number (see
+`codec.data.TrainCrops`), which fixes its crop, flip and reparameterization noise. So 1 process with batch 8
+and 2 processes with batch 4 see the same images with the same noise, and a resumed run continues with
+exactly the draws an uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from codec.config import CodecConfig, DataConfig, OptimConfig, to_dict
+from codec.data import CenterCrops, DrawSampler, TrainCrops, bundled_photos, load_image_dataset
+from codec.evaluate import evaluate_reconstructions, save_png, validation_grid
+from codec.losses import (
+    PatchDiscriminator,
+    adaptive_gan_weight,
+    build_perceptual,
+    discriminator_loss,
+    frozen,
+    hinge_g_loss,
+    kl_weight_at,
+    vae_loss,
+)
+from codec.model import CodecForTraining, build_autoencoder, codec_identity, compression_ratio, latent_statistics, write_latent_stats
+
+log = logging.getLogger("codec.train")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pieces the loop uses
+# ---------------------------------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`.
+
+    A pure function of the step (no scheduler object): resuming needs nothing but the step, and the rate does
+    not depend on how many processes step a scheduler (accelerate steps a prepared one once per process)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_accelerator(cfg: CodecConfig, output_dir: Path) -> Accelerator:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    has_cuda = torch.cuda.is_available()
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        # bf16 has no fast path on CPUs without bf16 instructions (about 5x slower here), so fp32 on CPU.
+        precision = "bf16" if has_cuda and torch.cuda.is_bf16_supported() else "no"
+    if has_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    accelerator = Accelerator(
+        # Without cpu=True, a multi-process launch on a machine with no GPU silently runs N independent
+        # trainings (each process reports 1 process); with it, processes join a gloo group.
+        cpu=not has_cuda and world_size > 1,
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+    )
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} but accelerate formed no process group: the processes would train "
+            "independently. On a CPU-only machine launch with ACCELERATE_USE_CPU=true."
+        )
+    return accelerator
+
+
+@dataclass
+class TrainResult:
+    final: Path  # the exported diffusers folder
+    step: int
+    metrics: dict  # the last validation's numbers (EMA weights, the same that are exported)
+
+
+@dataclass
+class Data:
+    train: TrainCrops
+    val: CenterCrops
+    train_dataset: object  # the raw training set, for the latent statistics measured at export
+    image_column: str
+    description: str
+
+
+def load_data(cfg: DataConfig, seed: int) -> Data:
+    train_source, val_source = cfg.train, cfg.val
+    if train_source == "bundled" or val_source == "bundled":
+        bundled_train, bundled_val = bundled_photos(cfg.bundled_dir)
+        train_source = str(bundled_train) if train_source == "bundled" else train_source
+        val_source = str(bundled_val) if val_source == "bundled" else val_source
+    train_ds, column = load_image_dataset(train_source, cfg.image_column)
+    if val_source is None:
+        # Hold out images of the training set itself, chosen by the seed, and never train on them.
+        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed)).tolist()
+        held = min(cfg.val_count, max(1, len(train_ds) // 10))
+        val_ds, val_column = train_ds.select(sorted(order[:held])), column
+        train_ds = train_ds.select(sorted(order[held:]))
+        description = f"train: {len(train_ds)} images of {cfg.train}; val: {held} held out of it"
+    else:
+        val_ds, val_column = load_image_dataset(val_source, cfg.image_column)
+        description = f"train: {len(train_ds)} images of {train_source}; val: {len(val_ds)} images of {val_source}"
+    return Data(
+        train=TrainCrops(train_ds, column, cfg.crop_size, seed=seed, resize=cfg.resize, flip=cfg.flip),
+        val=CenterCrops(val_ds, val_column, cfg.val_size, limit=cfg.val_count),
+        train_dataset=train_ds,
+        image_column=column,
+        description=description,
+    )
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> tuple[Path | None, int]:
+    """`latest` -> newest complete checkpoint under output_dir (none yet: start fresh); a path -> that one."""
+    if not resume:
+        return None, 0
+    if resume == "latest":
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            return None, 0
+        path = found[-1]
+    else:
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (trainer_state.json missing)")
+    return path, json.loads((path / "trainer_state.json").read_text())["step"]
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
+    """save_state into a temporary folder, renamed when complete: a kill mid-save never leaves a checkpoint
+    that `--resume latest` would pick up half-written."""
+    root = output_dir / "checkpoints"
+    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def export_codec(vae, data: Data, cfg: CodecConfig, output_dir: Path, run_info: dict) -> Path:
+    """Measure latent statistics, write them into the config, save a diffusers folder at <output_dir>/final."""
+    images = CenterCrops(data.train_dataset, data.image_column, cfg.data.val_size, limit=cfg.train.latent_stats_images)
+    loader = DataLoader(images, batch_size=8)
+    stats = latent_statistics(vae, (b["pixels"] for b in loader))
+    write_latent_stats(vae, stats, cfg.train.latent_norm)
+    final, tmp = output_dir / "final", output_dir / "final.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    info = dict(run_info, latent_statistics=stats, codec_identity=codec_identity(vae))
+    (tmp / "codec_training.json").write_text(json.dumps(info, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_hparams(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
+    output_dir = Path(cfg.train.output_dir)
+    accelerator = make_accelerator(cfg, output_dir)
+    main = accelerator.is_main_process
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    if not log.handlers:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(console)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(output_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    set_seed(cfg.train.seed)  # identical initial weights on every process
+
+    # ---- data -------------------------------------------------------------------------------------------
+    with accelerator.main_process_first():  # the first process writes bundled photos and dataset caches
+        data = load_data(cfg.data, cfg.train.seed)
+    resume_dir, step = resolve_resume(output_dir, resume)
+    draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
+    loader = DataLoader(
+        data.train,
+        batch_size=cfg.train.batch_size,
+        sampler=DrawSampler(start=step * draws_per_step),
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+    val_images = torch.stack([data.val[i]["pixels"] for i in range(len(data.val))])
+
+    # ---- model, losses, optimizers -------------------------------------------------------------------------
+    vae = build_autoencoder(cfg.model)
+    if cfg.train.channels_last:
+        vae = vae.to(memory_format=torch.channels_last)
+    model = CodecForTraining(vae, cfg.loss.learn_logvar, cfg.loss.logvar_init)
+    perceptual, perceptual_used = build_perceptual(cfg.loss)
+    if perceptual is not None:
+        perceptual.to(accelerator.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    use_gan = cfg.loss.gan_weight > 0
+    disc = opt_d = None
+    if use_gan:
+        disc = PatchDiscriminator(channels=cfg.loss.disc_channels, layers=cfg.loss.disc_layers)
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.loss.disc_lr or cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=0.0)
+        model, optimizer, disc, opt_d, loader = accelerator.prepare(model, optimizer, disc, opt_d, loader)
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    inner = accelerator.unwrap_model(model)
+    last_layer = inner.vae.decoder.conv_out.weight
+    ema = None
+    if cfg.train.ema_decay:
+        ema = EMAModel(inner.vae.parameters(), decay=cfg.train.ema_decay)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        log.info("resumed from %s at step %d", resume_dir, step)
+
+    run_info = {
+        "config": to_dict(cfg),
+        "perceptual_used": perceptual_used,
+        "processes": accelerator.num_processes,
+        "global_batch": draws_per_step,
+        "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device),
+        "data": data.description,
+        "compression_ratio_512": compression_ratio(inner.vae, 512, 512),
+    }
+    if main:
+        (output_dir / "run.yaml").write_text(yaml.safe_dump(run_info, sort_keys=False))
+        log.info("codec: %.2fM parameters, 512x512x3 -> %s latent (%.0fx fewer numbers)",
+                 sum(p.numel() for p in inner.vae.parameters()) / 1e6, (cfg.model.latent_channels, 64, 64),
+                 run_info["compression_ratio_512"])
+        log.info("%s", data.description)
+        log.info("perceptual loss in use: %s", perceptual_used)
+        log.info("processes: %d, global batch: %d, precision: %s, device: %s",
+                 accelerator.num_processes, draws_per_step, accelerator.mixed_precision, accelerator.device)
+    accelerator.init_trackers("codec", config=flat_hparams(run_info["config"]))
+
+    def validate(at_step: int) -> dict:
+        """EMA weights (when kept) on the held-out images; grid PNG on disk, numbers to the trackers."""
+        metrics = {}
+        if main:
+            vae_ = inner.vae
+            if ema is not None:
+                ema.store(vae_.parameters())
+                ema.copy_to(vae_.parameters())
+            vae_.eval()
+            metrics = evaluate_reconstructions(vae_, val_images.split(8), perceptual)
+            grid = validation_grid(vae_, val_images[:8], seed=cfg.train.seed)
+            save_png(grid, output_dir / "samples" / f"step_{at_step:08d}.png")
+            vae_.train()
+            if ema is not None:
+                ema.restore(vae_.parameters())
+            accelerator.log(metrics, step=at_step)
+            log.info("step %d validation: %s", at_step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        accelerator.wait_for_everyone()
+        return metrics
+
+    # ---- train -------------------------------------------------------------------------------------------
+    model.train()
+    batches = iter(loader)
+    progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not main, desc="codec", dynamic_ncols=True)
+    tick, images_since = time.perf_counter(), 0
+    metrics: dict = {}
+    if step == 0 and cfg.train.validate_every > 0:
+        metrics = validate(0)
+    while step < cfg.train.max_steps:
+        lr = learning_rate(step, cfg.optim, cfg.train.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        beta = kl_weight_at(step, cfg.loss)
+        gan_on = use_gan and step >= cfg.loss.disc_start
+        batch = next(batches)
+        images = batch["pixels"]
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        noise_seeds = batch["draw"] + cfg.train.seed * 1_000_003 if cfg.loss.sample_posterior else None
+
+        with accelerator.accumulate(*( [model, disc] if use_gan else [model] )):
+            with accelerator.autocast():
+                recon, mean, logvar = model(images, noise_seeds)
+                parts = vae_loss(images, recon, mean, logvar, inner.logvar, beta, cfg.loss.pixel,
+                                 cfg.loss.pixel_weight, perceptual, cfg.loss.perceptual_weight)
+                loss = parts.total
+                g_loss = gan_weight = torch.zeros((), device=images.device)
+                if gan_on:
+                    # D judges the reconstruction but must not be trained by the generator's loss.
+                    with frozen(accelerator.unwrap_model(disc)) as d:
+                        g_loss = hinge_g_loss(d(recon))
+                    gan_weight = cfg.loss.gan_weight * adaptive_gan_weight(parts.nll, g_loss, last_layer, cfg.loss.adaptive_weight_max)
+                    loss = loss + gan_weight * g_loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            d_loss = torch.zeros((), device=images.device)
+            if gan_on:
+                with accelerator.autocast():
+                    d_loss = discriminator_loss(disc, images, recon)
+                accelerator.backward(d_loss)
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(disc.parameters(), cfg.optim.max_grad_norm)
+                opt_d.step()
+                opt_d.zero_grad(set_to_none=True)
+
+        images_since += images.shape[0] * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            ema.step(inner.vae.parameters())
+        progress.update(1)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - tick
+            logs = {
+                "loss/total": loss.item(), "loss/rec": parts.rec.item(), "loss/perceptual": parts.perceptual.item(),
+                "loss/kl": parts.kl.item(), "loss/nll_logvar": inner.logvar.item(), "loss/kl_weight": beta,
+                "loss/g": g_loss.item(), "loss/gan_weight": float(gan_weight), "loss/d": d_loss.item(),
+                "lr": lr, "images_per_s": images_since / max(elapsed, 1e-9),
+            }
+            accelerator.log(logs, step=step)
+            progress.set_postfix(loss=f"{logs['loss/total']:.4f}", rec=f"{logs['loss/rec']:.4f}",
+                                 perc=f"{logs['loss/perceptual']:.4f}", kl=f"{logs['loss/kl']:.1f}",
+                                 img_s=f"{logs['images_per_s']:.1f}")
+            tick, images_since = time.perf_counter(), 0
+        if cfg.train.validate_every > 0 and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
+            metrics = validate(step)
+        if cfg.train.checkpoint_every > 0 and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps):
+            save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints)
+    progress.close()
+
+    # ---- export ------------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    final = output_dir / "final"
+    if main:
+        vae_ = inner.vae
+        if ema is not None:
+            ema.copy_to(vae_.parameters())
+        vae_.eval()
+        final = export_codec(vae_, data, cfg, output_dir, dict(run_info, steps=step))
+        log.info("exported %s (AutoencoderKL.from_pretrained loads it)", final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if main:
+        log.removeHandler(handler)
+        handler.close()
+    return TrainResult(final=final, step=step, metrics=metrics)
