@@ -145,8 +145,11 @@ class ModelConfig:
     norm_num_groups: int = 32
     mid_block_add_attention: bool = True
     sample_size: int = 512
+    # random: diffusers' initialisation. thumbnail: start as an 8x box-down / nearest-up codec (codec/warm_start.py)
+    init: str = "random"
 
     def __post_init__(self) -> None:
+        _choice("model.init", self.init, ("random", "thumbnail"))
         for width in self.block_out_channels:
             if width % self.norm_num_groups:
                 raise ConfigError(
@@ -225,6 +228,9 @@ class TrainConfig:
     batch_size: int = 8  # per process; the global batch is batch_size * processes * grad_accum
     grad_accum: int = 1
     max_steps: int = 1000
+    # Optional wall-clock budget for training steps (validation excluded). The learning-rate schedule then
+    # follows whichever runs out first; such runs are not bit-reproducible (they depend on machine speed).
+    max_minutes: float | None = None
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
     ema_decay: float | None = 0.999  # null disables EMA; the export then holds the raw weights
     checkpoint_every: int = 500

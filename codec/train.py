@@ -43,6 +43,7 @@ from codec.losses import (
     vae_loss,
 )
 from codec.model import CodecForTraining, build_autoencoder, codec_identity, compression_ratio, latent_statistics, write_latent_stats
+from codec.warm_start import thumbnail_init
 
 log = logging.getLogger("codec.train")
 
@@ -139,6 +140,13 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
+def read_trainer_state(checkpoint: Path | None) -> dict:
+    """What save_checkpoint recorded beside accelerate's state: at least `step`."""
+    if checkpoint is None:
+        return {"step": 0}
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
 def resolve_resume(output_dir: Path, resume: str | None) -> tuple[Path | None, int]:
     """`latest` -> newest complete checkpoint under output_dir (none yet: start fresh); a path -> that one."""
     if not resume:
@@ -152,10 +160,10 @@ def resolve_resume(output_dir: Path, resume: str | None) -> tuple[Path | None, i
         path = Path(resume)
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (trainer_state.json missing)")
-    return path, json.loads((path / "trainer_state.json").read_text())["step"]
+    return path, read_trainer_state(path)["step"]
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int, extra: dict | None = None) -> None:
     """save_state into a temporary folder, renamed when complete: a kill mid-save never leaves a checkpoint
     that `--resume latest` would pick up half-written."""
     root = output_dir / "checkpoints"
@@ -166,7 +174,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "trainer_state.json").write_text(json.dumps({**(extra or {}), "step": step}))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -191,6 +199,12 @@ def export_codec(vae, data: Data, cfg: CodecConfig, output_dir: Path, run_info: 
         shutil.rmtree(final)
     tmp.rename(final)
     return final
+
+
+def append_history(output_dir: Path, record: dict) -> None:
+    """One JSON line per log or validation event (loss curves and PSNR-vs-time plots are drawn from it)."""
+    with open(output_dir / "history.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def flat_hparams(config: dict, prefix: str = "") -> dict:
@@ -229,6 +243,8 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     with accelerator.main_process_first():  # the first process writes bundled photos and dataset caches
         data = load_data(cfg.data, cfg.train.seed)
     resume_dir, step = resolve_resume(output_dir, resume)
+    # Seconds spent in training steps (not validation or checkpoints), carried across resumes.
+    train_seconds = float(read_trainer_state(resume_dir).get("train_seconds", 0.0))
     draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
     loader = DataLoader(
         data.train,
@@ -241,6 +257,8 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
 
     # ---- model, losses, optimizers -------------------------------------------------------------------------
     vae = build_autoencoder(cfg.model)
+    if cfg.model.init == "thumbnail":
+        thumbnail_init(vae)
     if cfg.train.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
     model = CodecForTraining(vae, cfg.loss.learn_logvar, cfg.loss.logvar_init)
@@ -305,6 +323,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
             if ema is not None:
                 ema.restore(vae_.parameters())
             accelerator.log(metrics, step=at_step)
+            append_history(output_dir, {"step": at_step, "train_seconds": round(train_seconds, 3), **metrics})
             log.info("step %d validation: %s", at_step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         accelerator.wait_for_everyone()
         return metrics
@@ -313,12 +332,17 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     model.train()
     batches = iter(loader)
     progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not main, desc="codec", dynamic_ncols=True)
-    tick, images_since = time.perf_counter(), 0
+    seconds_at_log, images_since = train_seconds, 0
+    budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
     metrics: dict = {}
+    validated_at = checkpointed_at = -1
     if step == 0 and cfg.train.validate_every > 0:
-        metrics = validate(0)
-    while step < cfg.train.max_steps:
-        lr = learning_rate(step, cfg.optim, cfg.train.max_steps)
+        metrics, validated_at = validate(0), 0
+    while step < cfg.train.max_steps and (budget is None or train_seconds < budget):
+        started = time.perf_counter()
+        # With a time budget the schedule follows whichever runs out first, steps or time.
+        schedule_step = step if budget is None else max(step, round(cfg.train.max_steps * train_seconds / budget))
+        lr = learning_rate(schedule_step, cfg.optim, cfg.train.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         beta = kl_weight_at(step, cfg.loss)
@@ -359,6 +383,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
                 opt_d.zero_grad(set_to_none=True)
 
         images_since += images.shape[0] * accelerator.num_processes
+        train_seconds += time.perf_counter() - started
         if not accelerator.sync_gradients:
             continue
         step += 1
@@ -367,7 +392,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         progress.update(1)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            elapsed = time.perf_counter() - tick
+            elapsed = train_seconds - seconds_at_log
             logs = {
                 "loss/total": loss.item(), "loss/rec": parts.rec.item(), "loss/perceptual": parts.perceptual.item(),
                 "loss/kl": parts.kl.item(), "loss/nll_logvar": inner.logvar.item(), "loss/kl_weight": beta,
@@ -375,15 +400,23 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
                 "lr": lr, "images_per_s": images_since / max(elapsed, 1e-9),
             }
             accelerator.log(logs, step=step)
+            if main:
+                append_history(output_dir, {"step": step, "train_seconds": round(train_seconds, 3), **logs})
             progress.set_postfix(loss=f"{logs['loss/total']:.4f}", rec=f"{logs['loss/rec']:.4f}",
                                  perc=f"{logs['loss/perceptual']:.4f}", kl=f"{logs['loss/kl']:.1f}",
                                  img_s=f"{logs['images_per_s']:.1f}")
-            tick, images_since = time.perf_counter(), 0
+            seconds_at_log, images_since = train_seconds, 0
         if cfg.train.validate_every > 0 and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
-            metrics = validate(step)
+            metrics, validated_at = validate(step), step
         if cfg.train.checkpoint_every > 0 and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps):
-            save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints)
+            save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints, {"train_seconds": train_seconds})
+            checkpointed_at = step
     progress.close()
+    # A time budget can end the loop between scheduled events: validate and checkpoint the last step.
+    if cfg.train.validate_every > 0 and validated_at != step:
+        metrics = validate(step)
+    if cfg.train.checkpoint_every > 0 and checkpointed_at != step:
+        save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints, {"train_seconds": train_seconds})
 
     # ---- export ------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()

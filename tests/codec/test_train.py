@@ -76,8 +76,8 @@ def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_config, fre
     GradientState._reset_state()
     real_save = train_module.save_checkpoint
 
-    def save_then_die(accelerator, output_dir, step, keep):
-        real_save(accelerator, output_dir, step, keep)
+    def save_then_die(accelerator, output_dir, step, keep, extra=None):
+        real_save(accelerator, output_dir, step, keep, extra)
         raise Killed(f"killed after the checkpoint at step {step}")
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
@@ -116,6 +116,22 @@ def test_gan_and_learned_logvar_train(tiny_config, fresh_accelerate_state, tmp_p
     fresh = PatchDiscriminator(channels=8, layers=3).state_dict()
     assert any(not torch.equal(fresh[k], disc[k]) for k in fresh)
     assert result.final.is_dir()
+
+
+def test_time_budget_stops_early_and_still_validates_and_checkpoints(tiny_config, fresh_accelerate_state, tmp_path):
+    cfg = tiny_config("train.max_steps=100000", "train.max_minutes=0.02", "train.validate_every=50",
+                      "train.checkpoint_every=100000", "train.log_every=1")
+    result = train_codec(cfg)
+    assert 0 < result.step < 100000
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    steps_logged = [h["step"] for h in history if "loss/total" in h]
+    assert steps_logged == list(range(1, result.step + 1))
+    last_val = [h for h in history if "val/psnr" in h][-1]
+    assert last_val["step"] == result.step and result.metrics["val/psnr"] == last_val["val/psnr"]
+    # The budget counts training steps only, and the last step may start just before it runs out.
+    assert 1.2 <= history[-1]["train_seconds"] < 1.2 + 10
+    state = json.loads((tmp_path / "run" / "checkpoints" / f"step_{result.step:08d}" / "trainer_state.json").read_text())
+    assert state["step"] == result.step and state["train_seconds"] >= 1.2
 
 
 def _run(cmd, env=None):
