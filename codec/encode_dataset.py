@@ -1,0 +1,556 @@
+"""Encode a dataset once with the frozen codec into latent shards, so diffusion trains without the encoder.
+
+    accelerate launch scripts/encode_dataset.py --codec runs/codec/final --data photos/ --out shards/ --resolution 512
+
+Shard k always holds dataset indices k*shard_size .. (k+1)*shard_size - 1 (minus rejected images), encoded in
+batches that start at the shard's first index. Which process encodes a shard (k mod processes) therefore changes
+nothing in it, and a re-run into the same --out skips the complete shards and produces the same files an
+uninterrupted run would have. Given the same number of threads per process: CPU convolutions sum in a
+thread-count dependent order, which moves float32 latents by ~1e-6 and can flip the last float16 bit.
+
+Image decoding, resizing and cropping run in DataLoader workers while the main thread encodes, so the encoder is
+not left waiting on PIL. The file format is in codec/shards.py; the readers are in diffusion/shards.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import PartialState
+from diffusers import AutoencoderKL
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from codec.data import UnreadableImage, decode_image, load_image_dataset, pil_to_tensor, resize_shorter_side
+from codec.model import codec_identity, encode_posterior, latent_shape, write_latent_stats
+from codec.shards import (
+    FORMAT,
+    MANIFEST,
+    ShardError,
+    ShardRecords,
+    file_sha256,
+    latent_sums,
+    list_shard_files,
+    read_manifest,
+    read_shard_header,
+    shard_filename,
+    shard_number,
+    stats_from_sums,
+    write_shard,
+)
+
+REJECTS = "rejects.jsonl"
+CROPS = ("center", "random")
+# Column names taken as captions when --caption-column is not given (the imagefolder/metadata.jsonl convention).
+DEFAULT_CAPTION_COLUMNS = ("text", "caption")
+# Settings that decide a shard's contents: a resumed run must match all of them.
+SETTING_KEYS = ("codec_identity", "resolution", "crop", "seed", "shard_size", "num_images", "caption_source", "latent_shape")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs: codec, processes, captions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_codec(codec_dir: str | os.PathLike) -> AutoencoderKL:
+    """A diffusers AutoencoderKL folder (e.g. the `final/` the codec trainer exports), float32, eval mode.
+
+    Only safetensors weights are accepted: a pickled .bin could run arbitrary code on load.
+    """
+    path = Path(codec_dir)
+    if not (path / "config.json").is_file() or not (path / "diffusion_pytorch_model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"--codec {codec_dir}: expected a diffusers AutoencoderKL folder with config.json and "
+            f"diffusion_pytorch_model.safetensors (scripts/train_codec.py exports one as <output-dir>/final)"
+        )
+    vae = AutoencoderKL.from_pretrained(path, use_safetensors=True, torch_dtype=torch.float32)
+    return vae.eval().requires_grad_(False)
+
+
+def process_state() -> PartialState:
+    """Process index/count from accelerate. On a machine with no GPU a multi-process launch needs cpu=True to form
+    a gloo group; without it every process would think it is alone and encode every shard."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    state = PartialState(cpu=not torch.cuda.is_available() and world_size > 1)
+    if world_size > 1 and state.num_processes == 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} but accelerate formed no process group, so each process would encode every "
+            f"shard; launch with `accelerate launch --multi_gpu --num_processes {world_size} ...`"
+        )
+    return state
+
+
+def caption_source(dataset: datasets.Dataset, data: str, caption_column: str | None) -> str:
+    """Where captions come from: 'column:NAME', 'sidecar:.txt' (a.png + a.txt in a folder), or 'none'."""
+    features = dataset.features
+    if caption_column is not None:
+        if caption_column not in features:
+            raise ValueError(
+                f"--caption-column {caption_column!r} is not a column of {data!r} (columns: {list(features)}); "
+                f"omit it to use a 'text'/'caption' column or .txt files beside the images"
+            )
+        name = caption_column
+    else:
+        name = next((c for c in DEFAULT_CAPTION_COLUMNS if c in features), None)
+    if name is not None:
+        feature = features[name]
+        if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            raise ValueError(f"caption column {name!r} of {data!r} holds {feature}, expected one string per image")
+        return f"column:{name}"
+    if os.path.isdir(data) and next(Path(data).rglob("*.txt"), None) is not None:
+        return "sidecar:.txt"
+    return "none"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-image work, run in DataLoader workers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def crop_position(resized_w: int, resized_h: int, resolution: int, crop: str, seed: int, index: int) -> tuple[int, int, bool]:
+    """(left, top, flip) of the resolution x resolution crop. Random crops draw from a generator keyed by
+    (seed, dataset index), so a record's crop is the same whichever process, worker or run encodes it."""
+    if crop == "center":
+        return (resized_w - resolution) // 2, (resized_h - resolution) // 2, False
+    digest = hashlib.blake2b(f"encode-crop:{seed}:{index}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    left = int(torch.randint(resized_w - resolution + 1, (1,), generator=generator))
+    top = int(torch.randint(resized_h - resolution + 1, (1,), generator=generator))
+    flip = bool(torch.rand((), generator=generator) < 0.5)
+    return left, top, flip
+
+
+class ShardImages(torch.utils.data.Dataset):
+    """Dataset index -> one record ready to encode, or a reject with its reason (decided here, in the worker).
+
+    The id is the image's path relative to the data folder when it lies inside it, else the dataset index.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, image_column: str, data: str, resolution: int, crop: str,
+                 seed: int, captions: str):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.root = Path(data).resolve() if os.path.isdir(data) else None
+        self.resolution = resolution
+        self.crop = crop
+        self.seed = seed
+        self.captions = captions
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _path(self, value: Any) -> str | None:
+        return value.get("path") if isinstance(value, dict) else None
+
+    def _id(self, index: int, path: str | None) -> str:
+        if self.root is not None and path and os.path.isabs(path):
+            try:
+                return Path(path).resolve().relative_to(self.root).as_posix()
+            except ValueError:
+                pass  # a path outside the folder (e.g. kept in a saved dataset) names nothing stable
+        return str(index)
+
+    def _caption(self, row: dict, path: str | None) -> str | None:
+        """The caption, or None when this record has none although the dataset has a caption source."""
+        if self.captions.startswith("column:"):
+            return row[self.captions.split(":", 1)[1]]
+        if self.captions.startswith("sidecar:"):
+            sidecar = Path(path).with_suffix(".txt") if path else None
+            if sidecar is None or not sidecar.is_file():
+                return None
+            return sidecar.read_text(encoding="utf-8").strip()
+        return ""
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.dataset[index]
+        value = row[self.image_column]
+        path = self._path(value)
+        record = {"index": index, "id": self._id(index, path)}
+        try:
+            img = decode_image(value)
+        except UnreadableImage as exc:
+            return dict(record, reject=exc.reason, source=exc.source or path)
+        width, height = img.size
+        resized = resize_shorter_side(img, self.resolution)
+        rw, rh = resized.size
+        left, top, flip = crop_position(rw, rh, self.resolution, self.crop, self.seed, index)
+        pixels = pil_to_tensor(resized.crop((left, top, left + self.resolution, top + self.resolution)))
+        caption = self._caption(row, path)
+        return dict(
+            record,
+            pixels=pixels.flip(-1) if flip else pixels,
+            caption="" if caption is None else caption,
+            caption_missing=caption is None,
+            original_size=(height, width),
+            resized_size=(rh, rw),
+            crop_box=(left, top, left + self.resolution, top + self.resolution),
+            flip=flip,
+        )
+
+
+def collate_records(items: list[dict]) -> dict:
+    """Stack the readable images of a batch and pass rejects through, so one broken file costs one record."""
+    kept = [item for item in items if "reject" not in item]
+    rejects = [{"index": i["index"], "id": i["id"], "source": i["source"], "reason": i["reject"]}
+               for i in items if "reject" in i]
+    pixels = torch.stack([item.pop("pixels") for item in kept]) if kept else None
+    return {"pixels": pixels, "records": kept, "rejects": rejects}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plan: which indices, which shards, which batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def shard_indices(k: int, shard_size: int, num_images: int) -> range:
+    return range(k * shard_size, min((k + 1) * shard_size, num_images))
+
+
+def shard_batches(k: int, shard_size: int, num_images: int, batch_size: int) -> list[list[int]]:
+    """Batches of shard k: consecutive chunks from its first index, the same for any number of processes."""
+    indices = shard_indices(k, shard_size, num_images)
+    return [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
+
+
+@dataclass
+class ShardBuilder:
+    """Collects a shard's encoded batches until it is complete."""
+
+    means: list
+    logvars: list
+    records: list
+    rejects: list
+
+    @classmethod
+    def empty(cls) -> ShardBuilder:
+        return cls([], [], [], [])
+
+    def build(self, latent: tuple[int, int, int]) -> ShardRecords:
+        def ints(key, dtype, width):
+            return torch.tensor([r[key] for r in self.records], dtype=dtype).reshape(len(self.records), *width)
+
+        empty = torch.zeros((0, *latent), dtype=torch.float16)
+        return ShardRecords(
+            mean=torch.cat(self.means) if self.means else empty,
+            logvar=torch.cat(self.logvars) if self.logvars else empty,
+            original_size=ints("original_size", torch.int32, (2,)),
+            resized_size=ints("resized_size", torch.int32, (2,)),
+            crop_box=ints("crop_box", torch.int32, (4,)),
+            flip=ints("flip", torch.uint8, ()),
+            index=ints("index", torch.int64, ()),
+            ids=[r["id"] for r in self.records],
+            captions=[r["caption"] for r in self.records],
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume safety
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mismatch(found: dict, settings: dict, where: str, out: Path) -> None:
+    for key in SETTING_KEYS:
+        if found.get(key) != settings[key]:
+            raise ValueError(
+                f"--out {out} already holds shards made with {key}={found.get(key)!r} ({where}), but this run "
+                f"has {key}={settings[key]!r}. Resuming would mix incompatible shards: pass a new --out, or delete "
+                f"{out} to start over"
+            )
+
+
+def check_resumable(out: Path, settings: dict) -> set[int]:
+    """Shard numbers already complete in `out`; refuses when anything there was made with other settings."""
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        _mismatch(read_manifest(out)["settings"], settings, MANIFEST, out)
+    done = set()
+    for path in list_shard_files(out):
+        _mismatch(read_shard_header(path)["info"]["settings"], settings, path.name, out)
+        done.add(shard_number(path))
+    return done
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temp files of writes a kill interrupted; complete shards were os.replace'd and are never temp files."""
+    for pattern in (".shard-*.safetensors.*.tmp", f".{MANIFEST}.*.tmp", f".{REJECTS}.*.tmp"):
+        for tmp in out.glob(pattern):
+            tmp.unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _validate(resolution: int, shard_size: int, batch_size: int, crop: str, num_workers: int, limit: int | None) -> None:
+    for name, value in (("resolution", resolution), ("shard_size", shard_size), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if crop not in CROPS:
+        raise ValueError(f"--crop {crop!r}: expected one of {CROPS}")
+    if num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+
+
+def _encode_my_shards(vae, images: ShardImages, pending: list[int], settings: dict, out: Path, batch_size: int,
+                      num_workers: int, device, progress: tqdm) -> None:
+    """Encode shards `pending` (this process's share) in order, writing each as soon as it is complete."""
+    n, size = settings["num_images"], settings["shard_size"]
+    plan = [batch for k in pending for batch in shard_batches(k, size, n, batch_size)]
+    if not plan:
+        return
+    loader = DataLoader(images, batch_sampler=plan, collate_fn=collate_records, num_workers=num_workers,
+                        pin_memory=torch.device(device).type == "cuda")
+    batches = iter(loader)
+    for k in pending:
+        shard = ShardBuilder.empty()
+        for _ in shard_batches(k, size, n, batch_size):
+            batch = next(batches)
+            if batch["pixels"] is not None:
+                with torch.inference_mode():
+                    posterior = encode_posterior(vae, batch["pixels"].to(device, torch.float32))
+                shard.means.append(posterior.mean.half().cpu())
+                shard.logvars.append(posterior.logvar.half().cpu())
+            shard.records.extend(batch["records"])
+            shard.rejects.extend(batch["rejects"])
+            progress.update(len(batch["records"]) + len(batch["rejects"]))
+        records = shard.build(tuple(settings["latent_shape"]))
+        info = {
+            "settings": settings,
+            "shard": k,
+            "indices": [k * size, min((k + 1) * size, n)],
+            "rejects": shard.rejects,
+            "captions_missing": sum(bool(r["caption_missing"]) for r in shard.records),
+            "sums": latent_sums(records.mean, records.logvar),
+        }
+        write_shard(out / shard_filename(k), records, info)
+
+
+def _finalize(out: Path, settings: dict, vae, codec_dir: str, data: str, image_column: str,
+              started: set[int]) -> tuple[dict, int]:
+    """Main process, after every shard exists: write the manifest (checksums, counts, statistics) and rejects.jsonl.
+    Returns the manifest and the number of images read by this run (shards not in `started`)."""
+    num_shards = math.ceil(settings["num_images"] / settings["shard_size"])
+    entries, sums, rejects, captions_missing, new_images = [], [], [], 0, 0
+    for k in range(num_shards):
+        path = out / shard_filename(k)
+        header = read_shard_header(path)
+        info = header["info"]
+        _mismatch(info["settings"], settings, path.name, out)
+        entries.append({"file": path.name, "records": header["records"], "rejected": len(info["rejects"]),
+                        "indices": info["indices"], "sha256": file_sha256(path)})
+        sums.append(info["sums"])
+        rejects.extend(info["rejects"])
+        captions_missing += info["captions_missing"]
+        if k not in started:
+            new_images += info["indices"][1] - info["indices"][0]
+    stats = stats_from_sums(sums)
+    manifest = {
+        "format": FORMAT,
+        "settings": settings,
+        "codec": {"identity": settings["codec_identity"], "path": str(codec_dir), "config": json.loads(vae.to_json_string())},
+        "data": {"source": str(data), "image_column": image_column, "captions": settings["caption_source"],
+                 "captions_missing": captions_missing},
+        "resolution": settings["resolution"],
+        "crop": settings["crop"],
+        "seed": settings["seed"],
+        "shard_size": settings["shard_size"],
+        "latent_shape": settings["latent_shape"],
+        "dtype": "float16",
+        "count": sum(e["records"] for e in entries),
+        "rejected": len(rejects),
+        "shards": entries,
+        "latent_stats": stats,
+        "scaling_factor": 1.0 / stats["std"],
+    }
+    _write_atomically(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    _write_atomically(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest, new_images
+
+
+def write_scaling_factor_into_codec(codec_dir: str | os.PathLike, vae: AutoencoderKL, stats: dict) -> None:
+    """Store the measured scaling factor in the codec folder's config.json, leaving the weights file untouched."""
+    write_latent_stats(vae, stats, "global")
+    config_path = Path(codec_dir) / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("scaling_factor", "latents_mean", "latents_std"):
+        config[key] = vae.config[key]
+    _write_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def encode_dataset(
+    codec_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    resolution: int = 512,
+    caption_column: str | None = None,
+    image_column: str | None = None,
+    shard_size: int = 1000,
+    batch_size: int = 16,
+    crop: str = "center",
+    seed: int = 0,
+    num_workers: int = 2,
+    write_scaling_factor: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Encode `data` into `out` (see the module docstring); returns the manifest. Run by every process of a launch."""
+    _validate(resolution, shard_size, batch_size, crop, num_workers, limit)
+    started_at = time.perf_counter()
+    state = process_state()
+    codec_dir, data, out = os.fspath(codec_dir), os.fspath(data), Path(out)
+    vae = load_codec(codec_dir).to(state.device)
+    latent = latent_shape(vae, resolution, resolution)
+    with state.main_process_first():  # the first process builds the datasets cache, the others reuse it
+        dataset, column = load_image_dataset(data, image_column)
+    num_images = len(dataset) if limit is None else min(limit, len(dataset))
+    settings = {
+        "codec_identity": codec_identity(vae), "resolution": resolution, "crop": crop, "seed": seed,
+        "shard_size": shard_size, "num_images": num_images,
+        "caption_source": caption_source(dataset, data, caption_column), "latent_shape": list(latent),
+    }
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out)
+    state.wait_for_everyone()
+    done = check_resumable(out, settings)
+    state.wait_for_everyone()  # every process has seen the same complete shards before any writes a new one
+    num_shards = math.ceil(num_images / shard_size)
+    mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index and k not in done]
+    images = ShardImages(dataset, column, data, resolution, crop, seed, settings["caption_source"])
+    bar = tqdm(total=sum(len(shard_indices(k, shard_size, num_images)) for k in mine), unit="img",
+               desc=f"encode (process 0 of {state.num_processes})", disable=not (progress and state.is_main_process),
+               dynamic_ncols=True)
+    _encode_my_shards(vae, images, mine, settings, out, batch_size, num_workers, state.device, bar)
+    bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        manifest, new_images = _finalize(out, settings, vae, codec_dir, data, column, done)
+        if write_scaling_factor:
+            write_scaling_factor_into_codec(codec_dir, vae, manifest["latent_stats"])
+        seconds = time.perf_counter() - started_at
+        print(f"encode done: {new_images} images read this run, {manifest['rejected']} rejected"
+              f"{f' (listed in {out / REJECTS})' if manifest['rejected'] else ''}, {manifest['count']} records in "
+              f"{num_shards} shards ({num_shards - len(done)} written now), {seconds:.1f} s, "
+              f"{new_images / seconds:.1f} images/s", flush=True)
+    state.wait_for_everyone()
+    return json.loads((out / MANIFEST).read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def verify_shards(out: str | os.PathLike, codec_dir: str | os.PathLike | None = None) -> list[str]:
+    """Every problem found, as sentences naming the file; an empty list means the shards are intact.
+
+    Checks each shard's sha256 and record count against the manifest, the total counts, files the manifest does
+    not list, and (with `codec_dir`) that the manifest and every shard were made by that codec.
+    """
+    out = Path(out)
+    try:
+        manifest = read_manifest(out)
+    except (FileNotFoundError, ValueError) as exc:
+        return [str(exc)]
+    problems = []
+    identity = manifest["codec"]["identity"]
+    if codec_dir is not None:
+        given = codec_identity(load_codec(codec_dir))
+        if given != identity:
+            problems.append(f"{MANIFEST}: shards were made by codec {identity}, but --codec {codec_dir} is codec "
+                            f"{given}; its latents are not these")
+            identity = given
+    listed = {entry["file"] for entry in manifest["shards"]}
+    for extra in sorted(p.name for p in list_shard_files(out) if p.name not in listed):
+        problems.append(f"{extra}: a shard file the manifest does not list")
+    total = 0
+    for entry in manifest["shards"]:
+        path = out / entry["file"]
+        if not path.is_file():
+            problems.append(f"{entry['file']}: missing")
+            continue
+        if file_sha256(path) != entry["sha256"]:
+            problems.append(f"{entry['file']}: sha256 differs from the manifest (the file is damaged or was replaced)")
+        try:
+            header = read_shard_header(path)
+        except ShardError as exc:
+            problems.append(str(exc))
+            continue
+        total += header["records"]
+        if header["records"] != entry["records"]:
+            problems.append(f"{entry['file']}: {header['records']} records, the manifest says {entry['records']}")
+        if header["info"]["settings"]["codec_identity"] != identity:
+            problems.append(f"{entry['file']}: made by codec {header['info']['settings']['codec_identity']}, "
+                            f"expected {identity}")
+    if total != manifest["count"]:
+        problems.append(f"{MANIFEST}: count {manifest['count']} but the shards hold {total} records")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def benchmark_encode(codec_dir: str | os.PathLike, data: str | os.PathLike, batch_size: int, resolution: int,
+                     num_workers: int = 2, limit: int | None = None) -> dict:
+    """End-to-end encode throughput (decode, resize, crop, encode, write shards and manifest) against the bare
+    codec's `encode` on the same images at the same batch size, already decoded and cropped in memory.
+
+    ratio = end_to_end_images_per_s / codec_images_per_s; the target is >= 0.9. Runs in this process only.
+    """
+    vae = load_codec(codec_dir)
+    dataset, column = load_image_dataset(os.fspath(data))
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    images = ShardImages(dataset, column, os.fspath(data), resolution, "center", 0, "none")
+    pixels = [item["pixels"] for item in (images[i] for i in range(count)) if "pixels" in item]
+    if not pixels:
+        raise ValueError(f"benchmark_encode: none of the first {count} images of {data} is readable")
+    batches = [torch.stack(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+
+    def bare_codec_seconds() -> float:
+        with torch.inference_mode():
+            tick = time.perf_counter()
+            for batch in batches:
+                encode_posterior(vae, batch)
+            return time.perf_counter() - tick
+
+    with torch.inference_mode():
+        encode_posterior(vae, batches[0])  # warm-up: first-call allocations are not the codec's speed
+    before = bare_codec_seconds()
+    with tempfile.TemporaryDirectory() as tmp:
+        tick = time.perf_counter()
+        manifest = encode_dataset(codec_dir, data, Path(tmp) / "shards", resolution=resolution, batch_size=batch_size,
+                                  num_workers=num_workers, limit=count, progress=False)
+        seconds = time.perf_counter() - tick
+    # Timed before and after the end-to-end run, so a change in machine load during the benchmark biases neither.
+    bare_seconds = (before + bare_codec_seconds()) / 2
+    codec_rate = len(pixels) / bare_seconds
+    rate = manifest["count"] / seconds
+    return {
+        "images": manifest["count"], "batch_size": batch_size, "resolution": resolution, "num_workers": num_workers,
+        "threads": torch.get_num_threads(), "end_to_end_seconds": seconds, "codec_seconds": bare_seconds,
+        "end_to_end_images_per_s": rate, "codec_images_per_s": codec_rate, "ratio": rate / codec_rate,
+    }
