@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from codec import distributed
 from codec.data import UnreadableImage, decode_image, load_image_dataset, pil_to_tensor, resize_shorter_side
 from codec.model import codec_identity, encode_posterior, latent_shape, write_latent_stats
 from codec.shards import (
@@ -78,16 +79,8 @@ def load_codec(codec_dir: str | os.PathLike) -> AutoencoderKL:
 
 
 def process_state() -> PartialState:
-    """Process index/count from accelerate. On a machine with no GPU a multi-process launch needs cpu=True to form
-    a gloo group; without it every process would think it is alone and encode every shard."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    state = PartialState(cpu=not torch.cuda.is_available() and world_size > 1)
-    if world_size > 1 and state.num_processes == 1:
-        raise RuntimeError(
-            f"WORLD_SIZE={world_size} but accelerate formed no process group, so each process would encode every "
-            f"shard; launch with `accelerate launch --multi_gpu --num_processes {world_size} ...`"
-        )
-    return state
+    """Process index/count from accelerate (see codec.distributed for the CPU multi-process pitfall)."""
+    return distributed.process_state("each process would encode every shard")
 
 
 def caption_source(dataset: datasets.Dataset, data: str, caption_column: str | None) -> str:

@@ -7,6 +7,7 @@ Using the library's class (not a copy of it) is what makes our checkpoints load 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import torch
@@ -162,8 +163,10 @@ def write_latent_stats(vae: AutoencoderKL, stats: dict, mode: str = "global") ->
 def codec_identity(vae: AutoencoderKL) -> str:
     """A short hash of the weights and architecture: shards and checkpoints record which codec made them."""
     h = hashlib.sha256()
-    arch = {k: v for k, v in vae.config.items() if k not in ("scaling_factor", "latents_mean", "latents_std", "shift_factor")}
-    h.update(repr(sorted(arch.items())).encode())
+    # "_"-keys are diffusers bookkeeping (_name_or_path, _diffusers_version): a moved codec is the same codec.
+    arch = {k: v for k, v in vae.config.items()
+            if not k.startswith("_") and k not in ("scaling_factor", "latents_mean", "latents_std", "shift_factor")}
+    h.update(json.dumps(arch, sort_keys=True).encode())  # JSON: tuples in memory and lists on disk hash alike
     for name, tensor in sorted(vae.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())

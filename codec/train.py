@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -30,7 +29,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from codec.config import CodecConfig, DataConfig, OptimConfig, to_dict
+from codec.checkpoints import keep_ema_in_checkpoints, read_trainer_state, resolve_resume, save_checkpoint
 from codec.data import CenterCrops, DrawSampler, TrainCrops, bundled_photos, load_image_dataset
+from codec.distributed import check_process_group, cpu_flag
 from codec.evaluate import evaluate_reconstructions, save_png, validation_grid
 from codec.losses import (
     PatchDiscriminator,
@@ -66,7 +67,6 @@ def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 def make_accelerator(cfg: CodecConfig, output_dir: Path) -> Accelerator:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     has_cuda = torch.cuda.is_available()
     precision = cfg.train.mixed_precision
     if precision == "auto":
@@ -76,19 +76,13 @@ def make_accelerator(cfg: CodecConfig, output_dir: Path) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     accelerator = Accelerator(
-        # Without cpu=True, a multi-process launch on a machine with no GPU silently runs N independent
-        # trainings (each process reports 1 process); with it, processes join a gloo group.
-        cpu=not has_cuda and world_size > 1,
+        cpu=cpu_flag(),
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with="tensorboard",
         project_dir=str(output_dir),
     )
-    if world_size > 1 and accelerator.num_processes == 1:
-        raise RuntimeError(
-            f"WORLD_SIZE={world_size} but accelerate formed no process group: the processes would train "
-            "independently. On a CPU-only machine launch with ACCELERATE_USE_CPU=true."
-        )
+    check_process_group(accelerator.num_processes, "the processes would train independently")
     return accelerator
 
 
@@ -132,55 +126,6 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
         image_column=column,
         description=description,
     )
-
-
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    root = output_dir / "checkpoints"
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def read_trainer_state(checkpoint: Path | None) -> dict:
-    """What save_checkpoint recorded beside accelerate's state: at least `step`."""
-    if checkpoint is None:
-        return {"step": 0}
-    return json.loads((checkpoint / "trainer_state.json").read_text())
-
-
-def resolve_resume(output_dir: Path, resume: str | None) -> tuple[Path | None, int]:
-    """`latest` -> newest complete checkpoint under output_dir (none yet: start fresh); a path -> that one."""
-    if not resume:
-        return None, 0
-    if resume == "latest":
-        found = checkpoint_dirs(output_dir)
-        if not found:
-            return None, 0
-        path = found[-1]
-    else:
-        path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (trainer_state.json missing)")
-    return path, read_trainer_state(path)["step"]
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int, extra: dict | None = None) -> None:
-    """save_state into a temporary folder, renamed when complete: a kill mid-save never leaves a checkpoint
-    that `--resume latest` would pick up half-written."""
-    root = output_dir / "checkpoints"
-    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({**(extra or {}), "step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
 
 
 def export_codec(vae, data: Data, cfg: CodecConfig, output_dir: Path, run_info: dict) -> Path:
@@ -281,7 +226,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     if cfg.train.ema_decay:
         ema = EMAModel(inner.vae.parameters(), decay=cfg.train.ema_decay)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        keep_ema_in_checkpoints(accelerator, ema, inner.vae)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
         log.info("resumed from %s at step %d", resume_dir, step)

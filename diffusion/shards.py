@@ -134,13 +134,9 @@ def _process_split(process_index: int | None, num_processes: int | None) -> tupl
     """Defaults from accelerate. cpu=True on a GPU-less multi-process launch, else accelerate would report one
     process and every process would read every record."""
     if process_index is None or num_processes is None:
-        from accelerate import PartialState
+        from codec.distributed import process_state
 
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        state = PartialState(cpu=not torch.cuda.is_available() and world_size > 1)
-        if world_size > 1 and state.num_processes == 1:
-            raise RuntimeError(f"WORLD_SIZE={world_size} but accelerate formed no process group; pass "
-                               f"process_index and num_processes explicitly or launch with accelerate")
+        state = process_state("every process would read every record; or pass process_index and num_processes")
         process_index = state.process_index if process_index is None else process_index
         num_processes = state.num_processes if num_processes is None else num_processes
     if num_processes < 1 or not 0 <= process_index < num_processes:

@@ -109,3 +109,16 @@ def test_saved_folder_loads_with_diffusers(tiny_vae, tmp_path):
     assert math.isclose(loaded.config.scaling_factor, 2.0)
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     assert torch.equal(reconstruct(loaded, x), reconstruct(tiny_vae, x))
+
+
+def test_codec_identity_follows_weights_not_location(tiny_vae, tmp_path):
+    from codec.model import codec_identity
+
+    tiny_vae.save_pretrained(tmp_path / "a")
+    a = AutoencoderKL.from_pretrained(tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "b")
+    b = AutoencoderKL.from_pretrained(tmp_path / "b")
+    assert codec_identity(a) == codec_identity(b) == codec_identity(tiny_vae)
+    with torch.no_grad():
+        b.decoder.conv_out.bias.add_(1e-3)
+    assert codec_identity(b) != codec_identity(a)

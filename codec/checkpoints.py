@@ -1,0 +1,95 @@
+"""Checkpoints shared by the codec and U-Net trainers: accelerate's save_state written atomically, resume,
+and EMA weights kept as safetensors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def read_trainer_state(checkpoint: Path | None) -> dict:
+    """What save_checkpoint recorded beside accelerate's state: at least `step`."""
+    if checkpoint is None:
+        return {"step": 0}
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> tuple[Path | None, int]:
+    """`latest` -> newest complete checkpoint under output_dir (none yet: start fresh); a path -> that one."""
+    if not resume:
+        return None, 0
+    if resume == "latest":
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            return None, 0
+        path = found[-1]
+    else:
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (trainer_state.json missing)")
+    return path, read_trainer_state(path)["step"]
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int, extra: dict | None = None) -> None:
+    """save_state into a temporary folder, renamed when complete: a kill mid-save never leaves a checkpoint
+    that `--resume latest` would pick up half-written."""
+    root = output_dir / "checkpoints"
+    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({**(extra or {}), "step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+EMA_FILE = "ema.safetensors"
+
+
+def keep_ema_in_checkpoints(accelerator: Accelerator, ema: EMAModel, model: torch.nn.Module) -> None:
+    """Save the EMA weights into every checkpoint as safetensors, and restore them on resume.
+
+    Through accelerate's save/load hooks rather than register_for_checkpointing, whose loader unpickles the
+    object (torch.load with weights_only=False): checkpoints load weights from safetensors only."""
+    names = [name for name, _ in model.named_parameters()]
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            tensors = {name: p.detach().cpu().contiguous() for name, p in zip(names, ema.shadow_params)}
+            save_file(tensors, str(Path(output_dir) / EMA_FILE), metadata={"optimization_step": str(ema.optimization_step)})
+
+    def load(models, input_dir):
+        path = Path(input_dir) / EMA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {input_dir} has no {EMA_FILE} although train.ema_decay is set; resume "
+                                    f"with the ema_decay the run was started with (null if it had no EMA)")
+        with safe_open(str(path), framework="pt") as handle:
+            step = int(handle.metadata()["optimization_step"])
+        tensors = load_file(str(path))
+        with torch.no_grad():
+            for name, shadow in zip(names, ema.shadow_params):
+                shadow.copy_(tensors[name])
+        ema.optimization_step = step
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
