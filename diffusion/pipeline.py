@@ -1,0 +1,247 @@
+"""Text -> latent -> image: the codec, the latent U-Net and the text encoder as one diffusers pipeline.
+
+    pipe = LatentDiffusionPipeline.from_pretrained("runs/unet/pipeline")
+    out = pipe("a cat on a sofa", num_inference_steps=25, guidance_scale=5.0, seed=0)
+    out.images[0].save("cat.png"); print(out.info)   # image and latent shapes, their element ratio
+
+Modes: text-to-image (`__call__`), image-to-image (`__call__(..., image=..., strength=...)`: encode, noise part
+of the way, denoise, decode), `reconstruct` (encode -> decode) and `sample_prior` (decode z ~ N(0, I), the codec
+alone). Latents are scaled with the vae config's scaling_factor (and latents_mean/latents_std when set); the
+trainer writes the shards' own factor there, so sampling undoes exactly the scaling the U-Net was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.utils import BaseOutput
+from PIL import Image
+
+from codec.data import pil_to_tensor, tensor_to_pil, to_rgb
+from codec.model import compression_ratio, downsample_factor, encode_posterior, latent_shape, sample_prior
+from diffusion.text_encoder import encode_prompts
+
+SAMPLERS = ("ddim", "dpm", "euler", "ddpm")
+
+
+def make_sampler(name: str, config):
+    """A sampler with the training schedule's betas and prediction type: DDIM, DPM-Solver++ (2nd order
+    multistep), Euler, or ancestral DDPM (1000 steps is its natural count)."""
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    if name == "ddpm":
+        return DDPMScheduler.from_config(config)
+    raise ValueError(f"sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+
+
+def guided_prediction(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): move from the unconditional prediction towards, and past,
+    the conditional one. scale 1 is the conditional prediction, 0 the unconditional one."""
+    return uncond + scale * (cond - uncond)
+
+
+def seeded_generator(seed: int | None) -> tuple[torch.Generator, int]:
+    """A CPU generator and the seed it got: a fresh random one when None, reported so the image can be remade."""
+    generator = torch.Generator()
+    if seed is None:
+        seed = generator.seed()  # this generator only; the global RNG is left alone
+    generator.manual_seed(seed)
+    return generator, seed
+
+
+@dataclass
+class LatentPipelineOutput(BaseOutput):
+    images: list  # PIL images, or a (N, 3, H, W) tensor in [-1, 1] with output_type="pt"
+    latents: torch.Tensor | None = None  # the scaled latents that were decoded
+    info: dict = field(default_factory=dict)  # mode, image/latent shapes, element ratio, settings
+
+
+class LatentDiffusionPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, scheduler, text_encoder, tokenizer):
+        super().__init__()
+        self.register_modules(vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+
+    # ---- latent space ---------------------------------------------------------------------------------------
+
+    def _latent_stats(self, z: torch.Tensor):
+        config = self.vae.config
+        mean = std = None
+        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+            mean = torch.tensor(config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+        return float(config.scaling_factor), mean, std
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Codec latent -> the unit-variance space the U-Net works in (SD: z * 0.18215; SDXL convention with
+        per-channel statistics: (z - mean) * scaling_factor / std)."""
+        factor, mean, std = self._latent_stats(z)
+        return z * factor if mean is None else (z - mean) * factor / std
+
+    def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        factor, mean, std = self._latent_stats(z)
+        return z / factor if mean is None else z * std / factor + mean
+
+    def default_size(self) -> tuple[int, int]:
+        side = self.unet.config.sample_size * downsample_factor(self.vae)
+        return side, side
+
+    def shapes_info(self, height: int, width: int) -> dict:
+        latent = latent_shape(self.vae, height, width)
+        return {
+            "image_shape": [3, height, width],
+            "latent_shape": list(latent),
+            "compression_ratio": compression_ratio(self.vae, height, width),  # 48 for 512x512x3 -> 4x64x64
+        }
+
+    # ---- pieces ------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.tokenizer.model_max_length).to(
+            self._execution_device, self.unet.dtype
+        )
+
+    def use_sampler(self, name: str) -> None:
+        """Swap the sampler, keeping the training schedule (betas, prediction type, spacing) of the current one."""
+        self.scheduler = make_sampler(name, self.scheduler.config)
+
+    def predict(self, latents, t, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float):
+        """The U-Net's output at step t, guided. guidance 1 runs only the conditional branch (what guidance 1
+        equals); otherwise both branches run as one batch."""
+        if uncond is None or guidance_scale == 1.0:
+            return self.unet(latents, t, encoder_hidden_states=cond).sample
+        both = self.unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        pred_uncond, pred_cond = both.chunk(2)
+        return guided_prediction(pred_uncond, pred_cond, guidance_scale)
+
+    def denoise(self, latents, timesteps, cond, uncond, guidance_scale: float, generator=None) -> torch.Tensor:
+        for t in self.progress_bar(timesteps):
+            model_input = self.scheduler.scale_model_input(latents, t)
+            prediction = self.predict(model_input, t, cond, uncond, guidance_scale)
+            latents = self.scheduler.step(prediction, t, latents, generator=generator).prev_sample
+        return latents
+
+    def decode(self, scaled_latents: torch.Tensor) -> torch.Tensor:
+        z = self.unscale_latents(scaled_latents).to(self.vae.dtype)
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
+
+    def images_to_tensor(self, images) -> torch.Tensor:
+        """PIL image(s) or a (N, 3, H, W) tensor in [-1, 1] -> tensor on the pipeline's device."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, (list, tuple)):
+            images = torch.stack([pil_to_tensor(to_rgb(im)) for im in images])
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected RGB images (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        latent_shape(self.vae, images.shape[2], images.shape[3])  # raises if not a multiple of the codec's factor
+        return images.to(self._execution_device, self.vae.dtype)
+
+    @staticmethod
+    def _output(images: torch.Tensor, output_type: str):
+        if output_type == "pt":
+            return images.cpu()
+        if output_type == "pil":
+            return [tensor_to_pil(im) for im in images]
+        raise ValueError(f"output_type {output_type!r}: expected pil or pt")
+
+    # ---- modes ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 5.0,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        image=None,
+        strength: float = 0.8,
+        output_type: str = "pil",
+    ) -> LatentPipelineOutput:
+        """Text-to-image, or image-to-image when `image` is given: the image's latent is noised to the step
+        `strength` of the way through the schedule (1: pure noise, 0: unchanged) and denoised from there."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompt if negative_prompt is not None else ""
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if generator is None:
+            generator, seed = seeded_generator(seed)
+        device = self._execution_device
+        count = len(prompts) * num_images_per_prompt
+        cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, 0)
+        uncond = self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, 0) if guidance_scale != 1.0 else None
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+
+        if image is None:
+            height, width = (height or self.default_size()[0]), (width or self.default_size()[1])
+            shape = (count, self.unet.config.in_channels, *latent_shape(self.vae, height, width)[1:])
+            # Noise drawn on the CPU from the seed: the same seed gives the same image on any device.
+            latents = torch.randn(shape, generator=generator).to(device, self.unet.dtype) * self.scheduler.init_noise_sigma
+            mode = "text-to-image"
+        else:
+            pixels = self.images_to_tensor(image)
+            if pixels.shape[0] not in (1, count):
+                raise ValueError(f"{pixels.shape[0]} init images for {count} outputs: give one, or one per output")
+            height, width = pixels.shape[2], pixels.shape[3]
+            clean = self.scale_latents(encode_posterior(self.vae, pixels).mode()).expand(count, -1, -1, -1)
+            start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+            timesteps = timesteps[start * self.scheduler.order :]
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(start * self.scheduler.order)
+            noise = torch.randn(clean.shape, generator=generator).to(device, clean.dtype)
+            latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(count)) if len(timesteps) else clean
+            mode = "image-to-image"
+
+        latents = self.denoise(latents, timesteps, cond, uncond, guidance_scale, generator)
+        images = self.decode(latents)
+        info = dict(
+            mode=mode, **self.shapes_info(height, width), prompts=prompts, negative_prompts=negatives,
+            steps=num_inference_steps, denoising_steps_run=len(timesteps), guidance_scale=guidance_scale,
+            sampler=type(self.scheduler).__name__, seed=seed,
+        )
+        if image is not None:
+            info["strength"] = strength
+        return LatentPipelineOutput(images=self._output(images, output_type), latents=latents, info=info)
+
+    @torch.no_grad()
+    def reconstruct(self, image, output_type: str = "pil") -> LatentPipelineOutput:
+        """Encode -> posterior mean -> decode: what the codec keeps of an image."""
+        pixels = self.images_to_tensor(image)
+        latents = self.scale_latents(encode_posterior(self.vae, pixels).mode())
+        images = self.decode(latents)
+        info = dict(mode="reconstruction", **self.shapes_info(pixels.shape[2], pixels.shape[3]))
+        return LatentPipelineOutput(images=self._output(images, output_type), latents=latents, info=info)
+
+    @torch.no_grad()
+    def sample_prior(self, num_images: int = 1, seed: int | None = None, height: int | None = None,
+                     width: int | None = None, output_type: str = "pil") -> LatentPipelineOutput:
+        """Decode z ~ N(0, I) in the codec's own latent space (its KL prior), no U-Net: what the codec generates
+        alone, the baseline the diffusion model must beat."""
+        height, width = (height or self.default_size()[0]), (width or self.default_size()[1])
+        generator, seed = seeded_generator(seed)
+        images = sample_prior(self.vae, num_images, height, width, generator=generator).float().clamp(-1, 1)
+        info = dict(mode="prior", **self.shapes_info(height, width), seed=seed)
+        return LatentPipelineOutput(images=self._output(images, output_type), latents=None, info=info)

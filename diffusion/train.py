@@ -1,0 +1,312 @@
+"""Train the text-conditioned latent U-Net on latent shards: one loop, top to bottom.
+
+Run it through `accelerate launch scripts/train_unet.py --config configs/unet/small.yaml --shards S --codec C`.
+The codec stays frozen and its encoder is never run: the shards already hold every image's posterior
+(scripts/encode_dataset.py). The decoder is loaded only to draw validation samples, and the whole codec is
+copied into the exported pipeline folder.
+
+Reproducibility by construction, as in codec/train.py: every training example is a global draw number that
+fixes its shard record, posterior sample, diffusion noise, timestep and caption dropout (diffusion/draws.py).
+
+Latent scale: the U-Net learns latents scaled by the shards' manifest (scaling_factor = 1/std of the encoded
+dataset). The exported pipeline's vae config gets exactly that factor, replacing whatever the codec folder held,
+so sampling undoes the scaling training saw. Shards encoded by a different codec (other weights) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
+
+from codec.config import to_dict
+from codec.data import DrawSampler
+from codec.encode_dataset import load_codec
+from codec.evaluate import save_png
+from codec.model import codec_identity, compression_ratio
+from codec.checkpoints import keep_ema_in_checkpoints, resolve_resume, save_checkpoint
+from codec.train import flat_hparams, learning_rate, make_accelerator
+from diffusion.config import UNetTrainingConfig
+from diffusion.draws import EvalSet, TrainingDraws, eval_set, shard_captions
+from diffusion.pipeline import LatentDiffusionPipeline, make_sampler
+from diffusion.schedule import build_noise_scheduler, diffusion_loss, min_snr_weight, snr, training_target
+from diffusion.shards import LatentShards
+from diffusion.text_encoder import CaptionEmbeddings, hidden_width, load_text_encoder
+from diffusion.unet import build_unet
+
+log = logging.getLogger("diffusion.train")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pieces the loop uses
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    pipeline: Path  # the exported pipeline folder
+    step: int
+    metrics: dict  # the last validation's numbers (EMA weights, the same that are exported)
+    history: list = field(default_factory=list)  # every validation's (step, metrics)
+
+
+def codec_for_shards(codec_dir: str, shards_dir: str) -> tuple[AutoencoderKL, LatentShards, str]:
+    """The frozen codec and its shards, checked to belong together; the vae config gets the shards' scale.
+
+    Returns (vae, shards, a sentence about the scaling factor for the log)."""
+    vae = load_codec(codec_dir)
+    shards = LatentShards(shards_dir, verify_codec=codec_identity(vae))  # refuses another codec's latents
+    had = vae.config.scaling_factor
+    # The U-Net learns shards.scale(z); the pipeline divides by the vae config's factor. They must be one number.
+    vae.register_to_config(scaling_factor=shards.scaling_factor, latents_mean=None, latents_std=None)
+    if abs(had - shards.scaling_factor) > 1e-6 * shards.scaling_factor:
+        note = (f"latent scaling_factor {shards.scaling_factor:.6g} from {shards_dir}/manifest.json replaces the "
+                f"codec folder's {had:.6g} in the exported pipeline (the U-Net is trained on the shards' scale)")
+    else:
+        note = f"latent scaling_factor {shards.scaling_factor:.6g} (shards and codec agree)"
+    return vae, shards, note
+
+
+@torch.no_grad()
+def denoising_loss(unet: UNet2DConditionModel, scheduler, data: EvalSet, text: torch.Tensor, batch_size: int = 16) -> float:
+    """Unweighted MSE of the U-Net's prediction on fixed examples, in its own target space (epsilon or v)."""
+    device = next(unet.parameters()).device
+    total = 0.0
+    for start in range(0, len(data.captions), batch_size):
+        part = slice(start, start + batch_size)
+        latents, noise, t = data.latents[part].to(device), data.noise[part].to(device), data.timesteps[part].to(device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        prediction = unet(noisy, t, encoder_hidden_states=text[part].to(device)).sample
+        total += diffusion_loss(prediction, training_target(scheduler, latents, noise, t)).item() * latents.shape[0]
+    return total / len(data.captions)
+
+
+def sample_grid(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, guidance: float, seed: int) -> np.ndarray:
+    """One decoded sample per prompt, side by side, as an (H, W, 3) uint8 array."""
+    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, seed=seed, output_type="pt").images
+    grid = make_grid((images + 1) / 2, nrow=len(prompts), padding=2, pad_value=1.0)
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+
+
+def export_pipeline(pipe: LatentDiffusionPipeline, output_dir: Path, info: dict) -> Path:
+    """Save the whole pipeline (safetensors only) at <output_dir>/pipeline, renamed into place when complete."""
+    final, tmp = output_dir / "pipeline", output_dir / "pipeline.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "unet_training.json").write_text(json.dumps(info, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+
+
+def _file_logging(main: bool, output_dir: Path) -> logging.Handler | None:
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    if not log.handlers:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(console)
+    if not main:
+        return None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(output_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return handler
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResult:
+    if not cfg.shards or not cfg.codec:
+        raise ValueError("train_unet needs the latent shards and the codec that made them: pass --shards DIR and "
+                         "--codec DIR (or set shards: and codec: in the config)")
+    output_dir = Path(cfg.train.output_dir)
+    accelerator = make_accelerator(cfg, output_dir)  # reads only cfg.train.mixed_precision and grad_accum
+    main = accelerator.is_main_process
+    handler = _file_logging(main, output_dir)
+    device = accelerator.device
+
+    # ---- data: shards, their codec, captions ------------------------------------------------------------
+    vae, shards, scale_note = codec_for_shards(cfg.codec, cfg.shards)
+    vae.to(device)
+    channels, side, _ = shards.manifest["latent_shape"]
+    tokenizer, text_model = load_text_encoder(cfg.text_encoder.path)
+    tokenizer.model_max_length = cfg.text_encoder.max_length  # saved with the pipeline, so sampling pads alike
+    text_model.to(device)
+    embeddings = CaptionEmbeddings(tokenizer, text_model, cfg.text_encoder.max_length, cache=cfg.text_encoder.precompute)
+    embeddings.precompute(shard_captions(shards) + [""])
+    resume_dir, step = resolve_resume(output_dir, resume)
+    draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
+    loader = DataLoader(
+        TrainingDraws(shards, cfg.diffusion, cfg.train.seed),
+        batch_size=cfg.train.batch_size,
+        sampler=DrawSampler(start=step * draws_per_step),
+        num_workers=cfg.train.num_workers,
+        persistent_workers=cfg.train.num_workers > 0,
+    )
+    held = eval_set(shards, cfg.train.eval_items, cfg.diffusion.num_train_timesteps, cfg.train.seed)
+    held_text = embeddings(held.captions)
+    prompts = cfg.train.sample_prompts or list(dict.fromkeys(held.captions))[:4]
+
+    # ---- model, schedule, optimizer ---------------------------------------------------------------------
+    set_seed(cfg.train.seed)  # identical initial weights on every process
+    unet = build_unet(cfg.unet, channels, side, hidden_width(text_model))
+    noise_scheduler = build_noise_scheduler(cfg.diffusion)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    inner = accelerator.unwrap_model(unet)
+    ema = None
+    if cfg.train.ema_decay:
+        ema = EMAModel(inner.parameters(), decay=cfg.train.ema_decay)
+        ema.to(device)
+        keep_ema_in_checkpoints(accelerator, ema, inner)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        log.info("resumed from %s at step %d", resume_dir, step)
+    pipe = LatentDiffusionPipeline(vae=vae, unet=inner, scheduler=make_sampler("ddim", noise_scheduler.config),
+                                   text_encoder=text_model, tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+
+    latent_elements = channels * side * side
+    run_info = {
+        "config": to_dict(cfg),
+        "processes": accelerator.num_processes,
+        "global_batch": draws_per_step,
+        "mixed_precision": accelerator.mixed_precision,
+        "device": str(device),
+        "shards": {"records": len(shards), "latent_shape": [channels, side, side],
+                   "resolution": shards.manifest["resolution"], "scaling_factor": shards.scaling_factor,
+                   "codec_identity": shards.manifest["codec"]["identity"]},
+        "text_encoder": {"path": cfg.text_encoder.path, "width": hidden_width(text_model),
+                         "distinct_captions": len(embeddings.cache) if cfg.text_encoder.precompute else None},
+        "unet_parameters": sum(p.numel() for p in inner.parameters()),
+    }
+    if main:
+        (output_dir / "run.yaml").write_text(yaml.safe_dump(run_info, sort_keys=False))
+        log.info("U-Net: %.2fM parameters on %s latents (%dx%d images, %.0fx fewer numbers than pixels)",
+                 run_info["unet_parameters"] / 1e6, (channels, side, side), shards.manifest["resolution"],
+                 shards.manifest["resolution"], 3 * shards.manifest["resolution"] ** 2 / latent_elements)
+        log.info("%d latent records in %s; %s", len(shards), cfg.shards, scale_note)
+        log.info("text encoder %s (%d-d tokens): %s", cfg.text_encoder.path, hidden_width(text_model),
+                 f"{len(embeddings.cache)} distinct captions embedded up front" if cfg.text_encoder.precompute
+                 else "captions embedded per batch (text_encoder.precompute: false)")
+        log.info("processes: %d, global batch: %d, precision: %s, device: %s",
+                 accelerator.num_processes, draws_per_step, accelerator.mixed_precision, device)
+    accelerator.init_trackers("unet", config=flat_hparams(run_info["config"]))
+    history: list = []
+
+    def validate(at_step: int) -> dict:
+        """EMA weights (when kept): denoising loss on the fixed eval set, and a sample grid decoded by the codec."""
+        metrics = {}
+        if main:
+            if ema is not None:
+                ema.store(inner.parameters())
+                ema.copy_to(inner.parameters())
+            inner.eval()
+            metrics = {"val/denoising_loss": denoising_loss(inner, noise_scheduler, held, held_text)}
+            grid = sample_grid(pipe, prompts, cfg.train.sample_steps, cfg.train.sample_guidance, cfg.train.seed)
+            save_png(Image.fromarray(grid), output_dir / "samples" / f"step_{at_step:08d}.png")
+            accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", grid, at_step, dataformats="HWC")
+            inner.train()
+            if ema is not None:
+                ema.restore(inner.parameters())
+            accelerator.log(metrics, step=at_step)
+            history.append((at_step, metrics))
+            log.info("step %d validation: denoising loss %.5f", at_step, metrics["val/denoising_loss"])
+        accelerator.wait_for_everyone()
+        return metrics
+
+    # ---- train -------------------------------------------------------------------------------------------
+    unet.train()
+    batches = iter(loader)
+    progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not main, desc="unet", dynamic_ncols=True)
+    tick, latents_since = time.perf_counter(), 0
+    metrics: dict = {}
+    if step == 0 and cfg.train.validate_every > 0:
+        metrics = validate(0)
+    while step < cfg.train.max_steps:
+        lr = learning_rate(step, cfg.optim, cfg.train.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = next(batches)
+        latents, noise, timesteps = batch["latents"], batch["noise"], batch["timestep"]
+        # Dropped captions become "" (the unconditional embedding classifier-free guidance subtracts).
+        captions = ["" if drop else caption for caption, drop in zip(batch["caption"], batch["drop_caption"].tolist())]
+        text = embeddings(captions).to(device)
+
+        with accelerator.accumulate(unet):
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            with accelerator.autocast():
+                prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
+            target = training_target(noise_scheduler, latents, noise, timesteps)
+            weights = None
+            if cfg.diffusion.snr_gamma is not None:
+                weights = min_snr_weight(snr(noise_scheduler, timesteps), cfg.diffusion.snr_gamma, cfg.diffusion.prediction_type)
+            loss = diffusion_loss(prediction, target, weights)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        latents_since += latents.shape[0] * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            ema.step(inner.parameters())
+        progress.update(1)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - tick
+            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()  # over processes, not just this one
+            logs = {"loss": mean_loss, "lr": lr, "latents_per_s": latents_since / max(elapsed, 1e-9)}
+            accelerator.log(logs, step=step)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lat_s=f"{logs['latents_per_s']:.1f}")
+            tick, latents_since = time.perf_counter(), 0
+        if cfg.train.validate_every > 0 and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
+            metrics = validate(step)
+        if cfg.train.checkpoint_every > 0 and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps):
+            save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints)
+    progress.close()
+
+    # ---- export ------------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    final = output_dir / "pipeline"
+    if main:
+        if ema is not None:
+            ema.copy_to(inner.parameters())
+        inner.eval()
+        info = dict(run_info, steps=step, metrics=metrics, compression_ratio=compression_ratio(
+            vae, shards.manifest["resolution"], shards.manifest["resolution"]))
+        final = export_pipeline(pipe, output_dir, info)
+        log.info("exported %s (LatentDiffusionPipeline.from_pretrained loads it)", final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if handler is not None:
+        log.removeHandler(handler)
+        handler.close()
+    return TrainResult(pipeline=final, step=step, metrics=metrics, history=history)

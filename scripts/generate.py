@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Generate images with a trained pipeline: text-to-image, image-to-image, reconstruction, codec prior samples.
+
+    python scripts/generate.py --model runs/unet/pipeline --prompt "a tabby cat" --steps 25 --guidance 5 --seed 0
+    python scripts/generate.py --model runs/unet/pipeline --prompt "a cat at night" --init-image cat.png --strength 0.6
+    python scripts/generate.py --model runs/unet/pipeline --reconstruct photo.png      # encode -> decode
+    python scripts/generate.py --model runs/codec/final --prior-samples 8              # decode z ~ N(0, I)
+
+--model is a pipeline folder (scripts/train_unet.py writes <output-dir>/pipeline); for --reconstruct and
+--prior-samples a bare codec folder works too. Writes PNGs and a JSON of the settings used (with the image and
+latent shapes and their element ratio, 48x for 512x512) into --out, and prints where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SAMPLER_CHOICES = ("ddim", "dpm", "euler")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="pipeline folder (scripts/train_unet.py's <output-dir>/pipeline); "
+                   "a codec folder (AutoencoderKL) is enough for --reconstruct and --prior-samples")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="text to generate from (text-to-image, or image-to-image with --init-image)")
+    mode.add_argument("--reconstruct", metavar="PATH", help="encode this image with the codec and decode it again "
+                      "(what the codec keeps of it); writes the reconstruction and its PSNR")
+    mode.add_argument("--prior-samples", type=int, metavar="K", help="decode K latents z ~ N(0, I) with the codec "
+                      "alone (no U-Net): what the codec's KL prior generates, the baseline diffusion improves on")
+    p.add_argument("--negative-prompt", default="", help="text to steer away from (the unconditional branch of "
+                   "classifier-free guidance; default: the empty caption the model was trained to drop to)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps of the sampler (default 25)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale: 1 is the plain "
+                   "conditional model, larger follows the prompt more closely (default 5)")
+    p.add_argument("--seed", type=int, help="seed of the initial noise; the same seed gives the same images "
+                   "(default: a random seed, recorded in the JSON)")
+    p.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt (default 1)")
+    p.add_argument("--scheduler", choices=SAMPLER_CHOICES, default="ddim", help="sampler: ddim (DDIM, deterministic), "
+                   "dpm (DPM-Solver++ 2nd order multistep: good images in 15-25 steps) or euler (default ddim)")
+    p.add_argument("--init-image", metavar="PATH", help="image-to-image: start from this image's latent, noised "
+                   "according to --strength, instead of pure noise")
+    p.add_argument("--strength", type=float, default=0.8, help="with --init-image: how far into the noise schedule "
+                   "the image is pushed before denoising, 0 (unchanged) .. 1 (ignored entirely) (default 0.8)")
+    p.add_argument("--height", type=int, help="output height in pixels (default: the size the U-Net was trained "
+                   "at); with --init-image/--reconstruct, the image is resized and centre-cropped to --height x --width")
+    p.add_argument("--width", type=int, help="output width in pixels (see --height)")
+    p.add_argument("--out", default="outputs", help="folder for the PNGs and the settings JSON (default outputs/)")
+    args = p.parse_args(argv)
+    if args.init_image and not args.prompt:
+        p.error("--init-image needs --prompt (image-to-image is guided by a prompt)")
+    if (args.height is None) != (args.width is None):
+        p.error("give both --height and --width, or neither")
+    for name in ("steps", "num_images", "prior_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0.0 <= args.strength <= 1.0:
+        p.error(f"--strength must be in [0, 1], got {args.strength}")
+    return args
+
+
+def load_image(path: str, height: int | None, width: int | None, factor: int):
+    """RGB image at the requested size, or at its own size cropped (centred) to a multiple of the codec's
+    downsampling factor. Returns (image, note about what was done to it or None)."""
+    from PIL import Image, ImageOps
+
+    from codec.data import UnreadableImage, decode_image
+
+    try:
+        image = decode_image(path)
+    except UnreadableImage as exc:
+        raise SystemExit(f"error: cannot read {path}: {exc.reason}")
+    if height is not None:
+        return ImageOps.fit(image, (width, height), Image.Resampling.BICUBIC), f"resized and cropped to {width}x{height}"
+    w, h = image.size
+    cw, ch = w - w % factor, h - h % factor
+    if cw < factor or ch < factor:
+        raise SystemExit(f"error: {path} is {w}x{h}, smaller than the codec's {factor}x{factor} latent cell")
+    if (cw, ch) == (w, h):
+        return image, None
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return image.crop((left, top, left + cw, top + ch)), f"centre-cropped from {w}x{h} to {cw}x{ch} (a multiple of {factor})"
+
+
+def load_model(path: str):
+    """(pipeline, None) for a pipeline folder, (None, vae) for a codec folder. Safetensors weights only."""
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        from diffusion.pipeline import LatentDiffusionPipeline
+
+        pipe = LatentDiffusionPipeline.from_pretrained(folder, use_safetensors=True)
+        pipe.set_progress_bar_config(desc="denoise")
+        return pipe, None
+    if (folder / "config.json").is_file():
+        from codec.encode_dataset import load_codec
+
+        return None, load_codec(folder)
+    raise SystemExit(f"error: --model {path} is neither a pipeline folder (model_index.json) nor a codec folder "
+                     f"(config.json); train one with scripts/train_unet.py or scripts/train_codec.py")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from codec.metrics import psnr
+    from codec.model import compression_ratio, downsample_factor, latent_shape, reconstruct, sample_prior
+    from codec.data import pil_to_tensor, tensor_to_pil
+    from diffusion.pipeline import seeded_generator
+
+    pipe, vae = load_model(args.model)
+    if pipe is None and args.prompt:
+        raise SystemExit(f"error: --model {args.model} is a codec folder; --prompt needs a pipeline folder "
+                         f"(scripts/train_unet.py exports one to <output-dir>/pipeline)")
+    vae = pipe.vae if pipe is not None else vae
+    factor = downsample_factor(vae)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"model": str(Path(args.model).resolve())}
+    note = None
+
+    if args.prompt:
+        pipe.use_sampler(args.scheduler)
+        image = None
+        if args.init_image:
+            image, note = load_image(args.init_image, args.height, args.width, factor)
+        result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, num_images_per_prompt=args.num_images, seed=args.seed,
+                      height=args.height, width=args.width, image=image, strength=args.strength)
+        images, info = result.images, result.info
+        settings.update(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                        guidance=args.guidance, seed=info["seed"], num_images=args.num_images,
+                        scheduler=args.scheduler, init_image=args.init_image,
+                        strength=args.strength if args.init_image else None)
+        stem = f"{'img2img' if args.init_image else 'txt2img'}-seed{info['seed']}"
+    elif args.reconstruct:
+        image, note = load_image(args.reconstruct, args.height, args.width, factor)
+        pixels = pil_to_tensor(image)[None].to(vae.device, vae.dtype)
+        decoded = reconstruct(vae, pixels).float().clamp(-1, 1)
+        images = [tensor_to_pil(decoded[0])]
+        info = {"mode": "reconstruction", "image_shape": [3, *pixels.shape[2:]],
+                "latent_shape": list(latent_shape(vae, *pixels.shape[2:])),
+                "compression_ratio": compression_ratio(vae, *pixels.shape[2:]),
+                "psnr_db": float(psnr(pixels.float(), decoded))}
+        settings.update(reconstruct=args.reconstruct)
+        stem = f"reconstruction-{Path(args.reconstruct).stem}"
+    else:
+        side = pipe.default_size() if pipe is not None else (vae.config.sample_size, vae.config.sample_size)
+        height, width = (args.height, args.width) if args.height else side
+        generator, seed = seeded_generator(args.seed)
+        with torch.no_grad():
+            decoded = sample_prior(vae, args.prior_samples, height, width, generator=generator).float().clamp(-1, 1)
+        images = [tensor_to_pil(im) for im in decoded]
+        info = {"mode": "prior", "image_shape": [3, height, width], "latent_shape": list(latent_shape(vae, height, width)),
+                "compression_ratio": compression_ratio(vae, height, width)}
+        settings.update(prior_samples=args.prior_samples, seed=seed)
+        stem = f"prior-seed{seed}"
+
+    files = []
+    for k, im in enumerate(images):
+        path = out / f"{stem}-{k}.png"
+        im.save(path)
+        files.append(path.name)
+    record = {"settings": settings, "output": info, "files": files}
+    if note:
+        record["input_note"] = note
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str))
+    c, h, w = info["latent_shape"]
+    print(f"{info['mode']}: wrote {len(files)} image(s) to {out}/{stem}-*.png and {stem}.json; "
+          f"image {info['image_shape'][0]}x{info['image_shape'][1]}x{info['image_shape'][2]} <-> latent {c}x{h}x{w} "
+          f"({info['compression_ratio']:.0f}x fewer numbers)" + (f"; {note}" if note else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import Encoder
+from safetensors.torch import load_file
+
+import diffusion.train as train_module
+from diffusion.config import load_unet_config
+from diffusion.draws import TrainingDraws, eval_set
+from diffusion.pipeline import LatentDiffusionPipeline
+from diffusion.schedule import build_noise_scheduler
+from diffusion.shards import LatentShards
+from diffusion.text_encoder import CaptionEmbeddings
+from diffusion.train import codec_for_shards, denoising_loss, train_unet
+from tests.conftest import CONFIGS, ROOT
+
+
+def _config(tiny_shards, tiny_codec_dir, output_dir, *overrides):
+    return load_unet_config(CONFIGS / "unet" / "tiny.yaml", [
+        f"shards={tiny_shards}", f"codec={tiny_codec_dir}", f"train.output_dir={output_dir}", *overrides])
+
+
+def _reset_accelerate():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+class EncoderCalled(AssertionError):
+    pass
+
+
+def test_training_lowers_the_denoising_loss_without_ever_running_the_encoder(
+        tiny_shards, tiny_codec_dir, tmp_path, fresh_accelerate_state, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise EncoderCalled("the U-Net trainer ran the codec's encoder; it must train from the shards alone")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", refuse)
+    monkeypatch.setattr(Encoder, "forward", refuse)
+    cfg = _config(tiny_shards, tiny_codec_dir, tmp_path / "run", "train.max_steps=80", "train.validate_every=80")
+
+    result = train_unet(cfg)
+
+    assert result.step == 80
+    (first, before), (last, after) = result.history
+    assert (first, last) == (0, 80)
+    before, after = before["val/denoising_loss"], after["val/denoising_loss"]
+    # Eval loss: epsilon MSE on 16 fixed (record, noise, timestep) triples, timesteps spread over 0..999, EMA
+    # weights. Measured on this machine: 1.092 -> 0.252 after 80 steps (4.3x); we require 2x.
+    assert after < before / 2, (before, after)
+
+    # The export: the shards' scaling factor in the vae config, and the EMA weights that were evaluated.
+    pipe = LatentDiffusionPipeline.from_pretrained(result.pipeline, use_safetensors=True)
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    assert pipe.vae.config.scaling_factor == pytest.approx(manifest["scaling_factor"], rel=1e-9)
+    assert pipe.tokenizer.model_max_length == cfg.text_encoder.max_length
+    shards = LatentShards(tiny_shards)
+    held = eval_set(shards, cfg.train.eval_items, 1000, cfg.train.seed)
+    text = CaptionEmbeddings(pipe.tokenizer, pipe.text_encoder, cfg.text_encoder.max_length)(held.captions)
+    reloaded = denoising_loss(pipe.unet, build_noise_scheduler(cfg.diffusion), held, text)
+    assert reloaded == pytest.approx(after, rel=1e-5)
+    info = json.loads((result.pipeline / "unet_training.json").read_text())
+    assert info["steps"] == 80 and info["compression_ratio"] == 48.0
+    assert (tmp_path / "run" / "samples" / "step_00000080.png").is_file()
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_shards, tiny_codec_dir, tmp_path,
+                                                                 fresh_accelerate_state, monkeypatch):
+    common = ("train.max_steps=6", "train.checkpoint_every=3", "optim.warmup_steps=2", "train.batch_size=4")
+    straight = train_unet(_config(tiny_shards, tiny_codec_dir, tmp_path / "straight", *common))
+
+    _reset_accelerate()
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(accelerator, output_dir, step, keep):
+        real_save(accelerator, output_dir, step, keep)
+        raise Killed(f"killed after the checkpoint at step {step}")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    interrupted = _config(tiny_shards, tiny_codec_dir, tmp_path / "resumed", *common)
+    with pytest.raises(Killed):
+        train_unet(interrupted)
+    assert not (tmp_path / "resumed" / "pipeline").exists()
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    _reset_accelerate()
+    resumed = train_unet(interrupted, resume="latest")
+
+    assert resumed.step == straight.step == 6
+    # Raw weights in the checkpoint, EMA weights in the exported U-Net: both bit for bit.
+    for name in ("checkpoints/step_00000006/model.safetensors", "pipeline/unet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resume"
+
+
+def test_a_draw_fixes_record_noise_timestep_and_dropout(tiny_shards, tiny_unet_config):
+    shards = LatentShards(tiny_shards)
+    draws = TrainingDraws(shards, tiny_unet_config.diffusion, seed=0)
+    again = TrainingDraws(shards, tiny_unet_config.diffusion, seed=0)
+    for key in ("latents", "noise", "timestep", "drop_caption"):
+        assert torch.equal(draws[13][key], again[13][key]), key  # no hidden state: any order, any process
+    assert draws[13]["caption"] == again[13]["caption"]
+    n = len(shards)
+    assert sorted(draws.record(d) for d in range(n)) == list(range(n))  # each record once per epoch
+    assert [draws.record(d) for d in range(n)] != [draws.record(d) for d in range(n, 2 * n)]  # reshuffled
+    items = [draws[d] for d in range(400)]
+    # 10% caption dropout: 40 expected of 400, standard deviation 6.
+    dropped = sum(bool(i["drop_caption"]) for i in items)
+    assert 20 <= dropped <= 60, dropped
+    t = torch.stack([i["timestep"] for i in items])
+    assert t.min() >= 0 and t.max() <= 999 and t.float().std() > 200  # uniform over 0..999 (std 289)
+    # The posterior sample scattered around the (scaled) mean; the mean is what sample_posterior=false trains on.
+    record = draws.record(0)
+    assert not torch.equal(items[0]["latents"], shards.latents(record, sample=False))
+
+
+def test_shards_of_another_codec_are_refused(tiny_shards, tmp_path):
+    from codec.config import load_codec_config
+    from codec.model import build_autoencoder
+
+    torch.manual_seed(123)
+    build_autoencoder(load_codec_config(CONFIGS / "codec" / "tiny.yaml").model).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="encoded by codec"):
+        codec_for_shards(str(tmp_path / "other"), str(tiny_shards))
+
+
+def _run(cmd, env=None, ok=True):
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_cli_help_and_config_errors(tmp_path):
+    out = _run([sys.executable, "scripts/train_unet.py", "--help"]).stdout
+    for flag in ("--config", "--shards", "--codec", "--output-dir", "--max-steps", "--resume", "--set"):
+        assert flag in out
+    tiny = str(CONFIGS / "unet" / "tiny.yaml")
+    bad = _run([sys.executable, "scripts/train_unet.py", "--config", tiny, "--shards", "s", "--codec", "c",
+                "--set", "diffusion.snr_gama=5"], ok=False)
+    assert bad.returncode == 2 and "diffusion.snr_gama" in bad.stderr
+    missing = _run([sys.executable, "scripts/train_unet.py", "--config", tiny], ok=False)
+    assert missing.returncode == 2 and "--shards" in missing.stderr
+
+
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_shards, tiny_codec_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2`, batch 2 per process, against one process with batch 4:
+    the same draws (records, posterior samples, noise, timesteps, dropped captions), gradients averaged by DDP."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("ACCELERATE_USE_CPU", None)  # the trainer itself must make a CPU launch distribute
+    common = ["--config", str(CONFIGS / "unet" / "tiny.yaml"), "--shards", str(tiny_shards), "--codec",
+              str(tiny_codec_dir), "--max-steps", "5", "--set", "train.checkpoint_every=5"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    _run([*launch, "scripts/train_unet.py", *common, "--output-dir", str(tmp_path / "two"), "--set", "train.batch_size=2"], env)
+    _run([sys.executable, "scripts/train_unet.py", *common, "--output-dir", str(tmp_path / "one"),
+          "--set", "train.batch_size=4"], env)
+
+    two = yaml.safe_load((tmp_path / "two" / "run.yaml").read_text())
+    assert two["processes"] == 2 and two["global_batch"] == 4
+    for name in ("checkpoints/step_00000005/model.safetensors", "pipeline/unet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        # Only the order of floating-point sums differs (batch mean vs gloo all-reduce), which Adam's first steps
+        # amplify for weights with tiny gradients. Measured: 1.2e-5 after 5 steps, while 1 process with batch 2
+        # (half the global batch) differs from batch 4 by 5.5e-3.
+        assert worst < 1e-4, (name, worst)
+
+
+def test_v_prediction_with_zero_terminal_snr_trains_and_every_sampler_stays_finite(
+        tiny_shards, tiny_codec_dir, tmp_path, fresh_accelerate_state):
+    cfg = _config(tiny_shards, tiny_codec_dir, tmp_path / "run", "train.max_steps=4", "train.validate_every=4",
+                  "diffusion.prediction_type=v_prediction", "diffusion.rescale_betas_zero_snr=true")
+    result = train_unet(cfg)
+    assert all(torch.isfinite(torch.tensor(m["val/denoising_loss"])) for _, m in result.history)
+    pipe = LatentDiffusionPipeline.from_pretrained(result.pipeline, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
+    for sampler in ("ddim", "dpm", "euler"):
+        pipe.use_sampler(sampler)
+        out = pipe("a rocket on the launch pad", num_inference_steps=4, seed=0, output_type="pt")
+        # The first step is t = 999, where SNR is exactly 0: pure noise in, -x0 out for a v model.
+        assert pipe.scheduler.timesteps[0] == 999
+        assert torch.isfinite(out.latents).all() and torch.isfinite(out.images).all(), sampler
