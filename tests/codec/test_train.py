@@ -127,8 +127,9 @@ def test_time_budget_stops_early_and_still_validates_and_checkpoints(tiny_config
     assert steps_logged == list(range(1, result.step + 1))
     last_val = [h for h in history if "val/psnr" in h][-1]
     assert last_val["step"] == result.step and result.metrics["val/psnr"] == last_val["val/psnr"]
-    # The budget counts training steps only, and the last step may start just before it runs out.
-    assert 1.2 <= history[-1]["train_seconds"] < 1.2 + 10
+    # The budget counts training steps only, and the last step may start just before it runs out (a step
+    # takes ~0.2 s here, several seconds on a loaded machine; without the budget 100000 steps would run).
+    assert 1.2 <= history[-1]["train_seconds"] < 60
     state = json.loads((tmp_path / "run" / "checkpoints" / f"step_{result.step:08d}" / "trainer_state.json").read_text())
     assert state["step"] == result.step and state["train_seconds"] >= 1.2
 
