@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 
 
@@ -23,3 +26,70 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return structural_similarity_index_measure(
         to_uint8_range(y), to_uint8_range(x), data_range=255.0, reduction="none"
     )
+
+
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    """Round [-1, 1] images to the 256 levels a saved PNG holds, staying in [-1, 1]: every metric sees the same pixels."""
+    return to_uint8_range(images) / 127.5 - 1.0
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MS-SSIM per image on uint8-quantised RGB, with as many of the standard 5 scales as the image size allows
+    (the weights truncated and renormalised, as in codec.losses.ms_ssim_scales); 1 means identical. Shares
+    codec.losses.ms_ssim_distance, so torchmetrics' normalize="relu" applies: a coarse scale with negative
+    contrast-structure counts as 0 instead of making the product NaN."""
+    from codec.losses import ms_ssim_distance
+
+    return 1.0 - ms_ssim_distance(quantise(x), quantise(y))
+
+
+@torch.no_grad()
+def lpips_distance(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """LPIPS per image (lower is closer) on uint8-quantised RGB; `model` comes from codec.losses.build_lpips."""
+    return model(quantise(x), quantise(y)).flatten()
+
+
+class InceptionUnavailable(RuntimeError):
+    """rFID was asked for but cannot be computed here (missing package or weights file)."""
+
+
+def _tensors_only_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InceptionUnavailable(
+            f"Inception weights file {path} does not exist; pass the FID InceptionV3 state dict "
+            f"(torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or a .safetensors copy of it)"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InceptionUnavailable(f"{path} is not a state dict of tensors; pass the InceptionV3 weights file itself")
+    return state
+
+
+def fid_inception(weights_path: str | Path) -> torch.nn.Module:
+    """The FID InceptionV3 (TF-ported weights, pool features 2048) from a local file, as torchmetrics' own
+    extractor, for torchmetrics.image.fid.FrechetInceptionDistance(feature=...). Takes uint8 (B, 3, H, W).
+
+    torchmetrics builds it through torch-fidelity, which unpickles the weights file with weights_only=False
+    (a pickle can run code). We read the file safely ourselves and hand torch-fidelity a copy we wrote from
+    plain tensors, so nothing from the original pickle is ever executed.
+    """
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        import torch_fidelity  # noqa: F401  (torchmetrics' extractor is a torch-fidelity class)
+    except ImportError as exc:
+        raise InceptionUnavailable(
+            "rFID needs the torch-fidelity package (torchmetrics' FID network is built from it): "
+            "pip install torch-fidelity"
+        ) from exc
+    state = _tensors_only_state_dict(Path(weights_path).expanduser())
+    with tempfile.TemporaryDirectory() as tmp:
+        safe_copy = Path(tmp) / "inception.pth"
+        torch.save(state, safe_copy)
+        return NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(safe_copy)
+        )
