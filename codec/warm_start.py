@@ -91,6 +91,18 @@ def _linear_map(conv: nn.Conv2d, src: Layout, dst: Layout, taps: list[tuple[int,
                     w[out_ch, in_ch, ky, kx] = scale
 
 
+def _split_into_pairs(conv: nn.Conv2d, layout: Layout) -> None:
+    """conv_in: input channel c (an RGB colour, or latent channel c) -> the pair (+c, −c), anchors from the bias."""
+    k = conv.kernel_size[0] // 2
+    with torch.no_grad():
+        for ch in layout.used:
+            conv.weight[ch].zero_()
+            conv.bias[ch] = layout.anchors.get(ch, 0.0)
+        for c in range(COLORS):
+            conv.weight[layout.plus[c], c, k, k] = 1.0
+            conv.weight[layout.minus[c], c, k, k] = -1.0
+
+
 def _zero_residual(block: nn.Module) -> None:
     with torch.no_grad():
         block.conv2.weight.zero_()
@@ -158,17 +170,8 @@ def thumbnail_init(vae: AutoencoderKL, anchor: float = 10.0, offset: float = 16.
     enc_final = normalisable_layout(enc.conv_norm_out.num_channels, groups, anchor)
     if enc_final is None:
         raise ValueError("thumbnail warm start: the encoder's last GroupNorm has < 4 channels per group; lower norm_num_groups")
-    rgb = Layout(3, [0, 1, 2], [0, 1, 2])
     layout = _best_layout(enc.conv_in.out_channels, enc_final)
-    with torch.no_grad():
-        w = enc.conv_in.weight
-        for ch in layout.used:
-            w[ch].zero_()
-            enc.conv_in.bias[ch] = layout.anchors.get(ch, 0.0)
-        for c in range(COLORS):
-            w[layout.plus[c], c, 1, 1] = 1.0
-            w[layout.minus[c], c, 1, 1] = -1.0
-    del rgb
+    _split_into_pairs(enc.conv_in, layout)
     for block in enc.down_blocks:
         layout = _resnets(block, layout, enc_final)
         for down in block.downsamplers or []:
@@ -193,16 +196,8 @@ def thumbnail_init(vae: AutoencoderKL, anchor: float = 10.0, offset: float = 16.
     dec_final = normalisable_layout(dec.conv_norm_out.num_channels, groups, anchor)
     if dec_final is None:
         raise ValueError("thumbnail warm start: the decoder's last GroupNorm has < 4 channels per group; lower norm_num_groups")
-    zin = Layout(latent, [0, 1, 2], [0, 1, 2])
     layout = _best_layout(dec.conv_in.out_channels, dec_final)
-    with torch.no_grad():
-        w = dec.conv_in.weight
-        for ch in layout.used:
-            w[ch].zero_()
-            dec.conv_in.bias[ch] = layout.anchors.get(ch, 0.0)
-        for c in range(COLORS):
-            w[layout.plus[c], zin.plus[c], 1, 1] = 1.0
-            w[layout.minus[c], zin.plus[c], 1, 1] = -1.0
+    _split_into_pairs(dec.conv_in, layout)
     layout = _resnets(dec.mid_block, layout, dec_final)
     for attn in dec.mid_block.attentions:
         if attn is not None:
