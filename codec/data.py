@@ -36,6 +36,7 @@ __all__ = [
     "UnreadableImage",
     "bundled_photos",
     "decode_image",
+    "keyed_generator",
     "load_image_dataset",
     "pil_to_tensor",
     "resize_shorter_side",
@@ -451,16 +452,11 @@ def tensor_to_pil(t: torch.Tensor) -> Image.Image:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _mix_seed(*parts: int | str) -> int:
-    """Stable 63-bit seed from a tuple; hashlib rather than hash(), which is salted per Python process."""
+def keyed_generator(*parts: int | str) -> torch.Generator:
+    """A generator seeded by a stable 63-bit hash of `parts`: hashlib rather than hash(), which is salted per
+    Python process. Every draw-keyed random choice of both trainers and the shard reader comes from here."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def _generator(*parts: int | str) -> torch.Generator:
-    generator = torch.Generator()
-    generator.manual_seed(_mix_seed(*parts))
-    return generator
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def _undecoded(dataset: Any, image_column: str) -> Any:
@@ -518,7 +514,7 @@ class TrainCrops(torch.utils.data.Dataset):
 
     def _permutation(self, epoch: int) -> list[int]:
         if self._cached_perm is None or self._cached_perm[0] != epoch:
-            perm = torch.randperm(len(self.dataset), generator=_generator("perm", self.seed, epoch)).tolist()
+            perm = torch.randperm(len(self.dataset), generator=keyed_generator("perm", self.seed, epoch)).tolist()
             self._cached_perm = (epoch, perm)
         return self._cached_perm[1]
 
@@ -550,7 +546,7 @@ class TrainCrops(torch.utils.data.Dataset):
         if min(img.size) < self.crop_size:
             img = resize_shorter_side(img, self.crop_size)
         width, height = img.size
-        generator = _generator("crop", self.seed, draw)
+        generator = keyed_generator("crop", self.seed, draw)
         left = int(torch.randint(width - self.crop_size + 1, (1,), generator=generator))
         top = int(torch.randint(height - self.crop_size + 1, (1,), generator=generator))
         mirror = bool(torch.rand((), generator=generator) < 0.5)  # drawn even if flip=False: same boxes either way

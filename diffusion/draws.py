@@ -9,21 +9,15 @@ draws an uninterrupted run would have made.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from codec.data import keyed_generator
 from codec.shards import read_shard_header
 from diffusion.config import DiffusionConfig
 from diffusion.shards import LatentShards
-
-
-def keyed_generator(*parts: int | str) -> torch.Generator:
-    """A generator seeded by a stable hash of `parts` (Python's hash() is salted per process)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def shard_captions(shards: LatentShards) -> list[str]:

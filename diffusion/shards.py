@@ -14,13 +14,13 @@ manifest: 1 / std of the latents sampled from the posterior over the whole encod
 from __future__ import annotations
 
 import bisect
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from codec.data import keyed_generator
 from codec.shards import read_manifest as _read_manifest
 from codec.shards import read_shard_header
 
@@ -31,12 +31,6 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict:
     """<shards_dir>/manifest.json as a dict; a clear error when it is missing (the encode has not finished) or
     unreadable."""
     return _read_manifest(shards_dir)
-
-
-def _generator(*parts: int | str) -> torch.Generator:
-    """A generator seeded by a stable hash of `parts` (Python's hash() is salted per process)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 class LatentShards(torch.utils.data.Dataset):
@@ -201,9 +195,9 @@ class StreamingLatentShards(torch.utils.data.IterableDataset):
         starts = torch.tensor([0, *counts]).cumsum(0)[:-1].tolist()
         if not self.shuffle:
             return torch.arange(len(self.shards))
-        shard_order = torch.randperm(len(counts), generator=_generator("shards", self.seed, epoch)).tolist()
+        shard_order = torch.randperm(len(counts), generator=keyed_generator("shards", self.seed, epoch)).tolist()
         return torch.cat([
-            torch.randperm(counts[s], generator=_generator("records", self.seed, epoch, s)) + starts[s]
+            torch.randperm(counts[s], generator=keyed_generator("records", self.seed, epoch, s)) + starts[s]
             for s in shard_order
         ] or [torch.zeros(0, dtype=torch.int64)])
 
@@ -217,6 +211,6 @@ class StreamingLatentShards(torch.utils.data.IterableDataset):
             record = self.shards[i]
             z = record["mean"]
             if self.sample_posterior:
-                eps = torch.randn(z.shape, generator=_generator("noise", self.seed, epoch, i))
+                eps = torch.randn(z.shape, generator=keyed_generator("noise", self.seed, epoch, i))
                 z = z + torch.exp(0.5 * record["logvar"]) * eps
             yield {"latents": self.shards.scale(z), "caption": record["caption"], "id": record["id"]}
