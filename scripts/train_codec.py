@@ -38,10 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = list(args.set)
-    if args.data:
-        overrides.append(f"data.train={args.data}")
-    if args.output_dir:
-        overrides.append(f"train.output_dir={args.output_dir}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     try:
@@ -49,6 +45,11 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # Paths are taken verbatim, not parsed as YAML values like --set's (a folder named `2024` or `null`).
+    if args.data:
+        cfg.data.train = args.data
+    if args.output_dir:
+        cfg.train.output_dir = args.output_dir
     if args.data and args.data != "bundled" and cfg.data.val == "bundled" and not any(o.startswith("data.val=") for o in args.set):
         cfg.data.val = None  # validate on the user's own images, held out of their training set
     from codec.train import train_codec
