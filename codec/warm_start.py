@@ -1,11 +1,13 @@
 """Thumbnail warm start: set an `AutoencoderKL`'s weights so that, before any training, it already is a codec.
 
-At initialisation the posterior mean holds the image's 8x box-averaged thumbnail in latent channels 0-2 and
-the decoder upsamples those channels back (nearest neighbour); the fourth latent channel and every residual
-branch start free to learn what the thumbnail misses. A randomly initialised VAE starts from noise and, on a
-CPU budget, spends most of its steps learning colour and tone (see docs/codec-recipe.md).
+At initialisation the network computes a fitted linear codec (codec/linear_codec.py): the posterior mean holds
+the image's 8x box thumbnail in latent channels 0-2 and a half-pixel-shifted luma channel in 3, and the decoder
+is the least-squares linear upsampler of those four channels. On the held-out photos it begins above the
+thumbnail baseline (box + bicubic); every residual branch and every channel the linear path does not use start
+free to learn what it misses. A randomly initialised VAE starts from noise and, on a CPU budget, spends most of
+its steps learning colour and tone (see docs/codec-recipe.md).
 
-How a plain signal survives the network's nonlinear parts:
+How a linear signal survives the network's nonlinear parts:
 - Residual blocks and the mid-block attention are residual: with their last layer zeroed they are the
   identity, so only the convolutions between blocks (conv_in, down/up-sampling convs, shortcuts, conv_out)
   carry the signal, and those are linear.
@@ -26,7 +28,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-COLORS = 3
+from codec.linear_codec import LinearCodec
 
 
 @dataclass
@@ -43,64 +45,71 @@ class Layout:
         return set(self.plus) | set(self.minus) | set(self.anchors)
 
 
-def normalisable_layout(width: int, groups: int, anchor: float) -> Layout | None:
+def normalisable_layout(width: int, groups: int, anchor: float, signals: int) -> Layout | None:
     """A layout whose GroupNorm groups each hold whole signal pairs plus at least one ± anchor pair, or None
-    when the groups are too narrow (fewer than 4 channels per group)."""
+    when the groups are too narrow (fewer than 4 channels per group) or too few."""
     per_group = width // groups
     pairs_per_group = (per_group - 2) // 2
     if pairs_per_group < 1:
         return None
     plus, minus, anchors = [], [], {}
-    color = 0
     for g in range(groups):
-        if color == COLORS:
+        if len(plus) == signals:
             break
         base, k = g * per_group, 0
-        while k < pairs_per_group and color < COLORS:
+        while k < pairs_per_group and len(plus) < signals:
             plus.append(base + 2 * k)
             minus.append(base + 2 * k + 1)
-            k, color = k + 1, color + 1
+            k += 1
         for i, ch in enumerate(range(base + 2 * k, base + per_group)):
             anchors[ch] = anchor if i % 2 == 0 else -anchor
-    return Layout(width, plus, minus, anchors) if color == COLORS else None
+    return Layout(width, plus, minus, anchors) if len(plus) == signals else None
 
 
-def compact_layout(width: int) -> Layout:
-    """Signal pairs only, in the first six channels: for early layers too narrow for anchors."""
-    if width < 2 * COLORS:
-        raise ValueError(f"thumbnail warm start needs at least {2 * COLORS} channels per layer, got {width}")
-    return Layout(width, [0, 2, 4], [1, 3, 5])
+def compact_layout(width: int, signals: int) -> Layout:
+    """Signal pairs only, in the first channels: for early layers too narrow for anchors."""
+    if width < 2 * signals:
+        raise ValueError(f"thumbnail warm start needs at least {2 * signals} channels per layer, got {width}")
+    return Layout(width, list(range(0, 2 * signals, 2)), list(range(1, 2 * signals, 2)))
 
 
 def _best_layout(width: int, final: Layout) -> Layout:
-    return final if width == final.width or width >= max(final.used) + 1 else compact_layout(width)
+    return final if width == final.width or width >= max(final.used) + 1 else compact_layout(width, len(final.plus))
 
 
-def _linear_map(conv: nn.Conv2d, src: Layout, dst: Layout, taps: list[tuple[int, int]], scale: float = 1.0) -> None:
-    """Make conv's outputs on dst's channels a fixed function of src's signals: +s -> +s, −s -> −s, summed over
-    `taps` (kernel positions) times `scale`; anchors come from the bias. Outputs outside dst keep their random
-    weights (free to learn), but never feed dst's channels."""
+def _clear(conv: nn.Conv2d, dst: Layout) -> None:
+    """dst's channels read nothing; anchors come from the bias. Other outputs keep their random weights (free to
+    learn) but never feed dst's channels."""
+    for ch in dst.used:
+        conv.weight[ch].zero_()
+        conv.bias[ch] = dst.anchors.get(ch, 0.0)
+
+
+def _depthwise(conv: nn.Conv2d, src: Layout, dst: Layout, kernels: torch.Tensor) -> None:
+    """Signal s -> signal s through its own 3x3 (or 1x1) kernel: +s -> +s and −s -> −s."""
     with torch.no_grad():
-        w, b = conv.weight, conv.bias
-        for ch in dst.used:
-            w[ch].zero_()
-            b[ch] = dst.anchors.get(ch, 0.0)
-        for c in range(COLORS):
-            for out_ch, in_ch in ((dst.plus[c], src.plus[c]), (dst.minus[c], src.minus[c])):
-                for ky, kx in taps:
-                    w[out_ch, in_ch, ky, kx] = scale
+        _clear(conv, dst)
+        for s, kernel in enumerate(kernels):
+            for out_ch, in_ch in ((dst.plus[s], src.plus[s]), (dst.minus[s], src.minus[s])):
+                conv.weight[out_ch, in_ch] = kernel
 
 
-def _split_into_pairs(conv: nn.Conv2d, layout: Layout) -> None:
-    """conv_in: input channel c (an RGB colour, or latent channel c) -> the pair (+c, −c), anchors from the bias."""
-    k = conv.kernel_size[0] // 2
+def _identity_kernels(conv: nn.Conv2d, signals: int) -> torch.Tensor:
+    k = torch.zeros(signals, *conv.kernel_size)
+    k[:, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = 1.0
+    return k
+
+
+def _split_into_pairs(conv: nn.Conv2d, layout: Layout, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """conv_in: signal s = weight[s] * inputs (+ bias[s]) as the pair (+s, −s); anchors from the bias."""
     with torch.no_grad():
-        for ch in layout.used:
-            conv.weight[ch].zero_()
-            conv.bias[ch] = layout.anchors.get(ch, 0.0)
-        for c in range(COLORS):
-            conv.weight[layout.plus[c], c, k, k] = 1.0
-            conv.weight[layout.minus[c], c, k, k] = -1.0
+        _clear(conv, layout)
+        for s in range(weight.shape[0]):
+            conv.weight[layout.plus[s], : weight.shape[1]] = weight[s]
+            conv.weight[layout.minus[s], : weight.shape[1]] = -weight[s]
+            if bias is not None:
+                conv.bias[layout.plus[s]] = bias[s]
+                conv.bias[layout.minus[s]] = -bias[s]
 
 
 def _zero_residual(block: nn.Module) -> None:
@@ -121,15 +130,22 @@ def _resnets(block: nn.Module, layout: Layout, final: Layout) -> Layout:
         _zero_residual(resnet)
         if resnet.conv_shortcut is not None:
             new = _best_layout(resnet.conv_shortcut.out_channels, final)
-            _linear_map(resnet.conv_shortcut, layout, new, [(0, 0)])
+            _depthwise(resnet.conv_shortcut, layout, new, _identity_kernels(resnet.conv_shortcut, len(final.plus)))
             layout = new
     return layout
 
 
 def _norm_to_offset_pairs(norm: nn.GroupNorm, layout: Layout, offset: float) -> None:
-    """Per-channel gain = the group's (signal-free) standard deviation, bias = +offset on signal channels."""
+    """Per-channel gain = the group's (signal-free) standard deviation, bias = +offset on signal channels.
+
+    The anchors are needed only in the group statistics, not downstream: their outputs are set to 0. A constant
+    ±A feeding the last convolution would let Adam's first steps (about lr on every weight, whatever the
+    gradient's size) move the output by lr·A per weight, and knock the warm start off its starting quality."""
     per_group = norm.num_channels // norm.num_groups
     with torch.no_grad():
+        for ch in layout.anchors:
+            norm.weight[ch] = 0.0
+            norm.bias[ch] = 0.0
         for ch in layout.plus + layout.minus:
             g = ch // per_group
             members = range(g * per_group, (g + 1) * per_group)
@@ -140,15 +156,16 @@ def _norm_to_offset_pairs(norm: nn.GroupNorm, layout: Layout, offset: float) -> 
             norm.bias[ch] = offset
 
 
-def _read_pairs(conv: nn.Conv2d, layout: Layout, first_out: int = 0) -> None:
-    """conv outputs first_out + c = (+s_c + B)/2 − (−s_c + B)/2 = s_c, read at the kernel centre."""
+def _read_pairs(conv: nn.Conv2d, layout: Layout, mix: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """conv output o = Σ_s mix[o, s] · ((+s + B)/2 − (−s + B)/2) = Σ_s mix[o, s] · s, at the kernel centre."""
     k = conv.kernel_size[0] // 2
     with torch.no_grad():
-        for c in range(COLORS):
-            conv.weight[first_out + c].zero_()
-            conv.bias[first_out + c] = 0.0
-            conv.weight[first_out + c, layout.plus[c], k, k] = 0.5
-            conv.weight[first_out + c, layout.minus[c], k, k] = -0.5
+        for o in range(mix.shape[0]):
+            conv.weight[o].zero_()
+            conv.bias[o] = 0.0 if bias is None else bias[o]
+            for s in range(mix.shape[1]):
+                conv.weight[o, layout.plus[s], k, k] = 0.5 * mix[o, s]
+                conv.weight[o, layout.minus[s], k, k] = -0.5 * mix[o, s]
 
 
 def _identity_1x1(conv: nn.Conv2d) -> None:
@@ -159,24 +176,39 @@ def _identity_1x1(conv: nn.Conv2d) -> None:
             conv.weight[i, i, 0, 0] = 1.0
 
 
-def thumbnail_init(vae: AutoencoderKL, anchor: float = 10.0, offset: float = 16.0, logvar: float = -12.0) -> AutoencoderKL:
-    """Overwrite the main path of `vae` in place (see the module docstring) and return it."""
-    if vae.config.latent_channels < COLORS:
-        raise ValueError(f"thumbnail warm start needs >= {COLORS} latent channels, got {vae.config.latent_channels}")
-    enc, dec = vae.encoder, vae.decoder
-    groups = vae.config.norm_num_groups
+def _final_layout(norm: nn.GroupNorm, anchor: float, signals: int, where: str) -> Layout:
+    layout = normalisable_layout(norm.num_channels, norm.num_groups, anchor, signals)
+    if layout is None:
+        raise ValueError(f"thumbnail warm start: the {where}'s last GroupNorm ({norm.num_channels} channels, "
+                         f"{norm.num_groups} groups) cannot hold {signals} signal pairs with anchors; it needs >= 4 "
+                         "channels per group: lower model.norm_num_groups")
+    return layout
 
-    # ---- encoder: conv_in -> (resnets, 2x2 average) per level -> mid -> norm -> SiLU -> conv_out
-    enc_final = normalisable_layout(enc.conv_norm_out.num_channels, groups, anchor)
-    if enc_final is None:
-        raise ValueError("thumbnail warm start: the encoder's last GroupNorm has < 4 channels per group; lower norm_num_groups")
+
+def thumbnail_init(vae: AutoencoderKL, linear: LinearCodec | None = None, anchor: float = 10.0, offset: float = 16.0,
+                   logvar: float = -12.0) -> AutoencoderKL:
+    """Overwrite the main path of `vae` in place so it computes `linear` (default: the shipped fit, see the
+    module docstring) and return it."""
+    linear = linear or LinearCodec.load()
+    signals = linear.signals
+    enc, dec = vae.encoder, vae.decoder
+    downsamplers = [d for block in enc.down_blocks for d in block.downsamplers or []]
+    upsamplers = [u for block in dec.up_blocks for u in block.upsamplers or []]
+    if vae.config.latent_channels != signals or len(downsamplers) != linear.levels or len(upsamplers) != linear.levels:
+        raise ValueError(f"thumbnail warm start: the fitted linear codec is f{2 ** linear.levels}/c{signals}; this "
+                         f"codec has {len(downsamplers)} down-sampling levels and {vae.config.latent_channels} latent "
+                         "channels (use model.init=random, or fit filters for it with scripts/fit_warm_start.py)")
+
+    # ---- encoder: conv_in -> (resnets, down-sampling conv) per level -> mid -> norm -> SiLU -> conv_out
+    enc_final = _final_layout(enc.conv_norm_out, anchor, signals, "encoder")
     layout = _best_layout(enc.conv_in.out_channels, enc_final)
-    _split_into_pairs(enc.conv_in, layout)
+    _split_into_pairs(enc.conv_in, layout, linear.enc_in)
+    level = 0
     for block in enc.down_blocks:
         layout = _resnets(block, layout, enc_final)
         for down in block.downsamplers or []:
-            # Downsample2D pads right/bottom and runs a stride-2 3x3 conv: taps (0..1, 0..1) = a 2x2 average.
-            _linear_map(down.conv, layout, layout, [(0, 0), (0, 1), (1, 0), (1, 1)], 0.25)
+            _depthwise(down.conv, layout, layout, linear.enc_down[level])
+            level += 1
     layout = _resnets(enc.mid_block, layout, enc_final)
     for attn in enc.mid_block.attentions:
         if attn is not None:
@@ -184,30 +216,29 @@ def thumbnail_init(vae: AutoencoderKL, anchor: float = 10.0, offset: float = 16.
     if layout is not enc_final:
         raise ValueError("thumbnail warm start: no layer wide enough to add GroupNorm anchors before the encoder's last norm")
     _norm_to_offset_pairs(enc.conv_norm_out, layout, offset)
-    _read_pairs(enc.conv_out, layout)
-    latent = vae.config.latent_channels
-    with torch.no_grad():  # log-variance channels: a small constant σ, so sampling barely perturbs the thumbnail
-        enc.conv_out.weight[latent:].zero_()
-        enc.conv_out.bias[latent:] = logvar
+    _read_pairs(enc.conv_out, layout, torch.eye(signals))
+    with torch.no_grad():  # log-variance channels: a small constant σ, so sampling barely perturbs the latent
+        enc.conv_out.weight[signals:].zero_()
+        enc.conv_out.bias[signals:] = logvar
     _identity_1x1(vae.quant_conv)
     _identity_1x1(vae.post_quant_conv)
 
     # ---- decoder: conv_in -> mid -> (resnets, nearest x2 + conv) per level -> norm -> SiLU -> conv_out
-    dec_final = normalisable_layout(dec.conv_norm_out.num_channels, groups, anchor)
-    if dec_final is None:
-        raise ValueError("thumbnail warm start: the decoder's last GroupNorm has < 4 channels per group; lower norm_num_groups")
+    dec_final = _final_layout(dec.conv_norm_out, anchor, signals, "decoder")
     layout = _best_layout(dec.conv_in.out_channels, dec_final)
-    _split_into_pairs(dec.conv_in, layout)
+    _split_into_pairs(dec.conv_in, layout, linear.dec_in, linear.dec_in_bias)
     layout = _resnets(dec.mid_block, layout, dec_final)
     for attn in dec.mid_block.attentions:
         if attn is not None:
             _zero_attention(attn)
+    level = 0
     for block in dec.up_blocks:
         layout = _resnets(block, layout, dec_final)
         for up in block.upsamplers or []:
-            _linear_map(up.conv, layout, layout, [(1, 1)])  # after nearest x2: the centre tap keeps it
+            _depthwise(up.conv, layout, layout, linear.dec_up[level])
+            level += 1
     if layout is not dec_final:
         raise ValueError("thumbnail warm start: no layer wide enough to add GroupNorm anchors before the decoder's last norm")
     _norm_to_offset_pairs(dec.conv_norm_out, layout, offset)
-    _read_pairs(dec.conv_out, layout)
+    _read_pairs(dec.conv_out, layout, linear.dec_out, linear.dec_out_bias)
     return vae

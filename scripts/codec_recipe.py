@@ -23,22 +23,38 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (description, overrides on configs/codec/small.yaml)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "plain": ("issue 8's plain recipe: 32 norm groups, L1 + 0.5 MSE, lr 1e-3, batch 8 of 128² crops", [
+    "plain": ("issue 8's plain recipe from random weights: 32 norm groups, L1 + 1e-6 KL, lr 1e-3, batch 8 of 128² crops", [
         "model.norm_num_groups=32", "model.init=random", "loss.pixel=l1", "loss.perceptual=none",
         "optim.lr=1e-3", "data.crop_size=128", "train.batch_size=8"]),
     "groups8": ("plain, but 8 norm groups (4+ channels per group at every width)", [
         "model.norm_num_groups=8", "model.init=random", "loss.perceptual=none", "optim.lr=1e-3",
         "data.crop_size=128", "train.batch_size=8"]),
-    "thumbnail": ("groups8 + thumbnail warm start", [
+    "thumbnail": ("groups8 + thumbnail warm start at lr 1e-3 (the plain recipe's rate)", [
         "model.norm_num_groups=8", "model.init=thumbnail", "loss.perceptual=none", "optim.lr=1e-3",
         "data.crop_size=128", "train.batch_size=8"]),
+    "warm": ("thumbnail warm start (the fitted linear codec, begins above the thumbnail), L1, lr 1e-4", [
+        "model.norm_num_groups=8", "model.init=thumbnail", "loss.perceptual=none", "optim.lr=1e-4",
+        "data.crop_size=128", "train.batch_size=8", "train.channels_last=true"]),
+    "warm-lr3e-5": ("warm at lr 3e-5", [
+        "model.norm_num_groups=8", "model.init=thumbnail", "loss.perceptual=none", "optim.lr=3e-5",
+        "data.crop_size=128", "train.batch_size=8", "train.channels_last=true"]),
+    "warm-mse": ("warm with an MSE pixel loss (the fit's own objective, and what PSNR measures): configs/codec/small.yaml", [
+        "model.norm_num_groups=8", "model.init=thumbnail", "loss.perceptual=none", "loss.pixel=mse", "optim.lr=1e-4",
+        "data.crop_size=128", "train.batch_size=8", "train.channels_last=true"]),
+    "warm-narrow": ("warm with widths 32,32,64,128: about half the FLOPs per pixel, so twice the steps", [
+        "model.block_out_channels=[32,32,64,128]", "model.norm_num_groups=8", "model.init=thumbnail",
+        "loss.perceptual=none", "optim.lr=1e-4", "data.crop_size=128", "train.batch_size=8",
+        "train.channels_last=true"]),
+    "warm-crops64": ("warm with batch 32 of 64² crops: the same pixels per step, 4x the images", [
+        "model.norm_num_groups=8", "model.init=thumbnail", "loss.perceptual=none", "optim.lr=1e-4",
+        "data.crop_size=64", "train.batch_size=32", "train.channels_last=true"]),
 }
 
 
-def run_variant(name: str, overrides: list[str], minutes: float, out: Path, extra: list[str]) -> dict:
+def run_variant(name: str, overrides: list[str], minutes: float, out: Path, extra: list[str], max_steps: int) -> dict:
     run_dir = out / name
     cmd = [sys.executable, str(ROOT / "scripts" / "train_codec.py"), "--config", str(ROOT / "configs/codec/small.yaml"),
-           "--output-dir", str(run_dir), "--max-steps", "100000"]
+           "--output-dir", str(run_dir), "--max-steps", str(max_steps)]
     for o in [*overrides, f"train.max_minutes={minutes}", "train.checkpoint_every=0",
               "train.validate_every=25", *extra]:
         cmd += ["--set", o]
@@ -57,13 +73,49 @@ def run_variant(name: str, overrides: list[str], minutes: float, out: Path, extr
     }
 
 
+def plot(series: dict[str, list[tuple[float, float]]], reference: dict[str, float], out: Path) -> Path:
+    """Held-out PSNR against training minutes, one line per run, dashed lines for references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, curve in series.items():
+        ax.plot([t / 60 for t, _ in curve], [p for _, p in curve], marker="o", markersize=3, label=label)
+    right = max((t / 60 for curve in series.values() for t, _ in curve), default=1.0)
+    for label, value in reference.items():
+        ax.axhline(value, linestyle="--", linewidth=1, color="gray")
+        ax.text(right, value - 0.15, f"{label}: {value:.2f} dB", color="gray", fontsize=8, ha="right", va="top")
+    ax.set(xlabel="training minutes (validation excluded)", ylabel="held-out PSNR, dB (astronaut, coffee at 256²)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def history_curve(path: Path) -> list[tuple[float, float]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(r["train_seconds"], r["val/psnr"]) for r in rows if "val/psnr" in r]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (see --list)")
     p.add_argument("--minutes", type=float, default=10.0, help="training-time budget per variant")
     p.add_argument("--out", default="runs/recipe", help="run folders and results.json go here")
+    p.add_argument("--max-steps", type=int, default=100000,
+                   help="steps for the learning-rate schedule (cosine to the end); the minutes budget still caps the run")
     p.add_argument("--set", action="append", default=[], help="extra override for every variant")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="instead of training: plot PSNR against time for the "
+                   "variants in <out>/results.json (and any --history runs) into this PNG")
+    p.add_argument("--history", action="append", default=[], metavar="LABEL=PATH",
+                   help="with --plot: also draw a training run's history.jsonl under this label (repeatable)")
+    p.add_argument("--reference", action="append", default=[], metavar="LABEL=DB",
+                   help="with --plot: a horizontal reference line, e.g. 'thumbnail=20.56' (repeatable)")
     args = p.parse_args(argv)
     if args.list:
         for name, (desc, overrides) in VARIANTS.items():
@@ -73,10 +125,19 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if args.plot:
+        series = {f"{name} ({r['minutes']:g} min budget)": [tuple(c) for c in r["curve"]] for name, r in results.items()
+                  if name in args.variants.split(",")}
+        for item in args.history:
+            label, _, path = item.partition("=")
+            series[label] = history_curve(Path(path))
+        reference = {label: float(value) for label, _, value in (r.partition("=") for r in args.reference)}
+        print(f"wrote {plot(series, reference, args.plot)}")
+        return 0
     for name in args.variants.split(","):
         if name not in VARIANTS:
             p.error(f"unknown variant {name!r}; --list shows them")
-        results[name] = run_variant(name, VARIANTS[name][1], args.minutes, out, args.set) | {"minutes": args.minutes}
+        results[name] = run_variant(name, VARIANTS[name][1], args.minutes, out, args.set, args.max_steps) | {"minutes": args.minutes}
         results_path.write_text(json.dumps(results, indent=2))
         r = results[name]
         print(f"{name}: {r['steps']} steps, {r['images_per_s']:.1f} img/s, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}")
