@@ -20,11 +20,10 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-# Until the end-to-end demo lands: train the tiny codec briefly on the bundled photos and write a
-# reconstruction grid (runs/demo/codec/samples/) and the exported codec (runs/demo/codec/final/).
+# The whole mission on bundled data (configs/demo.yaml): shapes world -> codec -> evaluation -> shards ->
+# U-Net -> generation + prompt adherence -> runs/demo/report.md. Re-running resumes; `make clean` starts over.
 demo: setup
-	$(PY) scripts/train_codec.py --config configs/codec/small.yaml --output-dir runs/demo/codec --max-steps 200
-	@echo "reconstruction grids: runs/demo/codec/samples/"
+	$(PY) scripts/demo.py --config configs/demo.yaml
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs data/shapes .pytest_cache

@@ -199,6 +199,11 @@ class DataConfig:
     # An image folder, a saved `datasets` directory, parquet/arrow files, a hub name, or `bundled`
     # (the colour photos inside scikit-image, written to `bundled_dir`).
     train: str = "bundled"
+    # More training sources (same kinds as `train`), mixed in: only their image column is used. Crops are drawn
+    # uniformly over all images, so `extra_train_limit` (first N of each source) keeps a big source from drowning
+    # a small one.
+    extra_train: list[str] = field(default_factory=list)
+    extra_train_limit: int | None = None
     # Held-out images; `bundled` is the bundled photos' validation split (astronaut, coffee). null holds out
     # `val_count` images of `train` instead.
     val: str | None = "bundled"

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 import yaml
 from accelerate import Accelerator
@@ -119,6 +120,16 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
     else:
         val_ds, val_column = load_image_dataset(val_source, cfg.image_column)
         description = f"train: {len(train_ds)} images of {train_source}; val: {len(val_ds)} images of {val_source}"
+    if cfg.extra_train:
+        parts = [train_ds.select_columns([column])]
+        for source in cfg.extra_train:
+            extra, extra_column = load_image_dataset(source)
+            if cfg.extra_train_limit is not None:
+                extra = extra.select(range(min(cfg.extra_train_limit, len(extra))))
+            parts.append(extra.select_columns([extra_column]).rename_columns({extra_column: column}) if extra_column != column
+                         else extra.select_columns([column]))
+            description += f"; + {len(extra)} training images of {source}"
+        train_ds = datasets.concatenate_datasets(parts)
     return Data(
         train=TrainCrops(train_ds, column, cfg.crop_size, seed=seed, resize=cfg.resize, flip=cfg.flip),
         val=CenterCrops(val_ds, val_column, cfg.val_size, limit=cfg.val_count),

@@ -40,7 +40,7 @@ from codec.encode_dataset import load_codec
 from codec.evaluate import save_png
 from codec.model import codec_identity, compression_ratio
 from codec.checkpoints import keep_ema_in_checkpoints, resolve_resume, save_checkpoint
-from codec.train import flat_hparams, learning_rate, make_accelerator
+from codec.train import append_history, flat_hparams, learning_rate, make_accelerator
 from diffusion.config import UNetTrainingConfig
 from diffusion.draws import EvalSet, TrainingDraws, eval_set, shard_captions
 from diffusion.pipeline import LatentDiffusionPipeline, make_sampler
@@ -285,6 +285,8 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
             mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()  # over processes, not just this one
             logs = {"loss": mean_loss, "lr": lr, "latents_per_s": latents_since / max(elapsed, 1e-9)}
             accelerator.log(logs, step=step)
+            if main:  # the loss curve as JSON lines, for plots and reports without tensorboard
+                append_history(output_dir, {"step": step, **logs})
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lat_s=f"{logs['latents_per_s']:.1f}")
             tick, latents_since = time.perf_counter(), 0
         if cfg.train.validate_every > 0 and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
