@@ -30,11 +30,11 @@ def _row_grid(images: list[Image.Image], gap: int = 4) -> Image.Image:
     return grid
 
 
+@torch.no_grad()  # a decorator, not torch.set_grad_enabled(False): that would leak into the caller's process
 def generate_and_score(pipeline_dir: Path, gen, out_dir: Path) -> dict:
     """One PNG per prompt (conditional row | unconditional row) and adherence.json with both summaries."""
     from diffusion.pipeline import LatentDiffusionPipeline
 
-    torch.set_grad_enabled(False)
     pipe = LatentDiffusionPipeline.from_pretrained(str(pipeline_dir))
     pipe.use_sampler(gen.sampler)
     out_dir.mkdir(parents=True, exist_ok=True)

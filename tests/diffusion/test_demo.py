@@ -2,6 +2,7 @@
 
 import json
 
+import torch
 import yaml
 
 from diffusion.demo import load_demo_config, run_demo
@@ -42,3 +43,5 @@ def test_the_whole_chain_runs_at_toy_size_and_writes_the_report(tmp_path, bundle
     run_demo(cfg)
     stages = json.loads((tmp_path / "demo" / "stages.json").read_text())
     assert all(s["reused"] for s in stages.values())
+    # Nothing leaks into the caller: training in the same process still gets gradients.
+    assert torch.is_grad_enabled()
