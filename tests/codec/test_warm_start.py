@@ -49,7 +49,7 @@ def test_warm_start_begins_no_worse_than_the_thumbnail_baseline(bundled_dir):
     with torch.no_grad():
         warm = psnr(quantise(reconstruct(vae, images)), quantise(images)).mean().item()
     thumb = psnr(quantise(thumbnail_baseline(images, 8)), quantise(images)).mean().item()
-    # Measured: warm start 21.9 dB, thumbnail 20.5 dB.
+    # Measured: warm start 19.52 dB, thumbnail 17.78 dB (128² crops are harder than the 256² protocol).
     assert warm >= thumb + 0.5, (warm, thumb)
 
 
