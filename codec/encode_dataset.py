@@ -280,7 +280,8 @@ def _remove_stale_temps(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Via a temp name and os.replace: a reader or a resumed run never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -377,8 +378,8 @@ def _finalize(out: Path, settings: dict, vae, codec_dir: str, data: str, image_c
         "latent_stats": stats,
         "scaling_factor": 1.0 / stats["std"],
     }
-    _write_atomically(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
-    _write_atomically(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest, new_images
 
 
@@ -389,7 +390,7 @@ def write_scaling_factor_into_codec(codec_dir: str | os.PathLike, vae: Autoencod
     config = json.loads(config_path.read_text())
     for key in ("scaling_factor", "latents_mean", "latents_std"):
         config[key] = vae.config[key]
-    _write_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def encode_dataset(

@@ -163,6 +163,12 @@ def append_history(output_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def read_history(output_dir: Path) -> list[dict]:
+    """The records append_history wrote, oldest first; empty when the run logged nothing yet."""
+    path = Path(output_dir) / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def flat_hparams(config: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in config.items():

@@ -176,6 +176,23 @@ def _identity_1x1(conv: nn.Conv2d) -> None:
             conv.weight[i, i, 0, 0] = 1.0
 
 
+def _mid_block(mid: nn.Module, layout: Layout, final: Layout) -> Layout:
+    layout = _resnets(mid, layout, final)
+    for attn in mid.attentions:
+        if attn is not None:
+            _zero_attention(attn)
+    return layout
+
+
+def _read_out(norm: nn.GroupNorm, conv: nn.Conv2d, layout: Layout, final: Layout, offset: float, where: str,
+              mix: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """The last norm -> SiLU -> conv_out: the signal pairs, mixed by `mix`, become the outputs."""
+    if layout is not final:
+        raise ValueError(f"thumbnail warm start: no layer wide enough to add GroupNorm anchors before the {where}'s last norm")
+    _norm_to_offset_pairs(norm, layout, offset)
+    _read_pairs(conv, layout, mix, bias)
+
+
 def _final_layout(norm: nn.GroupNorm, anchor: float, signals: int, where: str) -> Layout:
     layout = normalisable_layout(norm.num_channels, norm.num_groups, anchor, signals)
     if layout is None:
@@ -209,14 +226,8 @@ def thumbnail_init(vae: AutoencoderKL, linear: LinearCodec | None = None, anchor
         for down in block.downsamplers or []:
             _depthwise(down.conv, layout, layout, linear.enc_down[level])
             level += 1
-    layout = _resnets(enc.mid_block, layout, enc_final)
-    for attn in enc.mid_block.attentions:
-        if attn is not None:
-            _zero_attention(attn)
-    if layout is not enc_final:
-        raise ValueError("thumbnail warm start: no layer wide enough to add GroupNorm anchors before the encoder's last norm")
-    _norm_to_offset_pairs(enc.conv_norm_out, layout, offset)
-    _read_pairs(enc.conv_out, layout, torch.eye(signals))
+    layout = _mid_block(enc.mid_block, layout, enc_final)
+    _read_out(enc.conv_norm_out, enc.conv_out, layout, enc_final, offset, "encoder", torch.eye(signals))
     with torch.no_grad():  # log-variance channels: a small constant σ, so sampling barely perturbs the latent
         enc.conv_out.weight[signals:].zero_()
         enc.conv_out.bias[signals:] = logvar
@@ -227,18 +238,12 @@ def thumbnail_init(vae: AutoencoderKL, linear: LinearCodec | None = None, anchor
     dec_final = _final_layout(dec.conv_norm_out, anchor, signals, "decoder")
     layout = _best_layout(dec.conv_in.out_channels, dec_final)
     _split_into_pairs(dec.conv_in, layout, linear.dec_in, linear.dec_in_bias)
-    layout = _resnets(dec.mid_block, layout, dec_final)
-    for attn in dec.mid_block.attentions:
-        if attn is not None:
-            _zero_attention(attn)
+    layout = _mid_block(dec.mid_block, layout, dec_final)
     level = 0
     for block in dec.up_blocks:
         layout = _resnets(block, layout, dec_final)
         for up in block.upsamplers or []:
             _depthwise(up.conv, layout, layout, linear.dec_up[level])
             level += 1
-    if layout is not dec_final:
-        raise ValueError("thumbnail warm start: no layer wide enough to add GroupNorm anchors before the decoder's last norm")
-    _norm_to_offset_pairs(dec.conv_norm_out, layout, offset)
-    _read_pairs(dec.conv_out, layout, linear.dec_out, linear.dec_out_bias)
+    _read_out(dec.conv_norm_out, dec.conv_out, layout, dec_final, offset, "decoder", linear.dec_out, linear.dec_out_bias)
     return vae

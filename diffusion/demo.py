@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codec.config import ConfigError, load_config
+from codec.encode_dataset import write_text_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,9 +153,7 @@ class StageClock:
             started = time.perf_counter()
             action()
             self.seconds[name] = {"seconds": round(time.perf_counter() - started, 1), "reused": False}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.seconds, indent=2))
-        tmp.replace(self.path)
+        write_text_atomically(self.path, json.dumps(self.seconds, indent=2))
 
 
 def run_demo(cfg: DemoConfig) -> Path:

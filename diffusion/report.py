@@ -8,6 +8,7 @@ draws when told nothing), and the analytic chance level of a generator that igno
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -15,19 +16,27 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from codec.encode_dataset import write_text_atomically  # noqa: E402
+from codec.evaluate import save_png  # noqa: E402
+from codec.model import compression_ratio, latent_shape  # noqa: E402
+from codec.train import read_history  # noqa: E402
 from diffusion.adherence import score, summarise  # noqa: E402
 
 ATTRIBUTES = ("color", "position", "shape", "background")
 
 
-def _row_grid(images: list[Image.Image], gap: int = 4) -> Image.Image:
-    w, h = images[0].size
-    grid = Image.new("RGB", (len(images) * w + (len(images) - 1) * gap, h), (255, 255, 255))
-    for i, img in enumerate(images):
-        grid.paste(img, (i * (w + gap), 0))
-    return grid
+def _sheet(rows: list[list[Image.Image]], gap: int = 4) -> Image.Image:
+    """Equal-sized images in rows, on white, `gap` pixels apart."""
+    w, h = rows[0][0].size
+    columns = max(len(row) for row in rows)
+    sheet = Image.new("RGB", (columns * (w + gap) - gap, len(rows) * (h + gap) - gap), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            sheet.paste(img, (c * (w + gap), r * (h + gap)))
+    return sheet
 
 
 @torch.no_grad()  # a decorator, not torch.set_grad_enabled(False): that would leak into the caller's process
@@ -47,12 +56,8 @@ def generate_and_score(pipeline_dir: Path, gen, out_dir: Path) -> dict:
                       guidance_scale=1.0, seed=seed).images
         conditional += [score(img, prompt) for img in cond]
         unconditional += [score(img, prompt) for img in uncond]
-        top, bottom = _row_grid(cond), _row_grid(uncond)
-        sheet = Image.new("RGB", (top.width, top.height * 2 + 4), (255, 255, 255))
-        sheet.paste(top, (0, 0))
-        sheet.paste(bottom, (0, top.height + 4))
         name = f"prompt_{i:02d}.png"
-        sheet.save(out_dir / name)
+        save_png(_sheet([cond, uncond]), out_dir / name)
         files.append(name)
         print(f"  [{i + 1}/{len(gen.prompts)}] {prompt}: colour right in "
               f"{sum(r['color_ok'] for r in conditional[-gen.images_per_prompt:])}/{gen.images_per_prompt}", flush=True)
@@ -62,19 +67,13 @@ def generate_and_score(pipeline_dir: Path, gen, out_dir: Path) -> dict:
         "files": files, "conditional": summarise(conditional), "unconditional": summarise(unconditional),
         "rows": conditional,
     }
-    tmp = out_dir / "adherence.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out_dir / "adherence.json")
+    write_text_atomically(out_dir / "adherence.json", json.dumps(result, indent=2))
     return result
 
 
-def _history(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def plot_curves(codec_history: Path, unet_history: Path, out: Path) -> Path:
+def plot_curves(codec_run: Path, unet_run: Path, out: Path) -> Path:
     """Codec: training loss and held-out PSNR against training time; U-Net: denoising loss against step."""
-    codec, unet = _history(codec_history), _history(unet_history)
+    codec, unet = read_history(codec_run), read_history(unet_run)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     logs = [h for h in codec if "loss" in h]
     axes[0].plot([h["train_seconds"] / 60 for h in logs], [h["loss"] for h in logs])
@@ -93,17 +92,16 @@ def plot_curves(codec_history: Path, unet_history: Path, out: Path) -> Path:
     return out
 
 
-def shape_table(vae_config: dict, size: int) -> str:
+def shape_table(vae: AutoencoderKL, size: int) -> str:
     """Image vs latent: shape, element count, bytes (uint8 image, fp16 image, fp16 latent)."""
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    channels = vae_config["latent_channels"]
-    image, latent = 3 * size * size, channels * (size // factor) ** 2
+    shape = latent_shape(vae, size, size)
+    image, latent = 3 * size * size, math.prod(shape)
     return "\n".join([
         "| | shape | numbers | bytes |",
         "|---|---|---|---|",
         f"| image | 3x{size}x{size} | {image:,} | {image:,} (uint8), {2 * image:,} (fp16) |",
-        f"| latent | {channels}x{size // factor}x{size // factor} | {latent:,} | {2 * latent:,} (fp16) |",
-        f"| ratio | | **{image / latent:.0f}x** fewer numbers | {image / (2 * latent):.0f}x vs the uint8 image |",
+        f"| latent | {'x'.join(map(str, shape))} | {latent:,} | {2 * latent:,} (fp16) |",
+        f"| ratio | | **{compression_ratio(vae, size, size):.0f}x** fewer numbers | {image / (2 * latent):.0f}x vs the uint8 image |",
     ])
 
 
@@ -129,10 +127,9 @@ def _stage_rows(seconds: dict) -> list[str]:
 
 def write_report(cfg, paths, seconds: dict) -> Path:
     root = paths.root
-    evaluation = json.loads((paths.evaluation / "summary.json").read_text())
     adherence = json.loads((paths.generated / "adherence.json").read_text())
-    vae_config = json.loads((paths.codec / "config.json").read_text())
-    plot = plot_curves(paths.codec_run / "history.jsonl", paths.unet_run / "history.jsonl", root / "curves.png")
+    vae = AutoencoderKL.from_pretrained(paths.codec)
+    plot = plot_curves(paths.codec_run, paths.unet_run, root / "curves.png")
     samples = sorted((paths.codec_run / "samples").glob("step_*.png"))
     cond, uncond = adherence["conditional"], adherence["unconditional"]
     chance = cond["chance_percent"]
@@ -151,11 +148,11 @@ def write_report(cfg, paths, seconds: dict) -> Path:
         "",
         "## What the codec keeps",
         "",
-        shape_table(vae_config, 512),
+        shape_table(vae, 512),
         "",
         f"At the demo's U-Net resolution ({cfg.encode.resolution}²) the same codec gives:",
         "",
-        shape_table(vae_config, cfg.encode.resolution),
+        shape_table(vae, cfg.encode.resolution),
         "",
         f"## Codec quality on held-out photos ({cfg.evaluate.resolution}², posterior mean)",
         "",
@@ -199,7 +196,5 @@ def write_report(cfg, paths, seconds: dict) -> Path:
         lines += [f"**{prompt}**", "", f"![{prompt}](generated/{name})", ""]
     lines += ["## Training curves", "", f"![curves]({plot.relative_to(root)})", ""]
     report = root / "report.md"
-    tmp = root / "report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(report)
+    write_text_atomically(report, "\n".join(lines))
     return report

@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from codec.train import read_history  # noqa: E402
 
 # name -> (description, overrides on configs/codec/small.yaml)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -60,7 +63,7 @@ def run_variant(name: str, overrides: list[str], minutes: float, out: Path, extr
         cmd += ["--set", o]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
-    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    history = read_history(run_dir)
     val = [h for h in history if "val/psnr" in h]
     logs = [h for h in history if "images_per_s" in h]
     return {
@@ -96,9 +99,8 @@ def plot(series: dict[str, list[tuple[float, float]]], reference: dict[str, floa
     return out
 
 
-def history_curve(path: Path) -> list[tuple[float, float]]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [(r["train_seconds"], r["val/psnr"]) for r in rows if "val/psnr" in r]
+def history_curve(run_dir: Path) -> list[tuple[float, float]]:
+    return [(r["train_seconds"], r["val/psnr"]) for r in read_history(run_dir) if "val/psnr" in r]
 
 
 def main(argv=None) -> int:
@@ -112,8 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="print the variants and exit")
     p.add_argument("--plot", type=Path, metavar="PNG", help="instead of training: plot PSNR against time for the "
                    "variants in <out>/results.json (and any --history runs) into this PNG")
-    p.add_argument("--history", action="append", default=[], metavar="LABEL=PATH",
-                   help="with --plot: also draw a training run's history.jsonl under this label (repeatable)")
+    p.add_argument("--history", action="append", default=[], metavar="LABEL=RUN_DIR",
+                   help="with --plot: also draw a training run folder's history.jsonl under this label (repeatable)")
     p.add_argument("--reference", action="append", default=[], metavar="LABEL=DB",
                    help="with --plot: a horizontal reference line, e.g. 'thumbnail=20.56' (repeatable)")
     args = p.parse_args(argv)
