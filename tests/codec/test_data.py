@@ -184,6 +184,41 @@ def test_decode_image_accepts_record_bytes_path_and_pil(tmp_path):
     assert decode_image(Image.open(path)).getpixel((1, 1)) == (50, 50, 50)
 
 
+def _smooth_photo(width: int, height: int) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    rgb = np.stack([np.sin(9 * x) * np.cos(7 * y), np.cos(5 * x + 3 * y), x * y], axis=-1)
+    return Image.fromarray(((rgb + 1) * 127.5).clip(0, 255).astype(np.uint8))
+
+
+def test_decode_image_min_side_decodes_jpeg_smaller_and_close_to_a_full_decode(tmp_path):
+    path = tmp_path / "big.jpg"
+    _smooth_photo(1600, 1200).save(path, quality=95)
+    reduced = decode_image(str(path), min_side=256)
+    # libjpeg scales by 1/2, 1/4 or 1/8: 1/4 is the smallest that keeps the shorter side >= 256 (1/8 gives 150).
+    assert reduced.size == (400, 300)
+    full = decode_image(str(path))
+    assert full.size == (1600, 1200)
+    a = np.asarray(resize_shorter_side(reduced, 256), dtype=np.float64)
+    b = np.asarray(resize_shorter_side(full, 256), dtype=np.float64)
+    assert a.shape == b.shape == (256, 341, 3)
+    assert np.abs(a - b).mean() < 1.0  # measured 0.31 grey levels (max 2): the IDCT's downscale vs bicubic's
+    assert decode_image(str(path), min_side=600).size == (800, 600)
+    # Nothing to gain, nothing changed: halving would undershoot min_side, and PNGs have no reduced decoding.
+    assert decode_image(str(path), min_side=601).size == (1600, 1200)
+    png = tmp_path / "big.png"
+    _smooth_photo(1600, 1200).save(png)
+    assert decode_image(str(png), min_side=256).size == (1600, 1200)
+
+
+def test_decode_image_min_side_keeps_exif_rotation(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise: portrait
+    _smooth_photo(1600, 1200).save(path, exif=exif, quality=95)
+    assert decode_image(str(path), min_side=256).size == (300, 400)
+    assert decode_image(str(path)).size == (1200, 1600)
+
+
 def test_decode_image_truncated_jpeg_names_the_file(tmp_path):
     path = tmp_path / "cut.jpg"
     write_truncated_jpeg(path)
