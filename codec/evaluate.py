@@ -97,15 +97,16 @@ class QualityRun:
     worst: list[tuple[float, str, torch.Tensor]] = field(default_factory=list)  # (codec psnr, name, uint8 stack)
 
 
-def reconstruct_posterior_mean(vae: AutoencoderKL, images: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
+def reconstruct_posterior_mean(vae: AutoencoderKL, images: torch.Tensor, tile_size: int | None = None,
+                               tile_norm: str = "tile") -> torch.Tensor:
     """Encode -> posterior mean -> decode, in overlapping tiles of tile_size pixels when the image is larger
-    (overlap tile_size / 8, rounded to the codec's factor)."""
+    (overlap tile_size / 8, rounded to the codec's factor); tile_norm as codec.tiling's `norm`."""
     if tile_size is None or max(images.shape[-2:]) <= tile_size:
         return reconstruct(vae, images)
     f = downsample_factor(vae)
     overlap = max(f, tile_size // 8 // f * f)
-    latents = tiled_encode(vae, images, tile=tile_size, overlap=overlap).mode()
-    return tiled_decode(vae, latents, tile_latent=tile_size // f, overlap_latent=overlap // f)
+    latents = tiled_encode(vae, images, tile=tile_size, overlap=overlap, norm=tile_norm).mode()
+    return tiled_decode(vae, latents, tile_latent=tile_size // f, overlap_latent=overlap // f, norm=tile_norm)
 
 
 def _scores(originals: torch.Tensor, candidates: torch.Tensor, lpips_model) -> dict[str, torch.Tensor]:
@@ -156,6 +157,7 @@ def measure_quality(
     inception: torch.nn.Module | None = None,
     tile_size: int | None = None,
     worst_count: int = 8,
+    tile_norm: str = "tile",
 ) -> QualityRun:
     """Score the codec's posterior-mean reconstructions and the reference lines on the same images.
 
@@ -172,7 +174,7 @@ def measure_quality(
         images = images.to(vae.device, vae.dtype)
         size = tuple(images.shape[-2:])
         tick = time.perf_counter()
-        recon = reconstruct_posterior_mean(vae, images, tile_size).float().clamp(-1, 1)
+        recon = reconstruct_posterior_mean(vae, images, tile_size, tile_norm).float().clamp(-1, 1)
         seconds += time.perf_counter() - tick
         images = images.float()
         candidates, fits = _candidates(images, recon, factor, latent_budgets(vae, *size))
@@ -343,6 +345,7 @@ def evaluate_codec(
     tile_size: int | None = None,
     bundled_dir: str | Path = "data/bundled_photos",
     split: str = "train",
+    tile_norm: str = "tile",
 ) -> tuple[QualityRun, dict[str, Path]]:
     """Evaluate a diffusers codec folder on `data` (anything codec.data.load_image_dataset takes, or `bundled`:
     the held-out bundled photos) and write the report to out_dir (default: evaluation-<resolution> next to
@@ -364,7 +367,7 @@ def evaluate_codec(
             yield torch.stack([crops[i]["pixels"] for i in picked]), [names[i] for i in picked]
 
     with torch.inference_mode():
-        run = measure_quality(vae, batches(), lpips_model, inception_model, tile_size)
+        run = measure_quality(vae, batches(), lpips_model, inception_model, tile_size, tile_norm=tile_norm)
     if inception is None:
         rfid_note = "not measured (no --inception weights file given)"
     else:
@@ -374,7 +377,7 @@ def evaluate_codec(
         )
     run.summary.update(
         codec=str(codec_dir), data=source if data != "bundled" else f"bundled ({source})", batch_size=batch_size,
-        tile_size=tile_size, lpips_note=lpips_note, rfid_note=rfid_note,
+        tile_size=tile_size, tile_norm=tile_norm if tile_size else None, lpips_note=lpips_note, rfid_note=rfid_note,
         rejected=[f"{index}: {reason}" for index, reason in crops.rejected],
     )
     out_dir = Path(out_dir) if out_dir is not None else Path(codec_dir).resolve().parent / f"evaluation-{resolution}"

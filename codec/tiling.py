@@ -5,20 +5,25 @@ neighbours sum to one and no edge of a tile (where the network saw zero padding 
 Only one tile's activations exist at a time: peak memory follows the tile size, not the image size; only the
 output itself is image-sized, accumulated in place.
 
-What tiling does not fix: every GroupNorm in diffusers' AutoencoderKL normalises with the statistics of what it
-sees, here one tile, and the mid-block attention attends only within the tile. Each tile therefore gets its own
-brightness and colour; the crossfade turns the step between tiles into a smooth ramp, but on a weakly trained
-codec the tone difference is visible. docs/performance.md measures it, and why a one-pass estimate of
-whole-image GroupNorm statistics is not the fix.
+Every GroupNorm in diffusers' AutoencoderKL normalises with the statistics of what it sees, by default one
+tile, so each tile gets its own brightness and colour; the crossfade turns the step between tiles into a smooth
+ramp, but the tone difference can be visible. `norm="image"` removes it: every GroupNorm then normalises with
+the statistics of the whole image, measured one norm at a time over all tiles (a norm's statistics depend on
+every earlier norm's, so a single gathering pass gets them wrong; docs/performance.md). That costs one partial
+pass over the tiles per GroupNorm, several times the work of `norm="tile"`, and keeps memory bounded by the tile.
+What remains different from an untiled pass is the receptive field cut at tile edges (hidden by the overlap)
+and the mid-block attention attending within a tile only.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import nn
 
 from codec.model import downsample_factor, latent_shape
 
@@ -73,12 +78,131 @@ def _check_no_builtin_tiling(vae: AutoencoderKL) -> None:
         )
 
 
+NORMS = ("tile", "image")
+
+
+class _Measured(Exception):
+    """Stops a tile's forward pass right after the GroupNorm being measured has seen its input."""
+
+
+class _WholeImageGroupNorm:
+    """Makes the GroupNorms of `module` normalise with whole-image statistics while it runs tile by tile.
+
+    measure(run_tile, tiles) finds the norms' execution order, then for norm k runs every tile up to norm k
+    (norms before it already using their whole-image statistics), accumulating blend-weighted sums of its
+    input, and stops the pass there. The blend weights of all tiles sum to one at every position, so the sums
+    are the whole image's. Afterwards every norm normalises with its stored (mean, variance) per sample and
+    group, until the hooks are removed.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+        self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.order: list[nn.GroupNorm] = []
+        self.recording = False
+        self.weights: tuple[Callable[[int], torch.Tensor], Callable[[int], torch.Tensor], int, int] | None = None
+        self.sums: list[torch.Tensor] = []
+        self.handles = [norm.register_forward_hook(self._hook) for norm in self.norms]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _hook(self, norm: nn.GroupNorm, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.recording:
+            self.order.append(norm)
+            return output
+        k = self.order.index(norm)
+        x = args[0]
+        if k < len(self.stats):
+            mean, var = self.stats[k]
+            return _group_norm_with(x, norm, mean, var)
+        self._accumulate(x, norm)
+        raise _Measured
+
+    def _accumulate(self, x: torch.Tensor, norm: nn.GroupNorm) -> None:
+        """Blend-weighted sum, sum of squares and weight per sample and group of this tile's input x."""
+        weight_y, weight_x, tile_h, tile_w = self.weights
+        if x.dim() == 4:
+            scale = x.shape[-2] // tile_h
+        else:  # diffusers' attention applies its GroupNorm to (B, C, H*W)
+            scale = math.isqrt(x.shape[-1] // (tile_h * tile_w))
+        w = torch.outer(weight_y(scale), weight_x(scale)).reshape(-1).to(torch.float64).to(x.device)
+        batch, channels = x.shape[:2]
+        groups = x.double().reshape(batch, norm.num_groups, channels // norm.num_groups, -1)
+        self.sums.append(torch.stack([(groups * w).sum((2, 3)), (groups.square() * w).sum((2, 3)),
+                                      (w.sum() * groups.shape[2]).expand(batch, norm.num_groups)]))
+
+    def measure(self, run_tile: Callable[[int, int], None], tiles: list[tuple[int, int]], weights_of) -> None:
+        """run_tile(i, j) runs the network on tile (i, j); weights_of(i, j) gives that tile's
+        (weight_y(scale), weight_x(scale), tile_h, tile_w) for the accumulation."""
+        self.recording = True
+        self.weights = weights_of(*tiles[0])
+        run_tile(*tiles[0])
+        self.recording = False
+        if sorted(map(id, self.order)) != sorted(map(id, self.norms)):
+            raise RuntimeError("whole-image GroupNorm: a GroupNorm ran twice or not at all in one pass; "
+                               "this network is not supported with norm='image'")
+        for _ in self.order:
+            self.sums = []
+            for tile in tiles:
+                self.weights = weights_of(*tile)
+                try:
+                    run_tile(*tile)
+                except _Measured:
+                    pass
+            total, total_sq, count = torch.stack(self.sums).sum(0)
+            mean = total / count
+            self.stats.append((mean, (total_sq / count - mean.square()).clamp_min(0.0)))
+        self.weights = None
+
+
+def _group_norm_with(x: torch.Tensor, norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of x with given per-(sample, group) mean and biased variance instead of x's own."""
+    batch, channels = x.shape[:2]
+    groups = x.reshape(batch, norm.num_groups, -1)
+    inv = torch.rsqrt(var + norm.eps).to(x.dtype)[:, :, None]
+    y = ((groups - mean.to(x.dtype)[:, :, None]) * inv).reshape(x.shape)
+    if norm.affine:
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        y = y * norm.weight.reshape(shape) + norm.bias.reshape(shape)
+    return y
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"tiling: norm must be one of {NORMS}, got {norm!r}")
+
+
+def _tiled(module: nn.Module, rows: list[tuple[int, int]], cols: list[tuple[int, int]], overlap: int, norm: str,
+           run_tile: Callable[[int, int], torch.Tensor], blend: Callable[[int, int, torch.Tensor], None]) -> None:
+    """Run every tile (i, j) of rows x cols (latent spans) through run_tile and hand the result to blend, with
+    `module`'s GroupNorms using whole-image statistics when norm == "image"."""
+    _check_norm(norm)
+    tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
+    shared = _WholeImageGroupNorm(module) if norm == "image" and len(tiles) > 1 else None
+    try:
+        if shared is not None:
+            def weights_of(i: int, j: int):
+                return (lambda s: blend_weights(rows, i, overlap, scale=s), lambda s: blend_weights(cols, j, overlap, scale=s),
+                        rows[i][1] - rows[i][0], cols[j][1] - cols[j][0])
+
+            shared.measure(run_tile, tiles, weights_of)
+        for i, j in tiles:
+            blend(i, j, run_tile(i, j))
+    finally:
+        if shared is not None:
+            shared.remove()
+
+
 @torch.no_grad()
-def tiled_encode(vae: AutoencoderKL, images: torch.Tensor, tile: int = 512, overlap: int = 64) -> DiagonalGaussianDistribution:
+def tiled_encode(vae: AutoencoderKL, images: torch.Tensor, tile: int = 512, overlap: int = 64,
+                 norm: str = "tile") -> DiagonalGaussianDistribution:
     """q(z|x) of (B, 3, H, W) images, encoded in tile x tile pixel tiles overlapping by `overlap` pixels.
 
     Returns the posterior like codec.model.encode_posterior (`.mean`, `.logvar`, `.mode()`); mean and logvar
     are blended tile to tile with the same weights. tile and overlap must be multiples of the codec's factor.
+    norm: "tile" (GroupNorm statistics per tile, one pass) or "image" (whole-image statistics, see the module).
     """
     _check_no_builtin_tiling(vae)
     f = downsample_factor(vae)
@@ -88,30 +212,43 @@ def tiled_encode(vae: AutoencoderKL, images: torch.Tensor, tile: int = 512, over
     channels, h, w = latent_shape(vae, height, width)
     rows, cols = tile_spans(h, tile // f, overlap // f), tile_spans(w, tile // f, overlap // f)
     moments = torch.zeros(batch, 2 * channels, h, w, dtype=torch.float32, device=images.device)
-    for i, (y0, y1) in enumerate(rows):
-        wy = blend_weights(rows, i, overlap // f)
-        for j, (x0, x1) in enumerate(cols):
-            weight = torch.outer(wy, blend_weights(cols, j, overlap // f)).to(torch.float32).to(images.device)
-            posterior = vae.encode(images[:, :, y0 * f : y1 * f, x0 * f : x1 * f]).latent_dist
-            moments[:, :, y0:y1, x0:x1] += torch.cat([posterior.mean, posterior.logvar], 1).float() * weight
+
+    def run_tile(i: int, j: int) -> torch.Tensor:
+        (y0, y1), (x0, x1) = rows[i], cols[j]
+        posterior = vae.encode(images[:, :, y0 * f : y1 * f, x0 * f : x1 * f]).latent_dist
+        return torch.cat([posterior.mean, posterior.logvar], 1)
+
+    def blend(i: int, j: int, result: torch.Tensor) -> None:
+        (y0, y1), (x0, x1) = rows[i], cols[j]
+        weight = torch.outer(blend_weights(rows, i, overlap // f), blend_weights(cols, j, overlap // f))
+        moments[:, :, y0:y1, x0:x1] += result.float() * weight.to(torch.float32).to(images.device)
+
+    _tiled(vae.encoder, rows, cols, overlap // f, norm, run_tile, blend)
     return DiagonalGaussianDistribution(moments.to(images.dtype))  # the weights sum to one: no division
 
 
 @torch.no_grad()
-def tiled_decode(vae: AutoencoderKL, latents: torch.Tensor, tile_latent: int = 64, overlap_latent: int = 8) -> torch.Tensor:
+def tiled_decode(vae: AutoencoderKL, latents: torch.Tensor, tile_latent: int = 64, overlap_latent: int = 8,
+                 norm: str = "tile") -> torch.Tensor:
     """Decode (B, C, h, w) latents (unscaled, as encode_posterior gives them) to (B, 3, h*f, w*f) images, one
-    tile_latent x tile_latent latent tile at a time, overlapping by overlap_latent latent pixels."""
+    tile_latent x tile_latent latent tile at a time, overlapping by overlap_latent latent pixels.
+    norm: "tile" (GroupNorm statistics per tile, one pass) or "image" (whole-image statistics, see the module)."""
     _check_no_builtin_tiling(vae)
     f = downsample_factor(vae)
     batch, _, h, w = latents.shape
     rows, cols = tile_spans(h, tile_latent, overlap_latent), tile_spans(w, tile_latent, overlap_latent)
     out = torch.zeros(batch, 3, h * f, w * f, dtype=torch.float32, device=latents.device)
-    for i, (y0, y1) in enumerate(rows):
-        wy = blend_weights(rows, i, overlap_latent, scale=f)
-        for j, (x0, x1) in enumerate(cols):
-            weight = torch.outer(wy, blend_weights(cols, j, overlap_latent, scale=f)).to(torch.float32).to(latents.device)
-            pixels = vae.decode(latents[:, :, y0:y1, x0:x1]).sample
-            out[:, :, y0 * f : y1 * f, x0 * f : x1 * f] += pixels.float() * weight
+
+    def run_tile(i: int, j: int) -> torch.Tensor:
+        (y0, y1), (x0, x1) = rows[i], cols[j]
+        return vae.decode(latents[:, :, y0:y1, x0:x1]).sample
+
+    def blend(i: int, j: int, pixels: torch.Tensor) -> None:
+        (y0, y1), (x0, x1) = rows[i], cols[j]
+        weight = torch.outer(blend_weights(rows, i, overlap_latent, scale=f), blend_weights(cols, j, overlap_latent, scale=f))
+        out[:, :, y0 * f : y1 * f, x0 * f : x1 * f] += pixels.float() * weight.to(torch.float32).to(latents.device)
+
+    _tiled(vae.decoder, rows, cols, overlap_latent, norm, run_tile, blend)
     return out.to(latents.dtype)
 
 

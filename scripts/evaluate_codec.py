@@ -38,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "cache, checkpoints/alexnet-owt-7be5be79.pth); without the file LPIPS is not measured")
     p.add_argument("--tile-size", type=int, help="encode and decode in overlapping tiles of this many pixels when "
                    "the image is larger (a multiple of 8)")
+    p.add_argument("--tile-norm", choices=("tile", "image"), default="tile",
+                   help="with --tile-size: GroupNorm statistics per tile (one pass; fine for codecs started from the "
+                        "linear warm start, ~1 grey level of tone difference) or of the whole image (no tone shift "
+                        "between tiles at any codec, ~13x the time; docs/performance.md)")
     p.add_argument("--bundled-dir", default="data/bundled_photos", help="where `bundled` photos are written")
     p.add_argument("--split", default="train", help="dataset split to read (image folders without split "
                    "sub-folders have only `train`)")
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
         run, paths = evaluate_codec(
             args.codec, args.data, resolution=args.resolution, out_dir=args.out, limit=args.limit,
             batch_size=args.batch_size, inception=args.inception, lpips_backbone=args.lpips_backbone,
-            tile_size=args.tile_size, bundled_dir=args.bundled_dir, split=args.split,
+            tile_size=args.tile_size, tile_norm=args.tile_norm, bundled_dir=args.bundled_dir, split=args.split,
         )
     except (FileNotFoundError, InceptionUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
