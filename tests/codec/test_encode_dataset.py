@@ -316,3 +316,23 @@ def test_cli_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         script.main(["verify", "--help"])
     assert "--codec" in capsys.readouterr().out
+
+
+def test_benchmark_encode_rates_are_consistent_and_timings_change_no_output(codec_dir, photos, tmp_path):
+    timings: dict = {}
+    encode_dataset(codec_dir, photos, tmp_path / "timed", resolution=RES, batch_size=4, num_workers=1,
+                   progress=False, timings=timings)
+    encode_dataset(codec_dir, photos, tmp_path / "plain", resolution=RES, batch_size=4, num_workers=1, progress=False)
+    assert_same_shards(tmp_path / "timed", tmp_path / "plain")
+    assert set(timings) == {"setup_seconds", "encode_loop_seconds", "waiting_for_data_seconds", "finalize_seconds"}
+    assert 0 <= timings["waiting_for_data_seconds"] <= timings["encode_loop_seconds"]
+
+    result = encode_module.benchmark_encode(codec_dir, photos, batch_size=4, resolution=RES, num_workers=1)
+    assert result["images"] == 9  # 10 files, one broken: the bare codec side skips it too
+    parts = result["setup_seconds"] + result["encode_loop_seconds"] + result["finalize_seconds"]
+    assert parts <= result["end_to_end_seconds"]
+    assert result["end_to_end_images_per_s"] == pytest.approx(9 / result["end_to_end_seconds"])
+    assert result["codec_images_per_s"] == pytest.approx(9 / result["codec_seconds"])
+    assert result["ratio"] == pytest.approx(result["end_to_end_images_per_s"] / result["codec_images_per_s"])
+    assert result["ratio_encode_loop"] == pytest.approx(9 / result["encode_loop_seconds"] / result["codec_images_per_s"])
+    assert result["ratio_encode_loop"] >= result["ratio"]
