@@ -5,6 +5,7 @@
     python scripts/benchmark.py --quick         # fewer repeats, skips the slowest rows: under 10 minutes
     python scripts/benchmark.py --inference-options   # only the inference-path comparison of docs/performance.md
     python scripts/benchmark.py --tiling-quality runs/demo/codec/final   # tiled vs untiled, a trained codec
+    python scripts/benchmark.py --architectures     # decode cost of candidate widths for the small preset
 
 Writes a Markdown table (docs/benchmark.md by default) and, with --json, the raw numbers. Every timing is the
 median of several runs after one untimed warm-up, batch 1, fp32, under torch.inference_mode, with random
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -146,24 +148,58 @@ def codec_rows(quick: bool, repeats: int) -> list[dict]:
     return rows
 
 
-def decode_head_to_head(rounds: int, names: tuple[str, ...] = ("small", "taesd")) -> dict:
-    """The small preset's decode against TAESD's, interleaved round by round so both see the same machine load
-    (the separate codec rows above are minutes apart). Returns medians and the ratio other / small."""
-    models = {name: prepare_for_inference(build_codec(name)) for name in names}
+def _interleaved_decodes(models: dict[str, torch.nn.Module], rounds: int) -> dict[str, list[float]]:
+    """Seconds of one 512x512 decode per model, the models taking turns round by round so that every one sees
+    the same machine load (one untimed warm-up each)."""
     latents = {name: torch.randn(1, latent_channels(m), SIDE // 8, SIDE // 8) for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for name, m in models.items():
-            decode_fn(m)(latents[name])  # warm-up
+            decode_fn(m)(latents[name])
         for _ in range(rounds):
             for name, m in models.items():
                 tick = time.perf_counter()
                 decode_fn(m)(latents[name])
                 times[name].append(time.perf_counter() - tick)
+    return times
+
+
+def decode_head_to_head(rounds: int) -> dict:
+    """The small preset's decode against TAESD's, interleaved (the separate codec rows above are minutes apart).
+    speedup = TAESD's median / small's median."""
+    times = _interleaved_decodes({name: prepare_for_inference(build_codec(name)) for name in ("small", "taesd")}, rounds)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    first, other = names
     return {"rounds": rounds, "median_s": medians, "best_s": {n: min(t) for n, t in times.items()},
-            "speedup": medians[other] / medians[first]}
+            "speedup": medians["taesd"] / medians["small"]}
+
+
+# Widths tried for the small preset (docs/performance.md): the rest of its configuration as in small.yaml.
+CANDIDATE_WIDTHS = ([32, 64, 128, 128], [32, 64, 64, 128], [32, 48, 96, 128], [32, 32, 64, 128])
+
+
+def architecture_candidates(rounds: int) -> list[dict]:
+    """Decode cost of the small preset at each of CANDIDATE_WIDTHS (and without the mid-block attention),
+    interleaved with TAESD: parameters, GFLOP, median seconds, speed relative to TAESD, achieved GFLOP/s."""
+    base = load_codec_config(ROOT / "configs" / "codec" / "small.yaml").model
+    configs = {"-".join(map(str, w)): dataclasses.replace(base, block_out_channels=list(w)) for w in CANDIDATE_WIDTHS}
+    configs["32-64-128-128 without mid-block attention"] = dataclasses.replace(
+        base, block_out_channels=[32, 64, 128, 128], mid_block_add_attention=False)
+    models, gflop = {}, {}
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        models[name] = prepare_for_inference(build_autoencoder(cfg))
+        with torch.device("meta"):
+            meta = build_autoencoder(cfg)
+        z = torch.empty(1, cfg.latent_channels, SIDE // 8, SIDE // 8, device="meta")
+        gflop[name] = forward_flops(decode_fn(meta), z) / 1e9
+    models["taesd"] = prepare_for_inference(build_codec("taesd"))
+    gflop["taesd"] = codec_flops("taesd")[1]
+    times = _interleaved_decodes(models, rounds)
+    taesd = statistics.median(times["taesd"])
+    return [{"network": name, "parameters_m": sum(p.numel() for p in m.parameters()) / 1e6,
+             "decode_gflop": gflop[name], "decode_s": statistics.median(times[name]), "best_s": min(times[name]),
+             "speed_vs_taesd": taesd / statistics.median(times[name]),
+             "decode_gflops_per_s": gflop[name] / statistics.median(times[name])} for name, m in models.items()]
 
 
 def _proc_status_mb(field: str) -> float:
@@ -190,7 +226,10 @@ def memory_case(preset: str, mode: str, side: int) -> dict:
     before = _proc_status_mb("VmRSS")
     tick = time.perf_counter()
     with torch.inference_mode():
-        image = tiled_decode(vae, z, tile_latent=64, overlap_latent=8) if mode == "tiled" else vae.decode(z).sample
+        if mode == "untiled":
+            image = vae.decode(z).sample
+        else:  # "tiled": per-tile GroupNorm statistics; "tiled-image": the whole image's (codec.tiling)
+            image = tiled_decode(vae, z, tile_latent=64, overlap_latent=8, norm="image" if mode == "tiled-image" else "tile")
     seconds = time.perf_counter() - tick
     peak = _proc_status_mb("VmHWM")
     return {
@@ -198,7 +237,8 @@ def memory_case(preset: str, mode: str, side: int) -> dict:
         "peak_rss_mb": peak, "rss_before_decode_mb": before, "decode_increase_mb": peak - before,
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "output_mb": image.numel() * image.element_size() / 2**20,
-        "tile": "whole image" if mode == "untiled" else "512 px (64 latent), overlap 64 px (8 latent)",
+        "tile": "whole image" if mode == "untiled" else "512 px (64 latent), overlap 64 px (8 latent)"
+                + (", whole-image GroupNorm statistics" if mode == "tiled-image" else ""),
     }
 
 
@@ -206,6 +246,7 @@ def memory_rows(quick: bool) -> list[dict]:
     """Peak memory of a 2048x2048 decode, tiled vs untiled, each in a fresh subprocess."""
     cases = [("small", "untiled"), ("small", "tiled")]
     if not quick:
+        cases.append(("small", "tiled-image"))  # one partial pass over the 25 tiles per GroupNorm: minutes
         cases.append(("kl-f8", "tiled"))  # untiled kl-f8 at 2048² needs tens of GB: the reason tiling exists
     rows = []
     for preset, mode in cases:
@@ -283,7 +324,8 @@ def inference_options(repeats: int, try_compile: bool) -> dict:
 def tiling_quality(codec_dir: str, side: int, tiles: list[int]) -> dict:
     """How much tiled reconstruction of a trained codec differs from untiled, on the held-out bundled photos at
     side x side: relative difference, PSNR against the original, and the seam ratio at the tile borders
-    (tiled image's over the untiled image's at the same places; 1 = no seam)."""
+    (tiled image's over the untiled image's at the same places; 1 = no seam), with per-tile and whole-image
+    GroupNorm statistics."""
     from codec.data import CenterCrops, bundled_photos, load_image_dataset
     from codec.encode_dataset import load_codec
     from codec.metrics import psnr
@@ -297,16 +339,20 @@ def tiling_quality(codec_dir: str, side: int, tiles: list[int]) -> dict:
     rows = []
     with torch.inference_mode():
         q = encode_posterior(vae, x)
+        tick = time.perf_counter()
         full = vae.decode(q.mean).sample.clamp(-1, 1)
+        untiled_seconds = time.perf_counter() - tick
         scale = (full - full.mean()).abs().mean()
-        for tile in tiles:
+        for tile, norm in ((t, n) for t in tiles for n in ("tile", "image")):
             overlap = max(8, tile // 8 // 8 * 8)
             borders = tile_borders(tile_spans(side // 8, tile // 8, overlap // 8), 8)
-            decoded = tiled_decode(vae, q.mean, tile // 8, overlap // 8).clamp(-1, 1)
-            encoded = tiled_encode(vae, x, tile, overlap)
-            both = tiled_decode(vae, encoded.mean, tile // 8, overlap // 8).clamp(-1, 1)
+            tick = time.perf_counter()
+            decoded = tiled_decode(vae, q.mean, tile // 8, overlap // 8, norm=norm).clamp(-1, 1)
+            decode_seconds = time.perf_counter() - tick
+            encoded = tiled_encode(vae, x, tile, overlap, norm=norm)
+            both = tiled_decode(vae, encoded.mean, tile // 8, overlap // 8, norm=norm).clamp(-1, 1)
             rows.append({
-                "tile": tile, "overlap": overlap,
+                "tile": tile, "overlap": overlap, "norm": norm, "tiled_decode_seconds": decode_seconds,
                 "decode_relative_difference": float((decoded - full).abs().mean() / scale),
                 "decode_mean_abs_difference_uint8": float((decoded - full).abs().mean() * 127.5),
                 "encode_relative_difference": float((encoded.mean - q.mean).abs().mean() / (q.mean - q.mean.mean()).abs().mean()),
@@ -315,7 +361,8 @@ def tiling_quality(codec_dir: str, side: int, tiles: list[int]) -> dict:
                 "seam_ratio_tiled_over_untiled": seam_ratio(both, borders, borders, 8) / seam_ratio(full, borders, borders, 8),
             })
             progress(f"  tile {tile}: {rows[-1]}")
-    return {"codec": codec_dir, "side": side, "images": len(crops), "rows": rows}
+    return {"codec": codec_dir, "side": side, "images": len(crops), "untiled_decode_seconds": untiled_seconds,
+            "rows": rows}
 
 
 def _copies_of(photos: Path, out: Path, copies: int) -> Path:
@@ -361,7 +408,7 @@ def training_rows(quick: bool) -> list[dict]:
     from diffusion.benchmark import benchmark_training_throughput
 
     train, _ = bundled_photos(ROOT / "data" / "bundled_photos")
-    batch_size, steps = (2, 2) if quick else (4, 3)
+    batch_size, steps = (2, 3) if quick else (4, 5)
     config = ROOT / "configs" / "unet" / "small.yaml"
     rows = []
     for name in ("small", "kl-f8"):
@@ -458,7 +505,8 @@ def markdown(results: dict) -> str:
             f"{r['output_mb']:.0f} | {r['seconds']:.1f} |"
         )
     if results["quick"]:
-        lines += ["", "kl-f8 tiled is measured only without --quick (25 tiles of ~14 s)."]
+        lines += ["", "small tiled with whole-image GroupNorm statistics and kl-f8 tiled are measured only without "
+                  "--quick (25 tiles: minutes each)."]
     if results.get("inference_options"):
         opts = results["inference_options"]
         lines += ["", "## Inference-path options: the small preset, one 512x512 image", "",
@@ -519,6 +567,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmark.md", help="Markdown table (default docs/benchmark.md)")
     p.add_argument("--inference-options", action="store_true",
                    help="only compare inference-path options for the small preset (docs/performance.md); prints JSON")
+    p.add_argument("--architectures", action="store_true",
+                   help="only compare the decode cost of candidate widths for the small preset with TAESD "
+                        "(docs/performance.md); prints JSON")
     p.add_argument("--tiling-quality", metavar="CODEC_DIR",
                    help="only measure tiled vs untiled reconstruction of a trained codec (docs/performance.md); prints JSON")
     p.add_argument("--side", type=int, default=512, help="image side for --tiling-quality (default 512)")
@@ -536,6 +587,9 @@ def main(argv=None) -> int:
     repeats = 2 if args.quick else 5
     if args.tiling_quality:
         print(json.dumps(tiling_quality(args.tiling_quality, args.side, args.tiles), indent=2))
+        return 0
+    if args.architectures:
+        print(json.dumps(architecture_candidates(rounds=7), indent=2))
         return 0
     if args.inference_options:
         print(json.dumps(inference_options(repeats=7, try_compile=True), indent=2))
