@@ -48,11 +48,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "model.block_out_channels=[32,32,64,128]", "model.norm_num_groups=8", "model.init=thumbnail",
         "loss.perceptual=none", "optim.lr=1e-4", "data.crop_size=128", "train.batch_size=8",
         "train.channels_last=true"]),
-    "warm-mse-narrow": ("warm-mse with widths 32,32,64,128: 46% of the decode FLOPs (57 vs 124 GFLOP at 512²)", [
+    "warm-mse-narrow": ("warm-mse with widths 32,32,64,128: half the decode FLOPs (66 vs 133 GFLOP at 512²)", [
         "model.block_out_channels=[32,32,64,128]", "model.norm_num_groups=8", "model.init=thumbnail",
         "loss.perceptual=none", "loss.pixel=mse", "optim.lr=1e-4", "data.crop_size=128", "train.batch_size=8",
         "train.channels_last=true"]),
-    "warm-mse-48": ("warm-mse with widths 32,48,96,128: 70% of the decode FLOPs (86 vs 124 GFLOP at 512²)", [
+    "warm-mse-48": ("warm-mse with widths 32,48,96,128: 71% of the decode FLOPs (95 vs 133 GFLOP at 512²)", [
         "model.block_out_channels=[32,48,96,128]", "model.norm_num_groups=8", "model.init=thumbnail",
         "loss.perceptual=none", "loss.pixel=mse", "optim.lr=1e-4", "data.crop_size=128", "train.batch_size=8",
         "train.channels_last=true"]),
