@@ -12,8 +12,8 @@ import glob
 import hashlib
 import io
 import itertools
-import math
 import logging
+import math
 import os
 import pathlib
 import re
@@ -545,11 +545,12 @@ class TrainCrops(torch.utils.data.Dataset):
 
     def _readable_image(self, index: int) -> Image.Image:
         n = len(self.dataset)
+        # _crop resizes to this shorter side (or crop_size, if larger) first, so a JPEG may decode smaller.
+        min_side = None if self.resize is None else max(self.resize, self.crop_size)
         for candidate in ((index + k) % n for k in range(n)):
             if candidate in self.rejected:
                 continue
             try:
-                min_side = None if self.resize is None else max(self.resize, self.crop_size)
                 return decode_image(self.dataset[candidate][self.image_column], min_side)
             except UnreadableImage as exc:
                 self.rejected[candidate] = str(exc)

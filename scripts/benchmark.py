@@ -100,7 +100,11 @@ def latent_channels(vae: torch.nn.Module) -> int:
 
 def codec_flops(name: str, side: int = SIDE) -> tuple[float, float]:
     """GFLOP of one encode and one decode of a side x side image, counted on the meta device (no compute)."""
-    vae = build_codec(name, device="meta")
+    return meta_codec_flops(build_codec(name, device="meta"), side)
+
+
+def meta_codec_flops(vae: torch.nn.Module, side: int = SIDE) -> tuple[float, float]:
+    """codec_flops of a codec built on the meta device."""
     factor = 8
     x = torch.empty(1, 3, side, side, device="meta")
     z = torch.empty(1, latent_channels(vae), side // factor, side // factor, device="meta")
@@ -189,9 +193,7 @@ def architecture_candidates(rounds: int) -> list[dict]:
         torch.manual_seed(0)
         models[name] = prepare_for_inference(build_autoencoder(cfg))
         with torch.device("meta"):
-            meta = build_autoencoder(cfg)
-        z = torch.empty(1, cfg.latent_channels, SIDE // 8, SIDE // 8, device="meta")
-        gflop[name] = forward_flops(decode_fn(meta), z) / 1e9
+            gflop[name] = meta_codec_flops(build_autoencoder(cfg))[1]
     models["taesd"] = prepare_for_inference(build_codec("taesd"))
     gflop["taesd"] = codec_flops("taesd")[1]
     times = _interleaved_decodes(models, rounds)
