@@ -33,7 +33,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], where)
+        # `int | list[int]`: a YAML list takes the list branch, anything else the first one.
+        lists = [a for a in non_none if typing.get_origin(a) in (list, tuple)]
+        chosen = lists[0] if lists and isinstance(value, (list, tuple)) else non_none[0]
+        return _coerce(value, chosen, where)
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, where)
     if origin in (list, tuple):

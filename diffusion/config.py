@@ -39,7 +39,9 @@ class UNetConfig:
     layers_per_block: int = 1
     # null: the text encoder's hidden width (384 for MiniLM, 768 for SD 1.x's CLIP); a number must equal it.
     cross_attention_dim: int | None = None
-    attention_head_dim: int = 8
+    # diffusers' name for the number of attention heads (a historical misnomer it keeps for compatibility): one
+    # number for every level, as SD's 8, or a list with one per level. Each head gets width / heads channels.
+    attention_head_dim: int | list[int] = 8
     norm_num_groups: int = 32
 
     def __post_init__(self) -> None:
@@ -54,6 +56,19 @@ class UNetConfig:
         for width in self.block_out_channels:
             if width % self.norm_num_groups:
                 raise ConfigError(f"unet.block_out_channels: width {width} is not divisible by norm_num_groups={self.norm_num_groups}")
+        heads = self.heads_per_level()
+        if len(heads) != levels:
+            raise ConfigError(f"unet.attention_head_dim: a list needs one head count per level ({levels}), got {len(heads)}")
+        for width, count in zip(self.block_out_channels, heads):
+            if count < 1 or width % count:
+                raise ConfigError(
+                    f"unet.attention_head_dim: {count} heads cannot split a level of width {width} evenly "
+                    f"(diffusers' attention_head_dim is the number of heads)"
+                )
+
+    def heads_per_level(self) -> list[int]:
+        heads = self.attention_head_dim
+        return list(heads) if isinstance(heads, list) else [heads] * len(self.block_out_channels)
 
 
 @dataclass

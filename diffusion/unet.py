@@ -30,6 +30,6 @@ def build_unet(cfg: UNetConfig, channels: int, sample_size: int, text_width: int
         block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,
         cross_attention_dim=text_width,
-        attention_head_dim=cfg.attention_head_dim,
+        attention_head_dim=cfg.attention_head_dim if isinstance(cfg.attention_head_dim, int) else tuple(cfg.attention_head_dim),
         norm_num_groups=cfg.norm_num_groups,
     )

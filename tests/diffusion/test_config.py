@@ -48,6 +48,36 @@ def test_unknown_keys_and_bad_values_are_errors_naming_them():
         build_unet(cfg.unet, 4, 6, 384)
 
 
+def _heads(unet) -> dict[str, int]:
+    return {name: module.heads for name, module in unet.named_modules() if type(module).__name__ == "Attention"}
+
+
+def test_heads_per_level_give_32_channel_heads_in_the_small_preset_and_survive_a_folder_round_trip(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    cfg = load_unet_config(CONFIGS / "unet" / "small.yaml").unet
+    assert cfg.heads_per_level() == [2, 4, 8]
+    with init_empty_weights():
+        heads = _heads(build_unet(cfg, 4, 16, 384))
+    # Outer level 64 / 2, second 128 / 4, middle block 256 / 8: 32 channels per head everywhere.
+    assert heads["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == 2
+    assert heads["up_blocks.1.attentions.0.transformer_blocks.0.attn2"] == 4
+    assert heads["mid_block.attentions.0.transformer_blocks.0.attn1"] == 8
+    assert load_unet_config(None, ["unet.attention_head_dim=4"]).unet.heads_per_level() == [4, 4, 4]
+
+    tiny = load_unet_config(CONFIGS / "unet" / "tiny.yaml", ["unet.attention_head_dim=[1,2]"]).unet
+    unet = build_unet(tiny, 4, 8, 384)
+    unet.save_pretrained(tmp_path / "unet")
+    assert _heads(UNet2DConditionModel.from_pretrained(tmp_path / "unet")) == _heads(unet)
+
+
+def test_head_counts_that_do_not_fit_the_levels_are_errors():
+    with pytest.raises(ConfigError, match="one head count per level \\(3\\), got 2"):
+        load_unet_config(None, ["unet.attention_head_dim=[2,4]"])
+    with pytest.raises(ConfigError, match="3 heads cannot split a level of width 64"):
+        load_unet_config(None, ["unet.attention_head_dim=[3,4,8]"])
+
+
 def test_optimizer_defaults_are_the_diffusion_ones():
     cfg = load_unet_config(None)
     assert cfg.optim.betas == [0.9, 0.999] and cfg.optim.lr == 1e-4 and cfg.optim.min_lr_ratio == 1.0
