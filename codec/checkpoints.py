@@ -13,6 +13,8 @@ from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from codec.config import ConfigError
+
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
@@ -27,8 +29,12 @@ def read_trainer_state(checkpoint: Path | None) -> dict:
     return json.loads((checkpoint / "trainer_state.json").read_text())
 
 
-def resolve_resume(output_dir: Path, resume: str | None) -> tuple[Path | None, int]:
-    """`latest` -> newest complete checkpoint under output_dir (none yet: start fresh); a path -> that one."""
+def resolve_resume(output_dir: Path, resume: str | None, model: dict | None = None) -> tuple[Path | None, int]:
+    """`latest` -> newest complete checkpoint under output_dir (none yet: start fresh); a path -> that one.
+
+    `model` is the architecture section of the config, as save_checkpoint recorded it: a checkpoint written with
+    different values is refused. Some changes keep every parameter's shape (the U-Net's head count, say), so
+    loading would succeed and silently continue a different network."""
     if not resume:
         return None, 0
     if resume == "latest":
@@ -40,7 +46,16 @@ def resolve_resume(output_dir: Path, resume: str | None) -> tuple[Path | None, i
         path = Path(resume)
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (trainer_state.json missing)")
-    return path, read_trainer_state(path)["step"]
+    state = read_trainer_state(path)
+    recorded = state.get("model")
+    if model is not None and recorded is not None and recorded != model:
+        differences = "; ".join(f"{key}: {recorded.get(key)!r} in the checkpoint, {model.get(key)!r} now"
+                                for key in sorted(set(recorded) | set(model)) if recorded.get(key) != model.get(key))
+        raise ConfigError(
+            f"--resume {resume}: {path} was written by a different network ({differences}). Resume with the "
+            f"checkpoint's values, or train the new network in another output directory"
+        )
+    return path, state["step"]
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int, extra: dict | None = None) -> None:

@@ -17,7 +17,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
@@ -204,7 +204,9 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     # ---- data -------------------------------------------------------------------------------------------
     with accelerator.main_process_first():  # the first process writes bundled photos and dataset caches
         data = load_data(cfg.data, cfg.train.seed)
-    resume_dir, step = resolve_resume(output_dir, resume)
+    # model.init only decides the first step's weights, so a resumed run may name another.
+    architecture = {key: value for key, value in asdict(cfg.model).items() if key != "init"}
+    resume_dir, step = resolve_resume(output_dir, resume, architecture)
     # Seconds spent in training steps (not validation or checkpoints), carried across resumes.
     train_seconds = float(read_trainer_state(resume_dir).get("train_seconds", 0.0))
     draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
@@ -371,14 +373,14 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         if cfg.train.validate_every > 0 and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
             metrics, validated_at = validate(step), step
         if cfg.train.checkpoint_every > 0 and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps):
-            save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints, {"train_seconds": train_seconds})
+            save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints, {"train_seconds": train_seconds, "model": architecture})
             checkpointed_at = step
     progress.close()
     # A time budget can end the loop between scheduled events: validate and checkpoint the last step.
     if cfg.train.validate_every > 0 and validated_at != step:
         metrics = validate(step)
     if cfg.train.checkpoint_every > 0 and checkpointed_at != step:
-        save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints, {"train_seconds": train_seconds})
+        save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints, {"train_seconds": train_seconds, "model": architecture})
 
     # ---- export ------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()

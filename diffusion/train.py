@@ -20,7 +20,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +157,8 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     text_model.to(device)
     embeddings = CaptionEmbeddings(tokenizer, text_model, cfg.text_encoder.max_length, cache=cfg.text_encoder.precompute)
     embeddings.precompute(shard_captions(shards) + [""])
-    resume_dir, step = resolve_resume(output_dir, resume)
+    architecture = asdict(cfg.unet)
+    resume_dir, step = resolve_resume(output_dir, resume, architecture)
     draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
     loader = DataLoader(
         TrainingDraws(shards, cfg.diffusion, cfg.train.seed),
@@ -292,7 +293,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         if cfg.train.validate_every > 0 and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
             metrics = validate(step)
         if cfg.train.checkpoint_every > 0 and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps):
-            save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints)
+            save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints, {"model": architecture})
     progress.close()
 
     # ---- export ------------------------------------------------------------------------------------------

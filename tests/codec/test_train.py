@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 import codec.train as train_module
-from codec.config import OptimConfig
+from codec.config import ConfigError, OptimConfig
 from codec.data import CenterCrops, load_image_dataset
 from codec.evaluate import evaluate_reconstructions
 from codec.model import build_autoencoder
@@ -95,6 +95,14 @@ def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_config, fre
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resume"
+
+    # 8 GroupNorm groups instead of 4 keeps every parameter's shape, so accelerate would load the checkpoint
+    # without a word and continue a different network.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(ConfigError, match="norm_num_groups: 4 in the checkpoint, 8 now"):
+        train_codec(tiny_config(*common, "model.norm_num_groups=8", f"train.output_dir={tmp_path / 'resumed'}"),
+                    resume="latest")
 
 
 def test_gan_and_learned_logvar_train(tiny_config, fresh_accelerate_state, tmp_path):

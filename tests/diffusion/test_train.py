@@ -12,6 +12,7 @@ from diffusers.models.autoencoders.vae import Encoder
 from safetensors.torch import load_file
 
 import diffusion.train as train_module
+from codec.config import ConfigError
 from diffusion.config import load_unet_config
 from diffusion.draws import TrainingDraws, eval_set
 from diffusion.pipeline import LatentDiffusionPipeline
@@ -82,8 +83,8 @@ def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_shards, tin
     _reset_accelerate()
     real_save = train_module.save_checkpoint
 
-    def save_then_die(accelerator, output_dir, step, keep):
-        real_save(accelerator, output_dir, step, keep)
+    def save_then_die(accelerator, output_dir, step, keep, extra=None):
+        real_save(accelerator, output_dir, step, keep, extra)
         raise Killed(f"killed after the checkpoint at step {step}")
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
@@ -102,6 +103,13 @@ def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_shards, tin
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resume"
+
+    # Another head count keeps every parameter's shape: without the recorded architecture the checkpoint would
+    # load silently into a different network.
+    _reset_accelerate()
+    changed = _config(tiny_shards, tiny_codec_dir, tmp_path / "resumed", *common, "unet.attention_head_dim=[1,2]")
+    with pytest.raises(ConfigError, match=r"attention_head_dim: 8 in the checkpoint, \[1, 2\] now"):
+        train_unet(changed, resume="latest")
 
 
 def test_a_draw_fixes_record_noise_timestep_and_dropout(tiny_shards, tiny_unet_config):
