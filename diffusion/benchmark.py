@@ -118,6 +118,72 @@ def benchmark_latent_vs_pixel(
     return result
 
 
+def benchmark_attention_heads(
+    unet_config: UNetConfig | str | Path,
+    variants: dict[str, int | list[int]],
+    latent_shape: tuple[int, int, int] = (4, 64, 64),
+    batch_size: int = 4,
+    steps: int = 3,
+    text_width: int = 384,
+    text_tokens: int = 77,
+    bf16: bool = True,
+) -> list[dict]:
+    """Seconds per image of one U-Net training step (forward, backward, AdamW) for head-count variants of the same
+    U-Net: {label: attention_head_dim}. Same widths and parameters; only how attention splits them differs.
+
+    FLOPs do not tell these apart (QK^T and AV cost 2·n²·width whatever the split), but the CPU's fused attention
+    kernel runs one softmax over n x n scores per head, so many narrow heads at the 4096-token level are slow.
+    With `bf16`, the first variant also runs under bf16 autocast (train.mixed_precision: bf16), worth it on CPUs
+    with bf16 instructions. One untimed warm-up per variant, then `steps` rounds taking turns; medians."""
+    import dataclasses
+
+    from diffusion.unet import build_unet
+
+    cfg = _unet_config(unet_config)
+    x = torch.randn(batch_size, *latent_shape)
+    text, t = torch.randn(batch_size, text_tokens, text_width), torch.randint(1000, (batch_size,))
+    runs = [(label, heads, False) for label, heads in variants.items()]
+    if bf16:
+        label, heads = next(iter(variants.items()))
+        runs.append((f"{label}, bf16 autocast", heads, True))
+    models = {}
+    for label, heads, autocast in runs:
+        torch.manual_seed(0)
+        unet = build_unet(dataclasses.replace(cfg, attention_head_dim=heads), latent_shape[0], latent_shape[1],
+                          text_width).train()
+        models[label] = (unet, torch.optim.AdamW(unet.parameters(), lr=1e-4), autocast)
+
+    def step(unet, optimizer, autocast: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            prediction = unet(x, t, encoder_hidden_states=text).sample
+        diffusion_loss(prediction.float(), x).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds: dict[str, list[float]] = {label: [] for label in models}
+    for model in models.values():
+        step(*model)  # warm-up
+    for _ in range(steps):
+        for label, model in models.items():
+            tick = time.perf_counter()
+            step(*model)
+            seconds[label].append(time.perf_counter() - tick)
+    first = statistics.median(seconds[runs[0][0]])
+    rows = []
+    for label, heads, autocast in runs:
+        unet = models[label][0]
+        per_level = dataclasses.replace(cfg, attention_head_dim=heads).heads_per_level()
+        rows.append({
+            "variant": label, "attention_head_dim": heads, "bf16_autocast": autocast,
+            "head_channels": [w // h for w, h in zip(cfg.block_out_channels, per_level)],
+            "parameters": sum(p.numel() for p in unet.parameters()),
+            "batch_size": batch_size, "latent_shape": list(latent_shape),
+            "seconds_per_image": statistics.median(seconds[label]) / batch_size,
+            "relative_time": statistics.median(seconds[label]) / first,
+        })
+    return rows
+
+
 def _pixels_of_shards(shards, images_dir: str | Path | None, count: int) -> torch.Tensor:
     """The first `count` training images as the encoder saw them (same resize and centre crop), decoded up front."""
     from codec.data import load_image_dataset

@@ -55,3 +55,15 @@ def test_a_pixel_pass_over_budget_is_timed_smaller_and_scaled_by_flops(tiny_unet
     timed = result["pixel_seconds_estimated_from"]
     assert timed["shape"][1] < 32 and timed["gflops"] <= 0.2
     assert result["pixel_seconds"] == pytest.approx(timed["seconds"] * result["pixel_gflops"] / timed["gflops"])
+
+
+def test_attention_head_variants_time_the_same_network_split_differently(tiny_unet_config):
+    from diffusion.benchmark import benchmark_attention_heads
+
+    rows = benchmark_attention_heads(tiny_unet_config.unet, {"per level": [1, 2], "8 heads": 8},
+                                     latent_shape=(4, 8, 8), batch_size=2, steps=1, text_tokens=16)
+    assert [r["variant"] for r in rows] == ["per level", "8 heads", "per level, bf16 autocast"]
+    # tiny.yaml's widths 32, 64: one 32-channel head then two, against 8 heads of 4 and 8 channels.
+    assert rows[0]["head_channels"] == [32, 32] and rows[1]["head_channels"] == [4, 8]
+    assert len({r["parameters"] for r in rows}) == 1  # the split changes no parameter
+    assert rows[0]["relative_time"] == 1.0 and all(r["seconds_per_image"] > 0 for r in rows)
