@@ -270,14 +270,14 @@ def inference_options(repeats: int, try_compile: bool) -> dict:
     cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
 
-    def run(model, part: str, mode: str, n_threads: int = threads):
+    def run(model, part: str, mode: str, n_threads: int = threads, bf16: bool = False):
         def call():
             torch.set_num_threads(n_threads)
             context = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
-            with context:
+            with context, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = model.decode(z).sample if part == "decode" else model.encode(x).latent_dist.mean
             torch.set_num_threads(threads)
-            return out
+            return out.float()
         return call
 
     variants = {
@@ -286,6 +286,8 @@ def inference_options(repeats: int, try_compile: bool) -> dict:
         "channels_last": lambda part: run(cl, part, "no_grad"),
         "channels_last + inference_mode": lambda part: run(cl, part, "inference_mode"),
         f"1 thread instead of {threads}": lambda part: run(base, part, "no_grad", 1),
+        # Worth it only on CPUs with bf16 instructions (AVX-512 BF16, AMX); elsewhere it is emulated and slower.
+        "channels_last + bf16 autocast": lambda part: run(cl, part, "no_grad", bf16=True),
     }
     compile_seconds = None
     if try_compile:
@@ -464,7 +466,8 @@ def markdown(results: dict) -> str:
         "",
         f"Written by `scripts/benchmark.py{' --quick' if results['quick'] else ''}` on {results['date']}: "
         f"{env['machine']}, torch {env['torch']}, diffusers {env['diffusers']}, "
-        f"torch.get_num_threads() = {env['threads']}. Batch 1, fp32, torch.inference_mode, random weights, "
+        f"torch.get_num_threads() = {env['threads']}, CPU capability {env.get('cpu_capability')}, bf16 "
+        f"instructions: {', '.join(env.get('cpu_bf16_flags') or []) or 'none'}. Batch 1, fp32, torch.inference_mode, random weights, "
         f"codecs prepared with codec.fast.prepare_for_inference; medians of {results['repeats']} runs after a "
         f"warm-up (kl-f8: 1 run). The machine is shared: compare rows of one run, not runs.",
         "",
@@ -584,12 +587,23 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_bf16_flags() -> list[str] | None:
+    """The CPU's bf16 instruction sets from /proc/cpuinfo (None where there is no such file): whether bf16
+    autocast rows can be fast on this machine or are emulated."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    return sorted({flag for flag in flags.split(":", 1)[1].split() if "bf16" in flag})
+
+
 def environment() -> dict:
     import diffusers
 
     return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
             "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
-            "interop_threads": torch.get_num_interop_threads()}
+            "interop_threads": torch.get_num_interop_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16_flags": cpu_bf16_flags()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
