@@ -21,6 +21,8 @@ def build_unet(cfg: UNetConfig, channels: int, sample_size: int, text_width: int
             f"latents of side {sample_size} cannot be halved {levels - 1} times by a U-Net with {levels} levels; "
             f"use latents whose side is a multiple of {2 ** (levels - 1)} or fewer unet.block_out_channels"
         )
+    # One number stays one number, so SD's shape exports SD's exact config.json.
+    heads = cfg.attention_head_dim if isinstance(cfg.attention_head_dim, int) else tuple(cfg.attention_head_dim)
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=channels,
@@ -30,6 +32,6 @@ def build_unet(cfg: UNetConfig, channels: int, sample_size: int, text_width: int
         block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,
         cross_attention_dim=text_width,
-        attention_head_dim=cfg.attention_head_dim if isinstance(cfg.attention_head_dim, int) else tuple(cfg.attention_head_dim),
+        attention_head_dim=heads,
         norm_num_groups=cfg.norm_num_groups,
     )
