@@ -128,7 +128,7 @@ def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
 
@@ -152,7 +152,7 @@ class ModelConfig:
     init: str = "random"
 
     def __post_init__(self) -> None:
-        _choice("model.init", self.init, ("random", "thumbnail"))
+        check_choice("model.init", self.init, ("random", "thumbnail"))
         for width in self.block_out_channels:
             if width % self.norm_num_groups:
                 raise ConfigError(
@@ -188,11 +188,11 @@ class LossConfig:
     adaptive_weight_max: float = 1.0e4
 
     def __post_init__(self) -> None:
-        _choice("loss.pixel", self.pixel, ("l1", "mse"))
-        _choice("loss.perceptual", self.perceptual, ("lpips", "ms_ssim", "none"))
-        _choice("loss.lpips_net", self.lpips_net, ("alex", "vgg", "squeeze"))
-        _choice("loss.if_lpips_missing", self.if_lpips_missing, ("error", "ms_ssim", "none"))
-        _choice("loss.kl_schedule", self.kl_schedule, ("constant", "linear", "cyclical"))
+        check_choice("loss.pixel", self.pixel, ("l1", "mse"))
+        check_choice("loss.perceptual", self.perceptual, ("lpips", "ms_ssim", "none"))
+        check_choice("loss.lpips_net", self.lpips_net, ("alex", "vgg", "squeeze"))
+        check_choice("loss.if_lpips_missing", self.if_lpips_missing, ("error", "ms_ssim", "none"))
+        check_choice("loss.kl_schedule", self.kl_schedule, ("constant", "linear", "cyclical"))
         if self.kl_schedule == "cyclical" and self.kl_cycle_steps <= 0:
             raise ConfigError("loss.kl_cycle_steps must be > 0 with kl_schedule: cyclical")
 
@@ -251,8 +251,8 @@ class TrainConfig:
     channels_last: bool = False
 
     def __post_init__(self) -> None:
-        _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
-        _choice("train.latent_norm", self.latent_norm, ("global", "per_channel"))
+        check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        check_choice("train.latent_norm", self.latent_norm, ("global", "per_channel"))
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
 

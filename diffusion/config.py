@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import codec.config as codec_config
-from codec.config import ConfigError, _choice, load_config
+from codec.config import ConfigError, check_choice, load_config
 
 UNET_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
 
@@ -52,7 +52,7 @@ class UNetConfig:
                 f"{len(self.down_block_types)} and {len(self.up_block_types)}"
             )
         for name in [*self.down_block_types, *self.up_block_types]:
-            _choice("unet block type", name, UNET_BLOCKS)
+            check_choice("unet block type", name, UNET_BLOCKS)
         for width in self.block_out_channels:
             if width % self.norm_num_groups:
                 raise ConfigError(f"unet.block_out_channels: width {width} is not divisible by norm_num_groups={self.norm_num_groups}")
@@ -87,8 +87,8 @@ class DiffusionConfig:
     sample_posterior: bool = True  # train on z ~ q(z|x) from the shards' mean/logvar; false: on the mean
 
     def __post_init__(self) -> None:
-        _choice("diffusion.beta_schedule", self.beta_schedule, ("scaled_linear", "linear", "squaredcos_cap_v2"))
-        _choice("diffusion.prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
+        check_choice("diffusion.beta_schedule", self.beta_schedule, ("scaled_linear", "linear", "squaredcos_cap_v2"))
+        check_choice("diffusion.prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
         if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
             # At SNR 0 the noisy latent *is* the noise: an epsilon model learns nothing there, and every sampler
             # that starts at t=T computes x0 = (x_t - sqrt(1-ᾱ_T) ε) / sqrt(ᾱ_T) with ᾱ_T = 0 (NaN images).
@@ -134,7 +134,7 @@ class TrainConfig:
     sample_guidance: float = 5.0
 
     def __post_init__(self) -> None:
-        _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
         if self.eval_items < 1:
