@@ -54,7 +54,11 @@ def main(argv=None) -> int:
         cfg.data.val = None  # validate on the user's own images, held out of their training set
     from codec.train import train_codec
 
-    result = train_codec(cfg, resume=args.resume)
+    try:
+        result = train_codec(cfg, resume=args.resume)
+    except ConfigError as exc:  # found only with the data in hand: a checkpoint of another network, say
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"codec exported to {result.final} after {result.step} steps")
     return 0
 

@@ -61,7 +61,11 @@ def main(argv=None) -> int:
         return 2
     from diffusion.train import train_unet
 
-    result = train_unet(cfg, resume=args.resume)
+    try:
+        result = train_unet(cfg, resume=args.resume)
+    except ConfigError as exc:  # found only with the data in hand: a checkpoint of another network, say
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if os.environ.get("RANK", "0") == "0":
         print(f"pipeline exported to {result.pipeline} after {result.step} steps")
     return 0

@@ -185,6 +185,12 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_sha
         # (half the global batch) differs from batch 4 by 5.5e-3.
         assert worst < 1e-4, (name, worst)
 
+    # Resuming that run as a different network (same parameter shapes) is refused by the command, cleanly.
+    changed = _run([sys.executable, "scripts/train_unet.py", *common, "--output-dir", str(tmp_path / "one"),
+                    "--resume", "latest", "--set", "unet.attention_head_dim=[1,2]"], env, ok=False)
+    assert changed.returncode == 2 and "attention_head_dim: 8 in the checkpoint" in changed.stderr
+    assert "Traceback" not in changed.stderr
+
 
 def test_v_prediction_with_zero_terminal_snr_trains_and_every_sampler_stays_finite(
         tiny_shards, tiny_codec_dir, tmp_path, fresh_accelerate_state):
