@@ -4,6 +4,7 @@ and EMA weights kept as safetensors."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -48,6 +49,10 @@ def resolve_resume(output_dir: Path, resume: str | None, model: dict | None = No
             raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (trainer_state.json missing)")
     state = read_trainer_state(path)
     recorded = state.get("model")
+    if model is not None and recorded is None:
+        logging.getLogger(__name__).warning(
+            "%s records no network settings (written before checkpoints kept them): it is resumed unchecked, so it "
+            "must come from the same model section of the config", path)
     if model is not None and recorded is not None and recorded != model:
         differences = "; ".join(f"{key}: {recorded.get(key)!r} in the checkpoint, {model.get(key)!r} now"
                                 for key in sorted(set(recorded) | set(model)) if recorded.get(key) != model.get(key))
