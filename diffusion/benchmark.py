@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,6 +54,21 @@ def _seconds(fn, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - tick)
     return best
+
+
+def _take_turns(steps: dict[str, Callable[[int], None]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each step function per round, the functions taking turns so that a burst of load from other
+    processes lands on all of them instead of deciding their ratio. Each is called once untimed first (with 0),
+    then with the round number 1..rounds."""
+    for step in steps.values():
+        step(0)  # warm-up: first-call allocations are not the steady speed
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for k in range(1, rounds + 1):
+        for name, step in steps.items():
+            tick = time.perf_counter()
+            step(k)
+            seconds[name].append(time.perf_counter() - tick)
+    return seconds
 
 
 def _time_forward(cfg: UNetConfig, shape, text_width: int, text_tokens: int, warm_up: bool, repeats: int) -> float:
@@ -146,42 +162,32 @@ def benchmark_attention_heads(
     if bf16:
         label, heads = next(iter(variants.items()))
         runs.append((f"{label}, bf16 autocast", heads, True))
-    models = {}
+
+    def training_step(unet, optimizer, autocast: bool) -> Callable[[int], None]:
+        def step(_: int) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                prediction = unet(x, t, encoder_hidden_states=text).sample
+            diffusion_loss(prediction.float(), x).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    configs, unets, steps_of = {}, {}, {}
     for label, heads, autocast in runs:
+        configs[label] = dataclasses.replace(cfg, attention_head_dim=heads)
         torch.manual_seed(0)
-        unet = build_unet(dataclasses.replace(cfg, attention_head_dim=heads), latent_shape[0], latent_shape[1],
-                          text_width).train()
-        models[label] = (unet, torch.optim.AdamW(unet.parameters(), lr=1e-4), autocast)
-
-    def step(unet, optimizer, autocast: bool) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            prediction = unet(x, t, encoder_hidden_states=text).sample
-        diffusion_loss(prediction.float(), x).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    seconds: dict[str, list[float]] = {label: [] for label in models}
-    for model in models.values():
-        step(*model)  # warm-up
-    for _ in range(steps):
-        for label, model in models.items():
-            tick = time.perf_counter()
-            step(*model)
-            seconds[label].append(time.perf_counter() - tick)
+        unets[label] = build_unet(configs[label], latent_shape[0], latent_shape[1], text_width).train()
+        steps_of[label] = training_step(unets[label], torch.optim.AdamW(unets[label].parameters(), lr=1e-4), autocast)
+    seconds = _take_turns(steps_of, steps)
     first = statistics.median(seconds[runs[0][0]])
-    rows = []
-    for label, heads, autocast in runs:
-        unet = models[label][0]
-        per_level = dataclasses.replace(cfg, attention_head_dim=heads).heads_per_level()
-        rows.append({
-            "variant": label, "attention_head_dim": heads, "bf16_autocast": autocast,
-            "head_channels": [w // h for w, h in zip(cfg.block_out_channels, per_level)],
-            "parameters": sum(p.numel() for p in unet.parameters()),
-            "batch_size": batch_size, "latent_shape": list(latent_shape),
-            "seconds_per_image": statistics.median(seconds[label]) / batch_size,
-            "relative_time": statistics.median(seconds[label]) / first,
-        })
-    return rows
+    return [{
+        "variant": label, "attention_head_dim": heads, "bf16_autocast": autocast,
+        "head_channels": [w // h for w, h in zip(cfg.block_out_channels, configs[label].heads_per_level())],
+        "parameters": sum(p.numel() for p in unets[label].parameters()),
+        "batch_size": batch_size, "latent_shape": list(latent_shape),
+        "seconds_per_image": statistics.median(seconds[label]) / batch_size,
+        "relative_time": statistics.median(seconds[label]) / first,
+    } for label, heads, autocast in runs]
 
 
 def _pixels_of_shards(shards, images_dir: str | Path | None, count: int) -> torch.Tensor:
@@ -267,18 +273,9 @@ def benchmark_training_throughput(
             latents = shards.scale(posterior.sample(torch.Generator().manual_seed(k)))
         unet_step(latents, torch.randn(latents.shape), torch.randint(1000, (batch_size,)))
 
-    # The two sides take turns step by step, and each rate comes from its median step, so a burst of load from
-    # other processes lands on both sides instead of deciding the ratio (the U-Net step varies by ~20% here,
-    # more than the small codec's whole encode costs).
-    seconds: dict[str, list[float]] = {"shards": [], "on_the_fly": []}
-    sides = (("shards", from_shards), ("on_the_fly", on_the_fly))
-    for _, step_fn in sides:
-        step_fn(0)  # warm-up
-    for k in range(1, steps + 1):
-        for name, step_fn in sides:
-            tick = time.perf_counter()
-            step_fn(k)
-            seconds[name].append(time.perf_counter() - tick)
+    # The two sides take turns step by step and each rate comes from its median step: the U-Net step varies by
+    # ~20% here, more than the small codec's whole encode costs.
+    seconds = _take_turns({"shards": from_shards, "on_the_fly": on_the_fly}, steps)
     rates = {name: batch_size / statistics.median(times) for name, times in seconds.items()}
     return {
         "batch_size": batch_size, "steps": steps, "latent_shape": [channels, side, side],

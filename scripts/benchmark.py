@@ -44,6 +44,8 @@ from diffusion.benchmark import forward_flops  # noqa: E402
 PRESETS = ("tiny", "small", "kl-f8")
 SIDE = 512
 MEMORY_SIDE = 2048
+# The U-Net rows (latent vs pixel, shards vs on the fly, attention heads) all time the CPU default preset.
+UNET_CONFIG = ROOT / "configs" / "unet" / "small.yaml"
 
 
 def progress(message: str) -> None:
@@ -400,16 +402,14 @@ def diffusion_rows(quick: bool) -> dict:
 
     if quick:
         return {"status": "skipped in --quick: the pixel-space forward alone takes about 70 s"}
-    config = ROOT / "configs" / "unet" / "small.yaml"
-    return {"status": "measured", "unet_config": str(config.relative_to(ROOT)), **benchmark_latent_vs_pixel(config)}
+    return {"status": "measured", "unet_config": str(UNET_CONFIG.relative_to(ROOT)), **benchmark_latent_vs_pixel(UNET_CONFIG)}
 
 
 def heads_rows(quick: bool) -> list[dict]:
     """The small U-Net's training step with its per-level heads vs SD's 8 heads everywhere (and under bf16)."""
     from diffusion.benchmark import benchmark_attention_heads
 
-    config = ROOT / "configs" / "unet" / "small.yaml"
-    rows = benchmark_attention_heads(config, {"small.yaml (2, 4, 8 heads)": [2, 4, 8], "SD's 8 heads everywhere": 8},
+    rows = benchmark_attention_heads(UNET_CONFIG, {"small.yaml (2, 4, 8 heads)": [2, 4, 8], "SD's 8 heads everywhere": 8},
                                      batch_size=2 if quick else 4, steps=2 if quick else 3)
     for r in rows:
         progress(f"  {r['variant']}: {r['seconds_per_image']:.2f} s per image ({r['relative_time']:.2f}x)")
@@ -425,7 +425,6 @@ def training_rows(quick: bool) -> list[dict]:
 
     train, _ = bundled_photos(ROOT / "data" / "bundled_photos")
     batch_size, steps = (2, 3) if quick else (4, 5)
-    config = ROOT / "configs" / "unet" / "small.yaml"
     rows = []
     for name in ("small", "kl-f8"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -433,9 +432,9 @@ def training_rows(quick: bool) -> list[dict]:
             build_codec(name).save_pretrained(codec_dir, safe_serialization=True)
             encode_dataset(codec_dir, train, shards, resolution=SIDE, batch_size=batch_size, limit=batch_size,
                            num_workers=0, progress=False)
-            result = benchmark_training_throughput(config, shards, codec_dir, batch_size=batch_size, steps=steps,
+            result = benchmark_training_throughput(UNET_CONFIG, shards, codec_dir, batch_size=batch_size, steps=steps,
                                                    images_dir=train)
-        rows.append({"codec": name, "unet_config": str(config.relative_to(ROOT)), **result})
+        rows.append({"codec": name, "unet_config": str(UNET_CONFIG.relative_to(ROOT)), **result})
         progress(f"  {name}: shards {result['shards_images_per_s']:.2f} images/s, on the fly "
                  f"{result['on_the_fly_images_per_s']:.2f} images/s, {result['speedup']:.1f}x")
     return rows
