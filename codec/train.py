@@ -200,13 +200,14 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
     set_seed(cfg.train.seed)  # identical initial weights on every process
+    # Before loading data: a checkpoint of another network is refused at once. model.init only decides the
+    # first step's weights, so a resumed run may name another.
+    architecture = {key: value for key, value in asdict(cfg.model).items() if key != "init"}
+    resume_dir, step = resolve_resume(output_dir, resume, architecture)
 
     # ---- data -------------------------------------------------------------------------------------------
     with accelerator.main_process_first():  # the first process writes bundled photos and dataset caches
         data = load_data(cfg.data, cfg.train.seed)
-    # model.init only decides the first step's weights, so a resumed run may name another.
-    architecture = {key: value for key, value in asdict(cfg.model).items() if key != "init"}
-    resume_dir, step = resolve_resume(output_dir, resume, architecture)
     # Seconds spent in training steps (not validation or checkpoints), carried across resumes.
     train_seconds = float(read_trainer_state(resume_dir).get("train_seconds", 0.0))
     draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum

@@ -147,6 +147,9 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     main = accelerator.is_main_process
     handler = _file_logging(main, output_dir)
     device = accelerator.device
+    # Before any loading: a checkpoint of another network is refused in a second, not after the text encoder.
+    architecture = asdict(cfg.unet)
+    resume_dir, step = resolve_resume(output_dir, resume, architecture)
 
     # ---- data: shards, their codec, captions ------------------------------------------------------------
     vae, shards, scale_note = codec_for_shards(cfg.codec, cfg.shards)
@@ -157,8 +160,6 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     text_model.to(device)
     embeddings = CaptionEmbeddings(tokenizer, text_model, cfg.text_encoder.max_length, cache=cfg.text_encoder.precompute)
     embeddings.precompute(shard_captions(shards) + [""])
-    architecture = asdict(cfg.unet)
-    resume_dir, step = resolve_resume(output_dir, resume, architecture)
     draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
     loader = DataLoader(
         TrainingDraws(shards, cfg.diffusion, cfg.train.seed),
