@@ -351,7 +351,7 @@ def evaluate_codec(
     the held-out bundled photos) and write the report to out_dir (default: evaluation-<resolution> next to
     the codec folder). rFID is computed only from an explicit Inception weights file; asking for it where it
     cannot be computed is an error rather than a silently missing number."""
-    from codec.encode_dataset import load_codec
+    from codec.model import load_codec
 
     inception_model = fid_inception(inception) if inception is not None else None  # fail before the long part
     vae = prepare_for_inference(load_codec(codec_dir))

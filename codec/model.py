@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
+from codec.common.draws import keyed_generator
 from codec.config import ModelConfig
 
 
@@ -35,6 +38,21 @@ def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
         scaling_factor=1.0,
     )
 
+
+
+def load_codec(codec_dir: str | os.PathLike) -> AutoencoderKL:
+    """A diffusers AutoencoderKL folder (e.g. the `final/` the codec trainer exports), float32, eval mode.
+
+    Only safetensors weights are accepted: a pickled .bin could run arbitrary code on load.
+    """
+    path = Path(codec_dir)
+    if not (path / "config.json").is_file() or not (path / "diffusion_pytorch_model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"--codec {codec_dir}: expected a diffusers AutoencoderKL folder with config.json and "
+            f"diffusion_pytorch_model.safetensors (scripts/train_codec.py exports one as <output-dir>/final)"
+        )
+    vae = AutoencoderKL.from_pretrained(path, use_safetensors=True, torch_dtype=torch.float32)
+    return vae.eval().requires_grad_(False)
 
 def downsample_factor(vae: AutoencoderKL) -> int:
     # Each level but the last halves the resolution (diffusers' DownEncoderBlock2D convention).
@@ -58,16 +76,13 @@ def encode_posterior(vae: AutoencoderKL, images: torch.Tensor) -> DiagonalGaussi
     return vae.encode(images).latent_dist
 
 
-def per_sample_noise(shape: tuple[int, ...], seeds: torch.Tensor, device, dtype) -> torch.Tensor:
-    """Standard normal noise of `shape` where row i depends only on seeds[i].
+def per_sample_noise(shape: tuple[int, ...], draws: torch.Tensor, seed: int, device, dtype) -> torch.Tensor:
+    """Standard normal noise of `shape` where row i depends only on (seed, draws[i]).
 
-    Keying the reparameterization noise to the sample (not to the process's RNG stream) makes a 2-process
-    run draw exactly the noise a 1-process run draws for the same images.
+    Keying the reparameterization noise to the training example (not to the process's RNG stream) makes a
+    2-process run draw exactly the noise a 1-process run draws for the same images.
     """
-    rows = []
-    for seed in seeds.tolist():
-        g = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
-        rows.append(torch.randn(shape[1:], generator=g))
+    rows = [torch.randn(shape[1:], generator=keyed_generator("posterior", seed, draw)) for draw in draws.tolist()]
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
@@ -76,17 +91,19 @@ class CodecForTraining(nn.Module):
     (calling them on the unwrapped model bypasses gradient averaging, a bug of the public training script).
     Also holds the learned scalar output log-variance of the NLL, so its gradient is averaged too."""
 
-    def __init__(self, vae: AutoencoderKL, learn_logvar: bool = False, logvar_init: float = 0.0):
+    def __init__(self, vae: AutoencoderKL, learn_logvar: bool = False, logvar_init: float = 0.0, seed: int = 0):
         super().__init__()
         self.vae = vae
+        self.seed = seed  # with each example's draw number, keys its posterior noise
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
 
-    def forward(self, images: torch.Tensor, noise_seeds: torch.Tensor | None = None):
+    def forward(self, images: torch.Tensor, draws: torch.Tensor | None = None):
+        """draws: the examples' global draw numbers, to sample z ~ q(z|x); None decodes the posterior mean."""
         posterior = encode_posterior(self.vae, images)
-        if noise_seeds is None:
+        if draws is None:
             z = posterior.mode()
         else:
-            noise = per_sample_noise(posterior.mean.shape, noise_seeds, posterior.mean.device, posterior.mean.dtype)
+            noise = per_sample_noise(posterior.mean.shape, draws, self.seed, posterior.mean.device, posterior.mean.dtype)
             z = posterior.mean + posterior.std * noise
         recon = self.vae.decode(z).sample
         return recon, posterior.mean, posterior.logvar

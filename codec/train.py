@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,16 +20,20 @@ from pathlib import Path
 import datasets
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from codec.config import CodecConfig, DataConfig, OptimConfig, to_dict
-from codec.checkpoints import keep_ema_in_checkpoints, read_trainer_state, resolve_resume, save_checkpoint
-from codec.data import CenterCrops, DrawSampler, TrainCrops, bundled_photos, load_image_dataset
-from codec.distributed import check_process_group, cpu_flag
+from codec.common.atomic import folder_atomically
+from codec.common.checkpoints import ema_weights, keep_ema_in_checkpoints, read_trainer_state, resolve_resume, save_checkpoint
+from codec.common.config import to_dict
+from codec.common.distributed import make_accelerator
+from codec.common.draws import DrawSampler
+from codec.common.logs import append_history, flat_hparams, start_run_logging, stop_run_logging
+from codec.common.optim import learning_rate, set_learning_rate
+from codec.config import CodecConfig, DataConfig
+from codec.data import CenterCrops, TrainCrops, bundled_photos, load_image_dataset
 from codec.evaluate import evaluate_reconstructions, save_png, validation_grid
 from codec.losses import (
     PatchDiscriminator,
@@ -53,38 +54,6 @@ log = logging.getLogger("codec.train")
 # ---------------------------------------------------------------------------------------------------------
 # Pieces the loop uses
 # ---------------------------------------------------------------------------------------------------------
-
-
-def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`.
-
-    A pure function of the step (no scheduler object): resuming needs nothing but the step, and the rate does
-    not depend on how many processes step a scheduler (accelerate steps a prepared one once per process)."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def make_accelerator(cfg: CodecConfig, output_dir: Path) -> Accelerator:
-    has_cuda = torch.cuda.is_available()
-    precision = cfg.train.mixed_precision
-    if precision == "auto":
-        # bf16 has no fast path on CPUs without bf16 instructions (about 5x slower here), so fp32 on CPU.
-        precision = "bf16" if has_cuda and torch.cuda.is_bf16_supported() else "no"
-    if has_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    accelerator = Accelerator(
-        cpu=cpu_flag(),
-        mixed_precision=precision,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        log_with="tensorboard",
-        project_dir=str(output_dir),
-    )
-    check_process_group(accelerator.num_processes, "the processes would train independently")
-    return accelerator
 
 
 @dataclass
@@ -145,39 +114,12 @@ def export_codec(vae, data: Data, cfg: CodecConfig, output_dir: Path, run_info: 
     loader = DataLoader(images, batch_size=8)
     stats = latent_statistics(vae, (b["pixels"] for b in loader))
     write_latent_stats(vae, stats, cfg.train.latent_norm)
-    final, tmp = output_dir / "final", output_dir / "final.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    info = dict(run_info, latent_statistics=stats, codec_identity=codec_identity(vae))
-    (tmp / "codec_training.json").write_text(json.dumps(info, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    final = output_dir / "final"
+    with folder_atomically(final) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        info = dict(run_info, latent_statistics=stats, codec_identity=codec_identity(vae))
+        (tmp / "codec_training.json").write_text(json.dumps(info, indent=2))
     return final
-
-
-def append_history(output_dir: Path, record: dict) -> None:
-    """One JSON line per log or validation event (loss curves and PSNR-vs-time plots are drawn from it)."""
-    with open(output_dir / "history.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_history(output_dir: Path) -> list[dict]:
-    """The records append_history wrote, oldest first; empty when the run logged nothing yet."""
-    path = Path(output_dir) / "history.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def flat_hparams(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in config.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat_hparams(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,18 +129,9 @@ def flat_hparams(config: dict, prefix: str = "") -> dict:
 
 def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
-    accelerator = make_accelerator(cfg, output_dir)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, output_dir)
     main = accelerator.is_main_process
-    log.setLevel(logging.INFO if main else logging.WARNING)
-    if not log.handlers:
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(console)
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(output_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
+    handler = start_run_logging(log, main, output_dir)
     set_seed(cfg.train.seed)  # identical initial weights on every process
     # Before loading data: a checkpoint of another network is refused at once. model.init only decides the
     # first step's weights, so a resumed run may name another.
@@ -226,7 +159,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         thumbnail_init(vae)
     if cfg.train.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
-    model = CodecForTraining(vae, cfg.loss.learn_logvar, cfg.loss.logvar_init)
+    model = CodecForTraining(vae, cfg.loss.learn_logvar, cfg.loss.logvar_init, seed=cfg.train.seed)
     perceptual, perceptual_used = build_perceptual(cfg.loss)
     if perceptual is not None:
         perceptual.to(accelerator.device)
@@ -276,17 +209,10 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         """EMA weights (when kept) on the held-out images; grid PNG on disk, numbers to the trackers."""
         metrics = {}
         if main:
-            vae_ = inner.vae
-            if ema is not None:
-                ema.store(vae_.parameters())
-                ema.copy_to(vae_.parameters())
-            vae_.eval()
-            metrics = evaluate_reconstructions(vae_, val_images.split(8), perceptual)
-            grid = validation_grid(vae_, val_images[:8], seed=cfg.train.seed)
+            with ema_weights(ema, inner.vae) as vae_:
+                metrics = evaluate_reconstructions(vae_, val_images.split(8), perceptual)
+                grid = validation_grid(vae_, val_images[:8], seed=cfg.train.seed)
             save_png(grid, output_dir / "samples" / f"step_{at_step:08d}.png")
-            vae_.train()
-            if ema is not None:
-                ema.restore(vae_.parameters())
             accelerator.log(metrics, step=at_step)
             append_history(output_dir, {"step": at_step, "train_seconds": round(train_seconds, 3), **metrics})
             log.info("step %d validation: %s", at_step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -308,19 +234,18 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         # With a time budget the schedule follows whichever runs out first, steps or time.
         schedule_step = step if budget is None else max(step, round(cfg.train.max_steps * train_seconds / budget))
         lr = learning_rate(schedule_step, cfg.optim, cfg.train.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr)
         beta = kl_weight_at(step, cfg.loss)
         gan_on = use_gan and step >= cfg.loss.disc_start
         batch = next(batches)
         images = batch["pixels"]
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        noise_seeds = batch["draw"] + cfg.train.seed * 1_000_003 if cfg.loss.sample_posterior else None
+        draws = batch["draw"] if cfg.loss.sample_posterior else None
 
         with accelerator.accumulate(*( [model, disc] if use_gan else [model] )):
             with accelerator.autocast():
-                recon, mean, logvar = model(images, noise_seeds)
+                recon, mean, logvar = model(images, draws)
                 parts = vae_loss(images, recon, mean, logvar, inner.logvar, beta, cfg.loss.pixel,
                                  cfg.loss.pixel_weight, perceptual, cfg.loss.perceptual_weight)
                 loss = parts.total
@@ -395,7 +320,5 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         log.info("exported %s (AutoencoderKL.from_pretrained loads it)", final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if main:
-        log.removeHandler(handler)
-        handler.close()
+    stop_run_logging(log, handler)
     return TrainResult(final=final, step=step, metrics=metrics)

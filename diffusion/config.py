@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import codec.config as codec_config
-from codec.config import ConfigError, check_choice, load_config
+from codec.common.config import ConfigError, check_choice, check_loop_settings, load_config
+from codec.common.optim import OptimConfig as SharedOptimConfig
 
 UNET_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
 
@@ -103,7 +103,7 @@ class DiffusionConfig:
 
 
 @dataclass
-class OptimConfig(codec_config.OptimConfig):
+class OptimConfig(SharedOptimConfig):
     """The codec's optimizer settings (same warm-up + cosine `learning_rate`), with the diffusion defaults."""
 
     lr: float = 1.0e-4
@@ -134,9 +134,7 @@ class TrainConfig:
     sample_guidance: float = 5.0
 
     def __post_init__(self) -> None:
-        check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        check_loop_settings(self)
         if self.eval_items < 1:
             raise ConfigError(f"train.eval_items must be >= 1, got {self.eval_items}")
 

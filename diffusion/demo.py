@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codec.config import ConfigError, load_config
-from codec.encode_dataset import write_text_atomically
+from codec.common.config import ConfigError, load_config
+from codec.common.atomic import write_text_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 

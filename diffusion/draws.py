@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from codec.data import keyed_generator
-from codec.shards import read_shard_header
+from codec.common.draws import keyed_generator
+from diffusion.shards.format import read_shard_header
 from diffusion.config import DiffusionConfig
 from diffusion.shards import LatentShards
 

@@ -19,10 +19,10 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from codec.encode_dataset import write_text_atomically  # noqa: E402
+from codec.common.atomic import write_text_atomically  # noqa: E402
 from codec.evaluate import save_png  # noqa: E402
 from codec.model import compression_ratio, latent_shape  # noqa: E402
-from codec.train import read_history  # noqa: E402
+from codec.common.logs import read_history  # noqa: E402
 from diffusion.adherence import score, summarise  # noqa: E402
 
 ATTRIBUTES = ("color", "position", "shape", "background")

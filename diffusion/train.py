@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,13 +32,15 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from codec.config import to_dict
-from codec.data import DrawSampler
-from codec.encode_dataset import load_codec
+from codec.common.atomic import folder_atomically
+from codec.common.checkpoints import ema_weights, keep_ema_in_checkpoints, resolve_resume, save_checkpoint
+from codec.common.config import to_dict
+from codec.common.distributed import make_accelerator
+from codec.common.draws import DrawSampler
+from codec.common.logs import append_history, flat_hparams, start_run_logging, stop_run_logging
+from codec.common.optim import learning_rate, set_learning_rate
 from codec.evaluate import save_png
-from codec.model import codec_identity, compression_ratio
-from codec.checkpoints import keep_ema_in_checkpoints, resolve_resume, save_checkpoint
-from codec.train import append_history, flat_hparams, learning_rate, make_accelerator
+from codec.model import codec_identity, compression_ratio, load_codec
 from diffusion.config import UNetTrainingConfig
 from diffusion.draws import EvalSet, TrainingDraws, eval_set, shard_captions
 from diffusion.pipeline import LatentDiffusionPipeline, make_sampler
@@ -105,32 +105,12 @@ def sample_grid(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, g
 
 def export_pipeline(pipe: LatentDiffusionPipeline, output_dir: Path, info: dict) -> Path:
     """Save the whole pipeline (safetensors only) at <output_dir>/pipeline, renamed into place when complete."""
-    final, tmp = output_dir / "pipeline", output_dir / "pipeline.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "unet_training.json").write_text(json.dumps(info, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    final = output_dir / "pipeline"
+    with folder_atomically(final) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "unet_training.json").write_text(json.dumps(info, indent=2))
     return final
 
-
-
-
-def _file_logging(main: bool, output_dir: Path) -> logging.Handler | None:
-    log.setLevel(logging.INFO if main else logging.WARNING)
-    if not log.handlers:
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(console)
-    if not main:
-        return None
-    output_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(output_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    return handler
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,9 +123,9 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         raise ValueError("train_unet needs the latent shards and the codec that made them: pass --shards DIR and "
                          "--codec DIR (or set shards: and codec: in the config)")
     output_dir = Path(cfg.train.output_dir)
-    accelerator = make_accelerator(cfg, output_dir)  # reads only cfg.train.mixed_precision and grad_accum
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, output_dir)
     main = accelerator.is_main_process
-    handler = _file_logging(main, output_dir)
+    handler = start_run_logging(log, main, output_dir)
     device = accelerator.device
     # Before any loading: a checkpoint of another network is refused in a second, not after the text encoder.
     architecture = asdict(cfg.unet)
@@ -224,17 +204,11 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         """EMA weights (when kept): denoising loss on the fixed eval set, and a sample grid decoded by the codec."""
         metrics = {}
         if main:
-            if ema is not None:
-                ema.store(inner.parameters())
-                ema.copy_to(inner.parameters())
-            inner.eval()
-            metrics = {"val/denoising_loss": denoising_loss(inner, noise_scheduler, held, held_text)}
-            grid = sample_grid(pipe, prompts, cfg.train.sample_steps, cfg.train.sample_guidance, cfg.train.seed)
+            with ema_weights(ema, inner):
+                metrics = {"val/denoising_loss": denoising_loss(inner, noise_scheduler, held, held_text)}
+                grid = sample_grid(pipe, prompts, cfg.train.sample_steps, cfg.train.sample_guidance, cfg.train.seed)
             save_png(Image.fromarray(grid), output_dir / "samples" / f"step_{at_step:08d}.png")
             accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", grid, at_step, dataformats="HWC")
-            inner.train()
-            if ema is not None:
-                ema.restore(inner.parameters())
             accelerator.log(metrics, step=at_step)
             history.append((at_step, metrics))
             log.info("step %d validation: denoising loss %.5f", at_step, metrics["val/denoising_loss"])
@@ -251,8 +225,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         metrics = validate(0)
     while step < cfg.train.max_steps:
         lr = learning_rate(step, cfg.optim, cfg.train.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr)
         batch = next(batches)
         latents, noise, timesteps = batch["latents"], batch["noise"], batch["timestep"]
         # Dropped captions become "" (the unconditional embedding classifier-free guidance subtracts).
@@ -310,7 +283,5 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         log.info("exported %s (LatentDiffusionPipeline.from_pretrained loads it)", final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if handler is not None:
-        log.removeHandler(handler)
-        handler.close()
+    stop_run_logging(log, handler)
     return TrainResult(pipeline=final, step=step, metrics=metrics, history=history)

@@ -39,7 +39,7 @@ from codec.config import load_codec_config  # noqa: E402
 from codec.fast import prepare_for_inference  # noqa: E402
 from codec.model import build_autoencoder  # noqa: E402
 from codec.tiling import tiled_decode  # noqa: E402
-from diffusion.benchmark import forward_flops  # noqa: E402
+from diffusion.benchmark.unet import forward_flops  # noqa: E402
 
 PRESETS = ("tiny", "small", "kl-f8")
 SIDE = 512
@@ -333,7 +333,7 @@ def tiling_quality(codec_dir: str, side: int, tiles: list[int]) -> dict:
     (tiled image's over the untiled image's at the same places; 1 = no seam), with per-tile and whole-image
     GroupNorm statistics."""
     from codec.data import CenterCrops, bundled_photos, load_image_dataset
-    from codec.encode_dataset import load_codec
+    from codec.model import load_codec
     from codec.metrics import psnr
     from codec.model import encode_posterior
     from codec.tiling import seam_ratio, tile_borders, tile_spans, tiled_encode
@@ -384,7 +384,7 @@ def _copies_of(photos: Path, out: Path, copies: int) -> Path:
 def shard_encode_rows(quick: bool) -> dict:
     """The shard encoder end to end vs the bare codec, at the command's default resolution (512) and workers (2)."""
     from codec.data import bundled_photos
-    from codec.encode_dataset import benchmark_encode
+    from diffusion.benchmark.shards import benchmark_encode
 
     train, _ = bundled_photos(ROOT / "data" / "bundled_photos")
     copies = 2 if quick else 8
@@ -398,7 +398,7 @@ def shard_encode_rows(quick: bool) -> dict:
 
 
 def diffusion_rows(quick: bool) -> dict:
-    from diffusion.benchmark import benchmark_latent_vs_pixel
+    from diffusion.benchmark.unet import benchmark_latent_vs_pixel
 
     if quick:
         return {"status": "skipped in --quick: the pixel-space forward alone takes about 70 s"}
@@ -407,7 +407,7 @@ def diffusion_rows(quick: bool) -> dict:
 
 def heads_rows(quick: bool) -> list[dict]:
     """The small U-Net's training step with its per-level heads vs SD's 8 heads everywhere (and under bf16)."""
-    from diffusion.benchmark import benchmark_attention_heads
+    from diffusion.benchmark.unet import benchmark_attention_heads
 
     rows = benchmark_attention_heads(UNET_CONFIG, {"small.yaml (2, 4, 8 heads)": [2, 4, 8], "SD's 8 heads everywhere": 8},
                                      batch_size=2 if quick else 4, steps=2 if quick else 3)
@@ -420,8 +420,8 @@ def training_rows(quick: bool) -> list[dict]:
     """U-Net training images/s from shards vs encoding each batch on the fly, for the small codec and for
     SD's kl-f8 shape, at 512x512 (4x64x64 latents) with the small U-Net preset."""
     from codec.data import bundled_photos
-    from codec.encode_dataset import encode_dataset
-    from diffusion.benchmark import benchmark_training_throughput
+    from diffusion.shards.encode import encode_dataset
+    from diffusion.benchmark.unet import benchmark_training_throughput
 
     train, _ = bundled_photos(ROOT / "data" / "bundled_photos")
     batch_size, steps = (2, 3) if quick else (4, 5)
@@ -540,7 +540,7 @@ def markdown(results: dict) -> str:
             lines += ["", f"torch.compile first call (compilation included): decode {c['decode']:.0f} s, "
                       f"encode {c['encode']:.0f} s."]
     shard = results["shard_encoding"]
-    lines += ["", "## Shard encoding (codec.encode_dataset.benchmark_encode)", "",
+    lines += ["", "## Shard encoding (diffusion.benchmark.shards.benchmark_encode)", "",
               f"scripts/encode_dataset.py's work (decode, resize, crop in {shard['num_workers']} DataLoader workers; "
               f"encode; write shards and manifest) against the bare codec's encode of the same images, already in "
               f"memory, at the same batch size ({shard['batch_size']}) and resolution ({shard['resolution']}). "
@@ -549,7 +549,7 @@ def markdown(results: dict) -> str:
               f"{shard['setup_seconds'] + shard['finalize_seconds']:.1f} s of setup and manifest to "
               f"{shard['encode_loop_seconds']:.1f} s of encoding, a fixed cost a real dataset amortises.", ""]
     lines += _key_value_table(shard)
-    lines += ["", "## Diffusion training: latents from shards vs encoding on the fly (diffusion.benchmark)", "",
+    lines += ["", "## Diffusion training: latents from shards vs encoding on the fly (diffusion.benchmark.unet)", "",
               "The same U-Net training step (forward, backward, AdamW; 512x512 images = 4x64x64 latents, 77 "
               "precomputed MiniLM caption tokens), fed from shards or by encoding each batch with the codec first. "
               "The on-the-fly side gets its images already decoded, so the speed-up counts the encoder alone (a "
@@ -570,7 +570,7 @@ def markdown(results: dict) -> str:
               "nothing else, so 5x needs an encoder costing 4 U-Net steps. Here " + "; ".join(verdicts) + ". A cheap "
               "encoder leaves little to remove; shards still keep it out of training memory and save decoding and "
               "resizing every image at every epoch."]
-    lines += ["", "## U-Net training step: attention heads (diffusion.benchmark.benchmark_attention_heads)", "",
+    lines += ["", "## U-Net training step: attention heads (diffusion.benchmark.unet.benchmark_attention_heads)", "",
               "The small U-Net's training step at 4x64x64 (4096 positions at the outer level) with the same widths "
               "and parameters, attention split into different head counts; steps taken in turns, medians. "
               "`attention_head_dim` is diffusers' name for the number of heads.", "",
@@ -580,7 +580,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['variant']} | {r['attention_head_dim']} | {r['head_channels']} | "
                      f"{r['parameters'] / 1e6:.1f} | {r['batch_size']} | {r['seconds_per_image']:.2f} | "
                      f"{r['relative_time']:.2f}x |")
-    lines += ["", "## Diffusion: the same U-Net on latents vs pixels (diffusion.benchmark)", ""]
+    lines += ["", "## Diffusion: the same U-Net on latents vs pixels (diffusion.benchmark.unet)", ""]
     diffusion = results["diffusion"]
     lines += _key_value_table(diffusion) if diffusion.get("status") == "measured" else [diffusion["status"]]
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from codec.train import read_history  # noqa: E402
+from codec.common.logs import read_history  # noqa: E402
 
 # name -> (description, overrides on configs/codec/small.yaml)
 VARIANTS: dict[str, tuple[str, list[str]]] = {

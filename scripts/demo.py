@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codec.config import ConfigError  # noqa: E402
+from codec.common.config import ConfigError  # noqa: E402
 from diffusion.demo import load_demo_config, run_demo  # noqa: E402
 
 

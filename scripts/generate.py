@@ -98,7 +98,7 @@ def load_model(path: str):
         pipe.set_progress_bar_config(desc="denoise")
         return pipe, None
     if (folder / "config.json").is_file():
-        from codec.encode_dataset import load_codec
+        from codec.model import load_codec
 
         return None, load_codec(folder)
     raise SystemExit(f"error: --model {path} is neither a pipeline folder (model_index.json) nor a codec folder "

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codec.config import ConfigError, load_codec_config  # noqa: E402
+from codec.common.config import ConfigError  # noqa: E402
+from codec.config import load_codec_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codec.config import ConfigError  # noqa: E402
+from codec.common.config import ConfigError  # noqa: E402
 from diffusion.config import load_unet_config  # noqa: E402
 
 

@@ -1,6 +1,7 @@
 import pytest
 
-from codec.config import CodecConfig, ConfigError, load_codec_config
+from codec.common.config import ConfigError
+from codec.config import CodecConfig, load_codec_config
 from tests.conftest import CONFIGS
 
 

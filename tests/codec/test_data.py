@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from codec.common.draws import DrawSampler
 from codec.data import (
     BUNDLED_TRAIN,
     BUNDLED_VAL,
     CenterCrops,
-    DrawSampler,
     TrainCrops,
     UnreadableImage,
     bundled_photos,

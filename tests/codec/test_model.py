@@ -54,8 +54,8 @@ def test_posterior_mode_sample_and_clamp(tiny_vae):
 
 
 def test_per_sample_noise_depends_only_on_each_seed():
-    a = per_sample_noise((3, 4, 8, 8), torch.tensor([5, 6, 7]), "cpu", torch.float32)
-    b = per_sample_noise((2, 4, 8, 8), torch.tensor([7, 5]), "cpu", torch.float32)
+    a = per_sample_noise((3, 4, 8, 8), torch.tensor([5, 6, 7]), 0, "cpu", torch.float32)
+    b = per_sample_noise((2, 4, 8, 8), torch.tensor([7, 5]), 0, "cpu", torch.float32)
     assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])
     assert not torch.equal(a[0], a[1])
     assert abs(a.std().item() - 1) < 0.15

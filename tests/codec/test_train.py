@@ -11,22 +11,12 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 import codec.train as train_module
-from codec.config import ConfigError, OptimConfig
+from codec.common.config import ConfigError
 from codec.data import CenterCrops, load_image_dataset
 from codec.evaluate import evaluate_reconstructions
 from codec.model import build_autoencoder
-from codec.train import learning_rate, train_codec
+from codec.train import train_codec
 from tests.conftest import CONFIGS, ROOT
-
-
-def test_learning_rate_warmup_then_cosine():
-    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
-    assert learning_rate(0, cfg, 110) == pytest.approx(0.1)
-    assert learning_rate(9, cfg, 110) == pytest.approx(1.0)
-    assert learning_rate(10, cfg, 110) == pytest.approx(1.0)
-    assert learning_rate(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down the cosine
-    assert learning_rate(110, cfg, 110) == pytest.approx(0.1)
-    assert learning_rate(500, cfg, 110) == pytest.approx(0.1)
 
 
 def _val_images(cfg):

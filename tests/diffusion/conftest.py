@@ -69,7 +69,7 @@ def tiny_shards(tiny_codec_dir, caption_images, tmp_path_factory) -> Path:
     """The captioned photos encoded by the tiny codec: 8 records of 4x8x8 latents in two shards."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from codec.encode_dataset import encode_dataset
+    from diffusion.shards.encode import encode_dataset
 
     out = tmp_path_factory.mktemp("shards") / "tiny"
     encode_dataset(tiny_codec_dir, caption_images, out, resolution=64, shard_size=4, batch_size=4, num_workers=0,
@@ -99,7 +99,7 @@ def tiny_unet_config():
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_codec_dir, minilm, tiny_unet_config):
     """An untrained tiny U-Net (fixed seed) with the tiny codec and MiniLM, DDIM sampler, 64x64 images."""
-    from codec.encode_dataset import load_codec
+    from codec.model import load_codec
     from diffusion.pipeline import LatentDiffusionPipeline, make_sampler
     from diffusion.schedule import build_noise_scheduler
     from diffusion.text_encoder import hidden_width

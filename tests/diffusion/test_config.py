@@ -1,7 +1,7 @@
 import pytest
 from accelerate import init_empty_weights
 
-from codec.config import ConfigError
+from codec.common.config import ConfigError
 from diffusion.config import load_unet_config
 from diffusion.unet import build_unet
 from tests.conftest import CONFIGS

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from codec.config import ConfigError
+from codec.common.config import ConfigError
 from diffusion.config import DiffusionConfig
 from diffusion.schedule import build_noise_scheduler, diffusion_loss, min_snr_weight, snr, training_target
 

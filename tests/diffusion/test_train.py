@@ -12,7 +12,7 @@ from diffusers.models.autoencoders.vae import Encoder
 from safetensors.torch import load_file
 
 import diffusion.train as train_module
-from codec.config import ConfigError
+from codec.common.config import ConfigError
 from diffusion.config import load_unet_config
 from diffusion.draws import TrainingDraws, eval_set
 from diffusion.pipeline import LatentDiffusionPipeline

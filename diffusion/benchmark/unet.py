@@ -193,7 +193,7 @@ def benchmark_attention_heads(
 def _pixels_of_shards(shards, images_dir: str | Path | None, count: int) -> torch.Tensor:
     """The first `count` training images as the encoder saw them (same resize and centre crop), decoded up front."""
     from codec.data import load_image_dataset
-    from codec.encode_dataset import ShardImages
+    from diffusion.shards.encode import ShardImages
 
     manifest = shards.manifest
     source = str(images_dir) if images_dir is not None else manifest["data"]["source"]
@@ -228,7 +228,7 @@ def benchmark_training_throughput(
     before the clock starts, so the ratio counts only the encoder's cost: a lower bound on the real saving, which
     also includes decoding and resizing every image at every epoch. One untimed warm-up step per side, then
     `steps` steps per side, alternating; images/s from each side's median step."""
-    from codec.encode_dataset import load_codec
+    from codec.model import load_codec
     from codec.fast import prepare_for_inference
     from diffusion.config import DiffusionConfig
     from diffusion.draws import TrainingDraws, shard_captions

@@ -1,4 +1,5 @@
-"""The one accelerate pitfall every entry point shares: multi-process launches on machines with no GPU.
+"""accelerate set-up for every entry point, and the one pitfall they share: multi-process launches on
+machines with no GPU.
 
 `accelerate launch --multi_gpu --num_processes N` on a CPU-only machine starts N processes with WORLD_SIZE=N,
 but unless accelerate is told to use the CPU, each process reports num_processes == 1: N independent runs, no
@@ -8,6 +9,7 @@ gradient averaging, every process encoding every shard. Passing cpu=True joins t
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -38,3 +40,27 @@ def process_state(consequence: str):
     state = PartialState(cpu=cpu_flag())
     check_process_group(state.num_processes, consequence)
     return state
+
+
+def make_accelerator(mixed_precision: str, grad_accum: int, output_dir: Path):
+    """The trainers' Accelerator: precision resolved (`auto`), TF32 on CUDA, tensorboard under output_dir, and
+    the process group checked (a multi-process launch that formed none would train N independent models)."""
+    from accelerate import Accelerator
+
+    has_cuda = torch.cuda.is_available()
+    precision = mixed_precision
+    if precision == "auto":
+        # fp32 on CPU: bf16 autocast there is measured, not assumed (docs/performance.md).
+        precision = "bf16" if has_cuda and torch.cuda.is_bf16_supported() else "no"
+    if has_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    accelerator = Accelerator(
+        cpu=cpu_flag(),
+        mixed_precision=precision,
+        gradient_accumulation_steps=grad_accum,
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+    )
+    check_process_group(accelerator.num_processes, "the processes would train independently")
+    return accelerator

@@ -9,16 +9,14 @@ uninterrupted run would have. Given the same number of threads per process: CPU 
 thread-count dependent order, which moves float32 latents by ~1e-6 and can flip the last float16 bit.
 
 Image decoding, resizing and cropping run in DataLoader workers while the main thread encodes, so the encoder is
-not left waiting on PIL. The file format is in codec/shards.py; the readers are in diffusion/shards.py.
+not left waiting on PIL. The file format is in format.py, the checker in verify.py, the reader in reader.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +29,15 @@ from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from codec import distributed
+from codec.common import distributed
+from codec.common.atomic import write_text_atomically
+from codec.common.draws import keyed_generator
 from codec.data import UnreadableImage, decode_image, load_image_dataset, pil_to_tensor, resize_shorter_side
 from codec.fast import prepare_for_inference
-from codec.model import codec_identity, encode_posterior, latent_shape, write_latent_stats
-from codec.shards import (
+from codec.model import codec_identity, encode_posterior, latent_shape, load_codec, write_latent_stats
+from diffusion.shards.format import (
     FORMAT,
     MANIFEST,
-    ShardError,
     ShardRecords,
     file_sha256,
     latent_sums,
@@ -64,23 +63,8 @@ SETTING_KEYS = ("codec_identity", "resolution", "crop", "seed", "shard_size", "n
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_codec(codec_dir: str | os.PathLike) -> AutoencoderKL:
-    """A diffusers AutoencoderKL folder (e.g. the `final/` the codec trainer exports), float32, eval mode.
-
-    Only safetensors weights are accepted: a pickled .bin could run arbitrary code on load.
-    """
-    path = Path(codec_dir)
-    if not (path / "config.json").is_file() or not (path / "diffusion_pytorch_model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"--codec {codec_dir}: expected a diffusers AutoencoderKL folder with config.json and "
-            f"diffusion_pytorch_model.safetensors (scripts/train_codec.py exports one as <output-dir>/final)"
-        )
-    vae = AutoencoderKL.from_pretrained(path, use_safetensors=True, torch_dtype=torch.float32)
-    return vae.eval().requires_grad_(False)
-
-
 def process_state() -> PartialState:
-    """Process index/count from accelerate (see codec.distributed for the CPU multi-process pitfall)."""
+    """Process index/count from accelerate (see codec.common.distributed for the CPU multi-process pitfall)."""
     return distributed.process_state("each process would encode every shard")
 
 
@@ -116,8 +100,7 @@ def crop_position(resized_w: int, resized_h: int, resolution: int, crop: str, se
     (seed, dataset index), so a record's crop is the same whichever process, worker or run encodes it."""
     if crop == "center":
         return (resized_w - resolution) // 2, (resized_h - resolution) // 2, False
-    digest = hashlib.blake2b(f"encode-crop:{seed}:{index}".encode(), digest_size=8).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    generator = keyed_generator("encode-crop", seed, index)
     left = int(torch.randint(resized_w - resolution + 1, (1,), generator=generator))
     top = int(torch.randint(resized_h - resolution + 1, (1,), generator=generator))
     flip = bool(torch.rand((), generator=generator) < 0.5)
@@ -279,16 +262,6 @@ def _remove_stale_temps(out: Path) -> None:
     for pattern in (".shard-*.safetensors.*.tmp", f".{MANIFEST}.*.tmp", f".{REJECTS}.*.tmp"):
         for tmp in out.glob(pattern):
             tmp.unlink(missing_ok=True)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Via a temp name and os.replace: a reader or a resumed run never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,113 +441,3 @@ def encode_dataset(
         timings.update(setup_seconds=loop_started - started_at, encode_loop_seconds=loop_ended - loop_started,
                        waiting_for_data_seconds=waited, finalize_seconds=time.perf_counter() - loop_ended)
     return json.loads((out / MANIFEST).read_text())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Verification
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def verify_shards(out: str | os.PathLike, codec_dir: str | os.PathLike | None = None) -> list[str]:
-    """Every problem found, as sentences naming the file; an empty list means the shards are intact.
-
-    Checks each shard's sha256 and record count against the manifest, the total counts, files the manifest does
-    not list, and (with `codec_dir`) that the manifest and every shard were made by that codec.
-    """
-    out = Path(out)
-    try:
-        manifest = read_manifest(out)
-    except (FileNotFoundError, ValueError) as exc:
-        return [str(exc)]
-    problems = []
-    identity = manifest["codec"]["identity"]
-    if codec_dir is not None:
-        given = codec_identity(load_codec(codec_dir))
-        if given != identity:
-            problems.append(f"{MANIFEST}: shards were made by codec {identity}, but --codec {codec_dir} is codec "
-                            f"{given}; its latents are not these")
-            identity = given
-    listed = {entry["file"] for entry in manifest["shards"]}
-    for extra in sorted(p.name for p in list_shard_files(out) if p.name not in listed):
-        problems.append(f"{extra}: a shard file the manifest does not list")
-    total = 0
-    for entry in manifest["shards"]:
-        path = out / entry["file"]
-        if not path.is_file():
-            problems.append(f"{entry['file']}: missing")
-            continue
-        if file_sha256(path) != entry["sha256"]:
-            problems.append(f"{entry['file']}: sha256 differs from the manifest (the file is damaged or was replaced)")
-        try:
-            header = read_shard_header(path)
-        except ShardError as exc:
-            problems.append(str(exc))
-            continue
-        total += header["records"]
-        if header["records"] != entry["records"]:
-            problems.append(f"{entry['file']}: {header['records']} records, the manifest says {entry['records']}")
-        if header["info"]["settings"]["codec_identity"] != identity:
-            problems.append(f"{entry['file']}: made by codec {header['info']['settings']['codec_identity']}, "
-                            f"expected {identity}")
-    if total != manifest["count"]:
-        problems.append(f"{MANIFEST}: count {manifest['count']} but the shards hold {total} records")
-    return problems
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Benchmark
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def benchmark_encode(codec_dir: str | os.PathLike, data: str | os.PathLike, batch_size: int, resolution: int,
-                     num_workers: int = 2, limit: int | None = None) -> dict:
-    """End-to-end encode throughput (decode, resize, crop, encode, write shards and manifest) against the bare
-    codec's `encode` on the same images at the same batch size, already decoded and cropped in memory.
-
-    Two ratios to the bare codec's images/s: `ratio` for the whole call (setup and manifest included: a fixed
-    cost of about a second that a real dataset amortises) and `ratio_encode_loop` for the loop from the first
-    batch requested to the last shard written, which shows whether data loading keeps up with the encoder. The
-    target is >= 0.9. Runs in this process only.
-    """
-    vae = prepare_for_inference(load_codec(codec_dir))  # as encode_dataset prepares it
-    dataset, column = load_image_dataset(os.fspath(data))
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    images = ShardImages(dataset, column, os.fspath(data), resolution, "center", 0, "none")
-    tick = time.perf_counter()
-    pixels = [item["pixels"] for item in (images[i] for i in range(count)) if "pixels" in item]
-    data_seconds = time.perf_counter() - tick
-    if not pixels:
-        raise ValueError(f"benchmark_encode: none of the first {count} images of {data} is readable")
-    batches = [torch.stack(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
-
-    def bare_codec_seconds() -> float:
-        with torch.inference_mode():
-            tick = time.perf_counter()
-            for batch in batches:
-                encode_posterior(vae, batch)
-            return time.perf_counter() - tick
-
-    with torch.inference_mode():
-        encode_posterior(vae, batches[0])  # warm-up: first-call allocations are not the codec's speed
-    before = bare_codec_seconds()
-    timings: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tick = time.perf_counter()
-        manifest = encode_dataset(codec_dir, data, Path(tmp) / "shards", resolution=resolution, batch_size=batch_size,
-                                  num_workers=num_workers, limit=count, progress=False, timings=timings)
-        seconds = time.perf_counter() - tick
-    # Timed before and after the end-to-end run, so a change in machine load during the benchmark biases neither.
-    bare_seconds = (before + bare_codec_seconds()) / 2
-    codec_rate = len(pixels) / bare_seconds
-    rate = manifest["count"] / seconds
-    loop_rate = manifest["count"] / timings["encode_loop_seconds"]
-    return {
-        "images": manifest["count"], "batch_size": batch_size, "resolution": resolution, "num_workers": num_workers,
-        "threads": torch.get_num_threads(), "data_ms_per_image": 1000 * data_seconds / count,
-        "codec_ms_per_image": 1000 * bare_seconds / len(pixels),
-        "end_to_end_seconds": seconds, "setup_seconds": timings["setup_seconds"],
-        "encode_loop_seconds": timings["encode_loop_seconds"], "finalize_seconds": timings["finalize_seconds"],
-        "waiting_for_data_seconds": timings["waiting_for_data_seconds"],
-        "codec_seconds": bare_seconds, "end_to_end_images_per_s": rate, "encode_loop_images_per_s": loop_rate,
-        "codec_images_per_s": codec_rate, "ratio": rate / codec_rate, "ratio_encode_loop": loop_rate / codec_rate,
-    }

@@ -2,9 +2,10 @@ import json
 import logging
 
 import pytest
+import torch
 
-from codec.checkpoints import resolve_resume
-from codec.config import ConfigError
+from codec.common.checkpoints import resolve_resume
+from codec.common.config import ConfigError
 
 
 def _checkpoint(root, step, **state):
@@ -27,6 +28,27 @@ def test_resume_checks_the_recorded_network_and_warns_when_there_is_none(tmp_pat
 
     old = tmp_path / "old"
     legacy = _checkpoint(old, 5)  # written before checkpoints recorded their network
-    with caplog.at_level(logging.WARNING, logger="codec.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="codec.common.checkpoints"):
         assert resolve_resume(old, "latest", other) == (legacy, 5)
     assert "resumed unchecked" in caplog.text
+
+
+def test_ema_weights_swaps_in_and_restores():
+    from diffusers.training_utils import EMAModel
+
+    from codec.common.checkpoints import ema_weights
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMAModel(model.parameters(), decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    model.train()
+    with ema_weights(ema, model) as inside:
+        assert inside is model and not model.training
+        assert torch.equal(model.weight, torch.ones(1, 2))  # the EMA's weights, not the trained ones
+    assert model.training and torch.equal(model.weight, torch.full((1, 2), 3.0))
+    with ema_weights(None, model):  # no EMA kept: the model's own weights, in eval mode
+        assert not model.training and torch.equal(model.weight, torch.full((1, 2), 3.0))
+    assert model.training

@@ -15,19 +15,21 @@ import pytest
 import torch
 from PIL import Image
 
-import codec.encode_dataset as encode_module
+import diffusion.shards.encode as encode_module
 from codec.config import load_codec_config
 from codec.data import decode_image, pil_to_tensor, resize_shorter_side
-from codec.encode_dataset import encode_dataset, verify_shards
-from codec.model import build_autoencoder, codec_identity, encode_posterior
-from codec.shards import read_shard, shard_filename
+from codec.model import build_autoencoder, codec_identity, encode_posterior, load_codec
+from diffusion.benchmark.shards import benchmark_encode
+from diffusion.shards.encode import encode_dataset
+from diffusion.shards.format import read_shard, shard_filename
+from diffusion.shards.verify import verify_shards
 from tests.conftest import CONFIGS, ROOT
 
 RES = 64  # tiny codec is f8: 64x64 images -> 4x8x8 latents
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Helpers (also used by tests/diffusion/test_shards.py)
+# Helpers (also used by tests/diffusion/shards/test_reader.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -247,7 +249,7 @@ def test_unusual_modes_are_encoded_and_the_broken_file_is_rejected(codec_dir, tm
     assert shard.ids == ["a_cmyk.jpg", "b_16bit.png", "c_rgba.png", "d_gray.png"]
     assert shard.original_size.tolist() == [[70, 90], [80, 70], [100, 64], [75, 75]]
     # Each record's latents are the codec's encoding of exactly the crop and flip it records.
-    vae = encode_module.load_codec(codec_dir)
+    vae = load_codec(codec_dir)
     for row, name in enumerate(shard.ids):
         img = resize_shorter_side(decode_image(str(tmp_path / "odd" / name)), RES)
         assert [img.size[1], img.size[0]] == shard.resized_size[row].tolist()
@@ -292,7 +294,7 @@ def test_captions_from_metadata_jsonl_and_from_txt_sidecars(codec_dir, tmp_path)
 def test_write_scaling_factor_changes_only_the_codec_config(tmp_path, photos):
     codec = make_codec(tmp_path / "codec", mean_gain=6.0)
     weights = (codec / "diffusion_pytorch_model.safetensors").read_bytes()
-    identity = codec_identity(encode_module.load_codec(codec))
+    identity = codec_identity(load_codec(codec))
     manifest = encode_dataset(codec, photos, tmp_path / "out", resolution=RES, num_workers=0, progress=False,
                               write_scaling_factor=True, limit=6)
     config = json.loads((codec / "config.json").read_text())
@@ -300,8 +302,8 @@ def test_write_scaling_factor_changes_only_the_codec_config(tmp_path, photos):
     assert manifest["scaling_factor"] == pytest.approx(1 / manifest["latent_stats"]["std"])
     assert config["scaling_factor"] < 0.7  # the 6x mean gain makes these latents ~1.7x wider than unit scale
     assert (codec / "diffusion_pytorch_model.safetensors").read_bytes() == weights
-    assert codec_identity(encode_module.load_codec(codec)) == identity  # still the same codec for resume/verify
-    assert encode_module.load_codec(codec).config.scaling_factor == pytest.approx(manifest["scaling_factor"])
+    assert codec_identity(load_codec(codec)) == identity  # still the same codec for resume/verify
+    assert load_codec(codec).config.scaling_factor == pytest.approx(manifest["scaling_factor"])
 
 
 def test_cli_help_explains_every_flag(capsys):
@@ -327,7 +329,7 @@ def test_benchmark_encode_rates_are_consistent_and_timings_change_no_output(code
     assert set(timings) == {"setup_seconds", "encode_loop_seconds", "waiting_for_data_seconds", "finalize_seconds"}
     assert 0 <= timings["waiting_for_data_seconds"] <= timings["encode_loop_seconds"]
 
-    result = encode_module.benchmark_encode(codec_dir, photos, batch_size=4, resolution=RES, num_workers=1)
+    result = benchmark_encode(codec_dir, photos, batch_size=4, resolution=RES, num_workers=1)
     assert result["images"] == 9  # 10 files, one broken: the bare codec side skips it too
     parts = result["setup_seconds"] + result["encode_loop_seconds"] + result["finalize_seconds"]
     assert parts <= result["end_to_end_seconds"]

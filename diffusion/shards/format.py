@@ -1,4 +1,5 @@
-"""The latent shard file: one safetensors file per block of dataset indices, written atomically.
+"""The latent shard format: one safetensors file per block of dataset indices, written atomically, and the
+manifest that lists them.
 
 A shard `shard-00042.safetensors` holds, for N records (N <= shard size; rejected images leave no record):
 
@@ -29,6 +30,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
+
+from codec.common.atomic import write_bytes_atomically
 
 FORMAT = "latent-shards/1"
 MANIFEST = "manifest.json"
@@ -172,22 +175,15 @@ def _check_records(records: ShardRecords) -> None:
 def write_shard(path: str | os.PathLike, records: ShardRecords, info: dict) -> str:
     """Write one shard atomically and return its sha256.
 
-    The bytes go to a temp name in the same folder, are flushed to disk, then os.replace'd: a kill at any
-    moment leaves either no shard or a complete one, never a half file that a resumed run would skip.
+    The bytes go to a temp name in the same folder, are flushed to disk, then renamed (codec/common/atomic.py):
+    a kill at any moment leaves either no shard or a complete one, never a half file that a resumed run would
+    skip.
     """
     _check_records(records)
     path = Path(path)
     meta = {"format": FORMAT, "info": info, "ids": list(records.ids), "captions": list(records.captions)}
     payload = safetensors_bytes(records.tensors(), {METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomically(path, payload, fsync=True)
     return hashlib.sha256(payload).hexdigest()
 
 
@@ -221,7 +217,7 @@ def read_shard_header(path: str | os.PathLike) -> dict:
 
 
 def read_shard(path: str | os.PathLike) -> ShardRecords:
-    """All records of one shard, loaded into memory (the readers in diffusion/shards.py memory-map instead)."""
+    """All records of one shard, loaded into memory (the reader in diffusion/shards/reader.py memory-maps instead)."""
     header = read_shard_header(path)
     with safe_open(str(path), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in TENSOR_NAMES}

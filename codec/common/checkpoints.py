@@ -1,11 +1,13 @@
 """Checkpoints shared by the codec and U-Net trainers: accelerate's save_state written atomically, resume,
-and EMA weights kept as safetensors."""
+and EMA weights kept as safetensors and swapped in for validation and export."""
 
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,7 +16,8 @@ from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from codec.config import ConfigError
+from codec.common.atomic import folder_temp_name, replace_folder
+from codec.common.config import ConfigError
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -67,7 +70,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
     """save_state into a temporary folder, renamed when complete: a kill mid-save never leaves a checkpoint
     that `--resume latest` would pick up half-written."""
     root = output_dir / "checkpoints"
-    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
+    final = root / f"step_{step:08d}"
+    tmp = folder_temp_name(final)
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
@@ -75,9 +79,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({**(extra or {}), "step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        replace_folder(tmp, final)
         for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -113,3 +115,19 @@ def keep_ema_in_checkpoints(accelerator: Accelerator, ema: EMAModel, model: torc
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
+
+
+@contextmanager
+def ema_weights(ema: EMAModel | None, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` in eval mode holding the EMA weights (when kept), restored to its training weights and mode after.
+    Validation measures the weights that will be exported, and training continues from its own."""
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train()
+        if ema is not None:
+            ema.restore(model.parameters())

@@ -1,0 +1,65 @@
+"""Files and folders that appear complete or not at all.
+
+Every output a later run or reader trusts (checkpoints, exported models, shards, manifests, bundled photos,
+reports) is written under a temporary name in the same folder and renamed into place: a kill at any moment
+leaves the old version or the new one, never half a file that a resumed run would take as done.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def temp_name(path: Path) -> Path:
+    """A hidden name beside `path`, unique to this process, whose suffix no image or shard reader picks up."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], fsync: bool = False) -> None:
+    """`write(tmp)` writes the file at a temp name, which then replaces `path` (os.replace is atomic)."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        write(tmp)
+        if fsync:  # the bytes reach the disk before the name does: a power cut cannot leave an empty file
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes_atomically(path: str | os.PathLike, payload: bytes, fsync: bool = False) -> None:
+    write_atomically(path, lambda tmp: tmp.write_bytes(payload), fsync=fsync)
+
+
+def folder_temp_name(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Put the complete folder `tmp` in the place of `path` (an older `path` is removed first)."""
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+@contextmanager
+def folder_atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty `<path>.tmp` to fill; when the block ends without error it replaces `path`. After an error
+    `path` is untouched and the temp folder is cleared by the next call."""
+    final = Path(path)
+    tmp = folder_temp_name(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    replace_folder(tmp, final)

@@ -1,0 +1,55 @@
+"""A run's human-readable and machine-readable records: console + train.log, history.jsonl, tracker hparams."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def start_run_logging(log: logging.Logger, main: bool, output_dir: Path) -> logging.Handler | None:
+    """INFO to stdout and <output_dir>/train.log on the main process, warnings only on the others. Returns the
+    file handler for stop_run_logging, so a second run in the same process does not write into this run's log."""
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    if not log.handlers:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(console)
+    if not main:
+        return None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(output_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return handler
+
+
+def stop_run_logging(log: logging.Logger, handler: logging.Handler | None) -> None:
+    if handler is not None:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def append_history(output_dir: Path, record: dict) -> None:
+    """One JSON line per log or validation event (loss curves and PSNR-vs-time plots are drawn from it)."""
+    with open(output_dir / "history.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_history(output_dir: Path) -> list[dict]:
+    """The records append_history wrote, oldest first; empty when the run logged nothing yet."""
+    path = Path(output_dir) / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+    """A nested config as the flat {dotted.key: scalar} mapping tensorboard's hparams accept."""
+    out = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_hparams(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -1,0 +1,35 @@
+"""The optimizer settings both trainers share, and the learning rate as a pure function of the step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the codec's defaults (latent-diffusion's autoencoder betas); diffusion.config overrides them."""
+
+    lr: float = 1.0e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    max_grad_norm: float | None = 1.0
+
+
+def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`.
+
+    A pure function of the step (no scheduler object): resuming needs nothing but the step, and the rate does
+    not depend on how many processes step a scheduler (accelerate steps a prepared one once per process)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

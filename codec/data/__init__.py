@@ -1,0 +1,27 @@
+"""Image data for the codec: robust decoding, where images come from, and reproducible crops.
+
+    images.py    any stored image -> RGB pixels, or UnreadableImage with a reason; PIL <-> tensor
+    sources.py   image folders, saved datasets, parquet/arrow, the Hub, the bundled photos -> a `datasets` table
+    crops.py     the torch datasets the codec trains and validates on (draw-keyed crops, centre crops)
+
+The names below are the package's public API, importable from `codec.data` directly.
+"""
+
+from codec.data.crops import CenterCrops, TrainCrops
+from codec.data.images import UnreadableImage, decode_image, pil_to_tensor, resize_shorter_side, tensor_to_pil, to_rgb
+from codec.data.sources import BUNDLED_TRAIN, BUNDLED_VAL, bundled_photos, load_image_dataset
+
+__all__ = [
+    "BUNDLED_TRAIN",
+    "BUNDLED_VAL",
+    "CenterCrops",
+    "TrainCrops",
+    "UnreadableImage",
+    "bundled_photos",
+    "decode_image",
+    "load_image_dataset",
+    "pil_to_tensor",
+    "resize_shorter_side",
+    "tensor_to_pil",
+    "to_rgb",
+]

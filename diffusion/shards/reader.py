@@ -1,0 +1,110 @@
+"""Read the latent shards written by diffusion/shards/encode.py, so diffusion trains without running the encoder.
+
+`LatentShards` gives random access to every record of every shard, memory-mapped through safetensors: a record
+costs one small read and nothing is loaded whole, so a dataset larger than memory trains as well as a small
+one (the U-Net trainer draws its records through it: diffusion/draws.py). Latents come out in the diffusion
+model's space, z * scaling_factor, where scaling_factor comes from the manifest: 1 / std of the latents sampled
+from the posterior over the whole encoded dataset (docs/shards.md).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from diffusion.shards.format import read_manifest, read_shard_header
+
+
+class LatentShards(torch.utils.data.Dataset):
+    """Random access to all records of all shards in manifest order.
+
+    `dataset[i]` -> {"mean", "logvar": float32 (C, h, w) unscaled posterior parameters, "caption", "id",
+    "index": the record's row in the source dataset}. `latents(i)` is the scaled sample the diffusion model
+    trains on. `verify_codec`: a codec identity (codec.model.codec_identity); refuse shards made by another.
+    """
+
+    def __init__(self, shards_dir: str | os.PathLike, verify_codec: str | None = None):
+        self.shards_dir = Path(shards_dir)
+        self.manifest = read_manifest(shards_dir)
+        identity = self.manifest["codec"]["identity"]
+        if verify_codec is not None and verify_codec != identity:
+            raise ValueError(
+                f"{shards_dir} was encoded by codec {identity}, not by codec {verify_codec}: its latents mean nothing "
+                f"to a model of the other codec. Re-encode the dataset with scripts/encode_dataset.py --codec <yours>"
+            )
+        self.scaling_factor = float(self.manifest["scaling_factor"])
+        self._files: list[Path] = []
+        self._starts: list[int] = []
+        self._ids: list[str] = []
+        self._captions: list[str] = []
+        for entry in self.manifest["shards"]:
+            path = self.shards_dir / entry["file"]
+            header = read_shard_header(path)
+            if header["records"] != entry["records"]:
+                raise ValueError(
+                    f"{path} holds {header['records']} records but the manifest says {entry['records']}; run "
+                    f"`scripts/encode_dataset.py verify {shards_dir}` and re-encode the damaged shards"
+                )
+            self._starts.append(len(self._ids))
+            self._files.append(path)
+            self._ids.extend(header["ids"])
+            self._captions.extend(header["captions"])
+        self._handles: dict[int, object] = {}
+        self._handles_pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # open files do not travel to worker processes; each reopens its own
+        return state
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"record {i} is out of range for {n} records in {self.shards_dir}")
+        i = i % n
+        shard = bisect.bisect_right(self._starts, i) - 1
+        return shard, i - self._starts[shard]
+
+    def _handle(self, shard: int):
+        if self._handles_pid != os.getpid():  # a forked worker: the parent's handles are not ours to share
+            self._handles, self._handles_pid = {}, os.getpid()
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self._files[shard]), framework="pt")
+        return self._handles[shard]
+
+    def _row(self, shard: int, row: int, name: str) -> torch.Tensor:
+        return self._handle(shard).get_slice(name)[row : row + 1][0]
+
+    def __getitem__(self, i: int) -> dict:
+        shard, row = self._locate(int(i))
+        position = self._starts[shard] + row
+        return {
+            "mean": self._row(shard, row, "mean").float(),
+            "logvar": self._row(shard, row, "logvar").float(),
+            "caption": self._captions[position],
+            "id": self._ids[position],
+            "index": int(self._row(shard, row, "index")),
+        }
+
+    def latents(self, i: int, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+        """Scaled latent of record i: (mean + exp(logvar / 2) * eps) * scaling_factor, or mean * scaling_factor."""
+        record = self[i]
+        z = record["mean"]
+        if sample:
+            z = z + torch.exp(0.5 * record["logvar"]) * torch.randn(z.shape, generator=generator)
+        return self.scale(z)
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """Codec latents -> the unit-variance space the diffusion model works in."""
+        return z * self.scaling_factor
+
+    def unscale(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of scale: what the codec's decoder takes."""
+        return z / self.scaling_factor
