@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from torchvision.utils import make_grid
 
+from codec.common.atomic import write_atomically
 from codec.data import CenterCrops, bundled_photos, load_image_dataset, pil_to_tensor, tensor_to_pil
 from codec.fast import prepare_for_inference
 from codec.losses import LPIPSBackboneMissing, build_lpips, lpips_backbone_path, ms_ssim_scales
@@ -67,9 +68,7 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write atomically: a reader never sees half a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
     return path
 
 

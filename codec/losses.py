@@ -74,6 +74,7 @@ class VAELoss:
     rec: torch.Tensor  # mean pixel term (for logs)
     perceptual: torch.Tensor  # mean perceptual term (for logs; 0 when off)
     kl: torch.Tensor  # KL summed per sample, batch mean (the field's unit)
+    kl_weight: float  # the β it was weighted with
 
 
 def vae_loss(
@@ -83,6 +84,7 @@ def vae_loss(
     logvar: torch.Tensor,
     nll_logvar: torch.Tensor,
     kl_weight: float,
+    *,
     pixel: str = "l1",
     pixel_weight: float = 1.0,
     perceptual: "PerceptualLoss | None" = None,
@@ -98,7 +100,22 @@ def vae_loss(
     nll = gaussian_nll(rec_map, nll_logvar).flatten(1).sum(1) / pixels_per_sample
     kl = kl_divergence(mean, logvar)
     total = (nll + kl_weight * kl / pixels_per_sample).mean()
-    return VAELoss(total=total, nll=nll.mean(), rec=pixel_loss(x, recon, pixel).mean().detach(), perceptual=p.mean().detach(), kl=kl.mean().detach())
+    return VAELoss(total=total, nll=nll.mean(), rec=pixel_loss(x, recon, pixel).mean().detach(),
+                   perceptual=p.mean().detach(), kl=kl.mean().detach(), kl_weight=kl_weight)
+
+
+class CodecLoss:
+    """`vae_loss` with the settings of `cfg.loss` bound once and β taken from its schedule at each step, so the
+    training loop's call names only what changes: the batch, its reconstruction, the posterior and the step."""
+
+    def __init__(self, cfg: LossConfig, perceptual: "PerceptualLoss | None"):
+        self.cfg, self.perceptual = cfg, perceptual
+
+    def __call__(self, x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
+                 nll_logvar: torch.Tensor, step: int) -> VAELoss:
+        cfg = self.cfg
+        return vae_loss(x, recon, mean, logvar, nll_logvar, kl_weight_at(step, cfg), pixel=cfg.pixel,
+                        pixel_weight=cfg.pixel_weight, perceptual=self.perceptual, perceptual_weight=cfg.perceptual_weight)
 
 
 # ---------------------------------------------------------------------------------------------------------

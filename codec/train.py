@@ -31,20 +31,11 @@ from codec.common.config import to_dict
 from codec.common.distributed import make_accelerator
 from codec.common.draws import DrawSampler
 from codec.common.logs import append_history, flat_hparams, start_run_logging, stop_run_logging
-from codec.common.optim import learning_rate, set_learning_rate
+from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
 from codec.config import CodecConfig, DataConfig
 from codec.data import CenterCrops, TrainCrops, bundled_photos, load_image_dataset
 from codec.evaluate import evaluate_reconstructions, save_png, validation_grid
-from codec.losses import (
-    PatchDiscriminator,
-    adaptive_gan_weight,
-    build_perceptual,
-    discriminator_loss,
-    frozen,
-    hinge_g_loss,
-    kl_weight_at,
-    vae_loss,
-)
+from codec.losses import CodecLoss, PatchDiscriminator, adaptive_gan_weight, build_perceptual, discriminator_loss, frozen, hinge_g_loss
 from codec.model import CodecForTraining, build_autoencoder, codec_identity, compression_ratio, latent_statistics, write_latent_stats
 from codec.warm_start import thumbnail_init
 
@@ -163,6 +154,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     perceptual, perceptual_used = build_perceptual(cfg.loss)
     if perceptual is not None:
         perceptual.to(accelerator.device)
+    criterion = CodecLoss(cfg.loss, perceptual)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     use_gan = cfg.loss.gan_weight > 0
@@ -235,7 +227,6 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         schedule_step = step if budget is None else max(step, round(cfg.train.max_steps * train_seconds / budget))
         lr = learning_rate(schedule_step, cfg.optim, cfg.train.max_steps)
         set_learning_rate(optimizer, lr)
-        beta = kl_weight_at(step, cfg.loss)
         gan_on = use_gan and step >= cfg.loss.disc_start
         batch = next(batches)
         images = batch["pixels"]
@@ -246,8 +237,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         with accelerator.accumulate(*( [model, disc] if use_gan else [model] )):
             with accelerator.autocast():
                 recon, mean, logvar = model(images, draws)
-                parts = vae_loss(images, recon, mean, logvar, inner.logvar, beta, cfg.loss.pixel,
-                                 cfg.loss.pixel_weight, perceptual, cfg.loss.perceptual_weight)
+                parts = criterion(images, recon, mean, logvar, inner.logvar, step)
                 loss = parts.total
                 g_loss = gan_weight = torch.zeros((), device=images.device)
                 if gan_on:
@@ -256,21 +246,13 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
                         g_loss = hinge_g_loss(d(recon))
                     gan_weight = cfg.loss.gan_weight * adaptive_gan_weight(parts.nll, g_loss, last_layer, cfg.loss.adaptive_weight_max)
                     loss = loss + gan_weight * g_loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            backward_and_step(accelerator, loss, optimizer, trainable, cfg.optim.max_grad_norm)
 
             d_loss = torch.zeros((), device=images.device)
             if gan_on:
                 with accelerator.autocast():
                     d_loss = discriminator_loss(disc, images, recon)
-                accelerator.backward(d_loss)
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(disc.parameters(), cfg.optim.max_grad_norm)
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
+                backward_and_step(accelerator, d_loss, opt_d, disc.parameters(), cfg.optim.max_grad_norm)
 
         images_since += images.shape[0] * accelerator.num_processes
         train_seconds += time.perf_counter() - started
@@ -285,7 +267,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
             elapsed = train_seconds - seconds_at_log
             logs = {
                 "loss/total": loss.item(), "loss/rec": parts.rec.item(), "loss/perceptual": parts.perceptual.item(),
-                "loss/kl": parts.kl.item(), "loss/nll_logvar": inner.logvar.item(), "loss/kl_weight": beta,
+                "loss/kl": parts.kl.item(), "loss/nll_logvar": inner.logvar.item(), "loss/kl_weight": parts.kl_weight,
                 "loss/g": g_loss.item(), "loss/gan_weight": float(gan_weight), "loss/d": d_loss.item(),
                 "lr": lr, "images_per_s": images_since / max(elapsed, 1e-9),
             }

@@ -38,7 +38,7 @@ from codec.common.config import to_dict
 from codec.common.distributed import make_accelerator
 from codec.common.draws import DrawSampler
 from codec.common.logs import append_history, flat_hparams, start_run_logging, stop_run_logging
-from codec.common.optim import learning_rate, set_learning_rate
+from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
 from codec.evaluate import save_png
 from codec.model import codec_identity, compression_ratio, load_codec
 from diffusion.config import UNetTrainingConfig
@@ -241,11 +241,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
             if cfg.diffusion.snr_gamma is not None:
                 weights = min_snr_weight(snr(noise_scheduler, timesteps), cfg.diffusion.snr_gamma, cfg.diffusion.prediction_type)
             loss = diffusion_loss(prediction, target, weights)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            backward_and_step(accelerator, loss, optimizer, unet.parameters(), cfg.optim.max_grad_norm)
 
         latents_since += latents.shape[0] * accelerator.num_processes
         if not accelerator.sync_gradients:

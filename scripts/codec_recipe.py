@@ -19,10 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from codec.common.logs import read_history
 
-from codec.common.logs import read_history  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/ and data/ paths are relative to it
 
 # name -> (description, overrides on configs/codec/small.yaml)
 VARIANTS: dict[str, tuple[str, list[str]]] = {

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from codec.common.config import ConfigError  # noqa: E402
-from diffusion.demo import load_demo_config, run_demo  # noqa: E402
+from codec.common.config import ConfigError
+from diffusion.demo.run import load_demo_config, run_demo
 
 
 def main(argv=None) -> int:

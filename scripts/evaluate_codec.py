@@ -17,10 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from codec.evaluate import evaluate_codec, quality_table  # noqa: E402
-from codec.metrics import InceptionUnavailable  # noqa: E402
+from codec.evaluate import evaluate_codec, quality_table
+from codec.metrics import InceptionUnavailable
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from codec.data import CenterCrops, bundled_photos, load_image_dataset
+from codec.linear_codec import FITTED, fit, initial
+from codec.metrics import psnr, quantise
+from codec.quality import thumbnail_baseline
 
-from codec.data import CenterCrops, bundled_photos, load_image_dataset  # noqa: E402
-from codec.linear_codec import FITTED, fit, initial  # noqa: E402
-from codec.metrics import psnr, quantise  # noqa: E402
-from codec.quality import thumbnail_baseline  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/ and data/ paths are relative to it
 
 
 def crops(source: str, size: int) -> torch.Tensor:

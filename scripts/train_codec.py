@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from codec.common.config import ConfigError  # noqa: E402
-from codec.config import load_codec_config  # noqa: E402
+from codec.common.config import exit_status, trainer_overrides
+from codec.config import load_codec_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,14 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    overrides = list(args.set)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    try:
-        cfg = load_codec_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_codec_config(args.config, trainer_overrides(args.set, args.max_steps))
     # Paths are taken verbatim, not parsed as YAML values like --set's (a folder named `2024` or `null`).
     if args.data:
         cfg.data.train = args.data
@@ -55,11 +49,7 @@ def main(argv=None) -> int:
         cfg.data.val = None  # validate on the user's own images, held out of their training set
     from codec.train import train_codec
 
-    try:
-        result = train_codec(cfg, resume=args.resume)
-    except ConfigError as exc:  # found only with the data in hand: a checkpoint of another network, say
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = train_codec(cfg, resume=args.resume)
     print(f"codec exported to {result.final} after {result.step} steps")
     return 0
 

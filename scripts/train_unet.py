@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from codec.common.config import ConfigError  # noqa: E402
-from diffusion.config import load_unet_config  # noqa: E402
+from codec.common.config import exit_status, trainer_overrides
+from diffusion.config import load_unet_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,14 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    overrides = list(args.set)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    try:
-        cfg = load_unet_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_unet_config(args.config, trainer_overrides(args.set, args.max_steps))
     # Paths are taken verbatim, not parsed as YAML values like --set's.
     cfg.shards = args.shards or cfg.shards
     cfg.codec = args.codec or cfg.codec
@@ -61,11 +55,7 @@ def main(argv=None) -> int:
         return 2
     from diffusion.train import train_unet
 
-    try:
-        result = train_unet(cfg, resume=args.resume)
-    except ConfigError as exc:  # found only with the data in hand: a checkpoint of another network, say
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = train_unet(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         print(f"pipeline exported to {result.pipeline} after {result.step} steps")
     return 0

@@ -8,8 +8,10 @@ keys are an error that names the key, because a typo that silently falls back to
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,21 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple
         return from_dict(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+def exit_status(command: Callable[[], int]) -> int:
+    """A command's exit status: a ConfigError (in the config, or found later with the data in hand, such as a
+    checkpoint of another network) is one line on stderr and status 2, not a traceback."""
+    try:
+        return command()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def trainer_overrides(sets: list[str], max_steps: int | None) -> list[str]:
+    """A trainer command's `--set key=value` list, with `--max-steps N` as the last word on train.max_steps."""
+    return [*sets, *([f"train.max_steps={max_steps}"] if max_steps is not None else [])]
 
 
 def to_dict(config: Any) -> dict:

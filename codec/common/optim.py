@@ -1,4 +1,4 @@
-"""The optimizer settings both trainers share, and the learning rate as a pure function of the step."""
+"""The optimizer settings both trainers share, the learning rate as a pure function of the step, and the step."""
 
 from __future__ import annotations
 
@@ -33,3 +33,13 @@ def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
 def set_learning_rate(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def backward_and_step(accelerator, loss, optimizer, parameters, max_grad_norm: float | None) -> None:
+    """Backpropagate `loss` through accelerate (scaling, DDP averaging), clip the gradient norm on the steps
+    where gradients are synchronised (clipping a half-accumulated gradient would clip the wrong norm), step."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm:
+        accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -12,6 +12,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from codec.common.atomic import write_atomically
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Dataset loading
@@ -144,12 +146,8 @@ def _write_png_atomically(array: np.ndarray, path: pathlib.Path) -> None:
     """Write via a temp name and os.replace, so a crash never leaves a half PNG that later reads as truncated."""
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"bundled photo for {path.name} is {array.dtype} {array.shape}, expected uint8 (H, W, 3)")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not an image suffix: imagefolder ignores it
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # The temp name has no image suffix, so an imagefolder read meanwhile does not pick it up.
+    write_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def bundled_photos(root: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:

@@ -1,6 +1,6 @@
 import pytest
 
-from codec.common.config import ConfigError
+from codec.common.config import ConfigError, exit_status, trainer_overrides
 from codec.config import CodecConfig, load_codec_config
 from tests.conftest import CONFIGS
 
@@ -51,3 +51,23 @@ def test_wrong_type_and_bad_choice_are_errors():
         load_codec_config(None, ["model.norm_num_groups=7"])
     with pytest.raises(ConfigError, match="key=value"):
         load_codec_config(None, ["train.max_steps"])
+
+
+def test_trainer_command_max_steps_wins_over_set():
+    overrides = trainer_overrides(["train.max_steps=5", "train.batch_size=2"], 9)
+    cfg = load_codec_config(CONFIGS / "codec" / "tiny.yaml", overrides)
+    assert (cfg.train.max_steps, cfg.train.batch_size) == (9, 2)
+    assert trainer_overrides(["train.max_steps=5"], None) == ["train.max_steps=5"]
+    with pytest.raises(ConfigError, match=r"train.batch_size and train.grad_accum must be >= 1"):
+        load_codec_config(None, trainer_overrides(["train.grad_accum=0"], 3))
+
+
+def test_exit_status_is_2_with_one_line_for_a_config_error(capsys):
+    def failing() -> int:
+        load_codec_config(None, ["train.max_steps=many"])
+        return 0
+
+    assert exit_status(failing) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "train.max_steps" in err and err.count("\n") == 1
+    assert exit_status(lambda: 0) == 0

@@ -6,6 +6,7 @@ import torchvision
 
 from codec.config import LossConfig
 from codec.losses import (
+    CodecLoss,
     LPIPSBackboneMissing,
     PatchDiscriminator,
     adaptive_gan_weight,
@@ -22,8 +23,8 @@ from codec.losses import (
     ms_ssim_scales,
     vae_loss,
 )
-from codec.model import CodecForTraining, build_autoencoder
 from codec.config import ModelConfig
+from codec.model import CodecForTraining, build_autoencoder
 
 TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False)
 
@@ -68,6 +69,22 @@ def test_vae_loss_closed_form_without_perceptual():
     out = vae_loss(x, recon, mean, logvar, s, 0.0, pixel="mse")
     torch.testing.assert_close(out.total, ((x - recon).pow(2) / math.exp(0.7) + 0.7).mean())
     torch.testing.assert_close(gaussian_nll(torch.tensor(2.0), s), 2.0 / torch.exp(s) + s)
+
+
+def test_codec_loss_binds_the_config_and_follows_the_kl_schedule():
+    torch.manual_seed(0)
+    x, recon = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    mean, logvar = torch.randn(2, 4, 1, 1), torch.randn(2, 4, 1, 1)
+    cfg = LossConfig(pixel="mse", pixel_weight=2.0, kl_weight=0.4, kl_schedule="linear", kl_warmup_steps=10)
+    criterion = CodecLoss(cfg, perceptual=None)
+    n = 3 * 8 * 8
+    at_5 = criterion(x, recon, mean, logvar, torch.tensor(0.0), step=5)
+    assert at_5.kl_weight == pytest.approx(0.2)  # half-way up the warm-up
+    expected = 2.0 * (x - recon).pow(2).mean() + 0.2 * kl_divergence(mean, logvar).mean() / n
+    torch.testing.assert_close(at_5.total, expected)
+    at_50 = criterion(x, recon, mean, logvar, torch.tensor(0.0), step=50)
+    assert at_50.kl_weight == pytest.approx(0.4)
+    torch.testing.assert_close(at_50.total - at_5.total, 0.2 * kl_divergence(mean, logvar).mean() / n)
 
 
 def test_hinge_losses_closed_form():

@@ -19,3 +19,27 @@ def test_set_learning_rate_reaches_every_group():
     optimizer = torch.optim.AdamW([{"params": [a]}, {"params": [b], "lr": 3.0}], lr=1.0)
     set_learning_rate(optimizer, 0.25)
     assert [group["lr"] for group in optimizer.param_groups] == [0.25, 0.25]
+
+
+def test_backward_and_step_clips_only_the_synchronised_step(fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    from codec.common.optim import backward_and_step
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    weight = torch.nn.Parameter(torch.zeros(4))
+    model = torch.nn.Module()
+    model.weight = weight
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Two micro-batches of one step; accelerate halves each loss: gradient 2.5 + 2.5 per element, norm 10.
+    with accelerator.accumulate(model):
+        backward_and_step(accelerator, 5.0 * weight.sum(), optimizer, [weight], max_grad_norm=1.0)
+    # Half-way: neither clipped nor applied, and kept for the second micro-batch.
+    torch.testing.assert_close(weight.grad, torch.full((4,), 2.5))
+    assert torch.equal(weight.detach(), torch.zeros(4))
+    with accelerator.accumulate(model):
+        backward_and_step(accelerator, 5.0 * weight.sum(), optimizer, [weight], max_grad_norm=1.0)
+    # Clipped to norm 1 on the synchronised step, then applied: -0.5 per element (unclipped: -5).
+    torch.testing.assert_close(weight.detach(), torch.full((4,), -0.5))
+    assert weight.grad is None  # zeroed for the next step

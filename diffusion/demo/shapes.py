@@ -2,7 +2,7 @@
 
 A tiny text-conditioned diffusion model trained for minutes on a CPU cannot learn photographs, but it can learn
 "a red circle at the top left on a navy background". Every attribute of such a caption is checkable from pixels
-(see diffusion/adherence.py), so the demo can measure prompt adherence instead of eyeballing it.
+(see diffusion/demo/adherence.py), so the demo can measure prompt adherence instead of eyeballing it.
 
 Everything is a pure function of its inputs: a scene of a seed, an image of a scene. The palette is chosen for the
 checker, not for looks: object colours sit near the corners of the RGB cube (pairwise >= 140 apart in 8-bit RGB) and
@@ -119,7 +119,7 @@ def _article(word: str) -> str:
 
 
 def caption(scene: ShapeScene) -> str:
-    """'a red circle at the top left on a navy background'; diffusion/adherence.py parses exactly this grammar."""
+    """'a red circle at the top left on a navy background'; diffusion/demo/adherence.py parses exactly this grammar."""
     return (f"{_article(scene.color)} {scene.color} {scene.shape} {POSITION_PHRASES[scene.position]} "
             f"on {_article(scene.background)} {scene.background} background")
 

@@ -5,7 +5,7 @@ import json
 import torch
 import yaml
 
-from diffusion.demo import load_demo_config, run_demo
+from diffusion.demo.run import load_demo_config, run_demo
 
 PROMPTS = ["a red circle in the center on a black background", "a blue square at the top left on a navy background"]
 

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from skimage.measure import label, regionprops
 
-from diffusion.shapes import BACKGROUND_COLORS, OBJECT_COLORS, POSITION_PHRASES, POSITIONS, SHAPES, STAR_INNER
+from diffusion.demo.shapes import BACKGROUND_COLORS, OBJECT_COLORS, POSITION_PHRASES, POSITIONS, SHAPES, STAR_INNER
 
 __all__ = [
     "Detection",
@@ -100,7 +100,7 @@ _PROMPT = re.compile(
 
 
 def parse_prompt(text: str) -> Prompt:
-    """Inverse of diffusion.shapes.caption; case, surrounding spaces and a final full stop are ignored."""
+    """Inverse of diffusion.demo.shapes.caption; case, surrounding spaces and a final full stop are ignored."""
     match = _PROMPT.fullmatch(" ".join(text.lower().split()).rstrip("."))
     if match is None:
         raise ValueError(
@@ -212,7 +212,7 @@ def score(image: Image.Image | np.ndarray, prompt: str) -> dict:
 
 
 def chance_levels() -> dict[str, float]:
-    """Adherence of a generator that ignores its prompt, for prompts drawn uniformly (as diffusion.shapes.scenes
+    """Adherence of a generator that ignores its prompt, for prompts drawn uniformly (as diffusion.demo.shapes.scenes
     draws them): it matches each attribute with probability 1 / (number of values), whatever it draws."""
     levels = {"color": 1 / len(OBJECT_COLORS), "position": 1 / len(POSITIONS), "shape": 1 / len(SHAPES),
               "background": 1 / len(BACKGROUND_COLORS)}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from codec.data import decode_image, load_image_dataset
-from diffusion.shapes import (BACKGROUND_COLORS, GRADIENT_STRENGTH, OBJECT_COLORS, STAR_INNER, ShapeScene, caption,
+from diffusion.demo.shapes import (BACKGROUND_COLORS, GRADIENT_STRENGTH, OBJECT_COLORS, STAR_INNER, ShapeScene, caption,
                               render, scenes, write_shapes_dataset)
 from tests.conftest import ROOT
 
@@ -52,7 +52,7 @@ def test_palette_is_far_apart_even_at_the_gradient_extremes():
         np.linalg.norm(color - np.asarray(bg, float) * (1 + sign * GRADIENT_STRENGTH))
         for color in objects.values() for bg in BACKGROUND_COLORS.values() for sign in (-1, 1)
     )
-    assert closest_objects >= 140 and closest_to_background >= 125  # the numbers diffusion/shapes.py promises
+    assert closest_objects >= 140 and closest_to_background >= 125  # the numbers diffusion/demo/shapes.py promises
 
 
 def test_caption_grammar():

@@ -23,7 +23,7 @@ from codec.common.atomic import write_text_atomically  # noqa: E402
 from codec.evaluate import save_png  # noqa: E402
 from codec.model import compression_ratio, latent_shape  # noqa: E402
 from codec.common.logs import read_history  # noqa: E402
-from diffusion.adherence import score, summarise  # noqa: E402
+from diffusion.demo.adherence import score, summarise  # noqa: E402
 
 ATTRIBUTES = ("color", "position", "shape", "background")
 
@@ -173,7 +173,7 @@ def write_report(cfg, paths, seconds: dict) -> Path:
         "",
         f"{cond['n']} images ({adherence['settings']['images_per_prompt']} per prompt, {adherence['settings']['steps']} "
         f"{adherence['settings']['sampler']} steps, guidance {adherence['settings']['guidance']}), each checked against "
-        "its prompt by pixel analysis (diffusion/adherence.py): the object's colour by its pixels' nearest palette "
+        "its prompt by pixel analysis (diffusion/demo/adherence.py): the object's colour by its pixels' nearest palette "
         "colour, its position by its centroid's third of the image, its shape by its fill of the bounding box, the "
         "background by the border's colour.",
         "",

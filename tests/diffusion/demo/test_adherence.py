@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from diffusion.adherence import (SHAPE_MOMENTS, Prompt, blob_moments, chance_levels, color_labels, detect,
+from diffusion.demo.adherence import (SHAPE_MOMENTS, Prompt, blob_moments, chance_levels, color_labels, detect,
                                  parse_prompt, score, summarise)
-from diffusion.shapes import BACKGROUND_COLORS, OBJECT_COLORS, POSITIONS, SHAPES, caption, render, scenes
+from diffusion.demo.shapes import BACKGROUND_COLORS, OBJECT_COLORS, POSITIONS, SHAPES, caption, render, scenes
 
 PAIRS = 210  # 30 per object colour
 

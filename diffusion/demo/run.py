@@ -1,7 +1,12 @@
-"""`make demo`: the whole mission on bundled data, stage by stage, through the same commands a user runs.
+"""`make demo`: the whole mission on bundled data, stage by stage.
 
     shapes world -> train codec (photos + shapes) -> evaluate codec -> encode shapes into latent shards
     -> train U-Net from shards -> generate for fixed prompts + score prompt adherence -> report.md
+
+The first five stages run the same commands a user runs (scripts/*.py, in a subprocess each). Generation and
+scoring run in this process (report.py), through the pipeline class a user loads
+(LatentDiffusionPipeline.from_pretrained), because each prompt is drawn twice from the same noise, with and
+without its text, and every image is scored as it is made.
 
 Every budget lives in configs/demo.yaml. Each stage is skipped when its output is already complete, and the
 trainers resume from their latest checkpoint, so re-running after an interruption continues where it stopped.
@@ -19,7 +24,7 @@ from pathlib import Path
 from codec.common.config import ConfigError, load_config
 from codec.common.atomic import write_text_atomically
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: scripts/ and configs/ are beside the packages
 
 
 @dataclass
@@ -158,7 +163,7 @@ class StageClock:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run (or resume) every stage; returns the report's path."""
-    from diffusion.report import generate_and_score, write_report  # heavy imports only when running
+    from diffusion.demo.report import generate_and_score, write_report  # heavy imports only when running
 
     paths = Paths(ROOT / cfg.output_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
