@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def temp_name(path: Path) -> Path:
+def _temp_name(path: Path) -> Path:
     """A hidden name beside `path`, unique to this process, whose suffix no image or shard reader picks up."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
@@ -22,7 +22,7 @@ def temp_name(path: Path) -> Path:
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], fsync: bool = False) -> None:
     """`write(tmp)` writes the file at a temp name, which then replaces `path` (os.replace is atomic)."""
     path = Path(path)
-    tmp = temp_name(path)
+    tmp = _temp_name(path)
     try:
         write(tmp)
         if fsync:  # the bytes reach the disk before the name does: a power cut cannot leave an empty file
