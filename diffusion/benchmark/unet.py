@@ -7,7 +7,6 @@ Timings on a shared CPU are noisy: each function measures both sides in the same
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from codec.model import encode_posterior
+from diffusion.benchmark.timing import best_seconds, take_turns
 from diffusion.config import UNetConfig, load_unet_config
 from diffusion.schedule import diffusion_loss
 
@@ -47,30 +47,6 @@ def unet_flops(cfg: UNetConfig, shape: tuple[int, int, int], text_width: int, te
     return forward_flops(unet, x, t, encoder_hidden_states=text)
 
 
-def _seconds(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - tick)
-    return best
-
-
-def _take_turns(steps: dict[str, Callable[[int], None]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each step function per round, the functions taking turns so that a burst of load from other
-    processes lands on all of them instead of deciding their ratio. Each is called once untimed first (with 0),
-    then with the round number 1..rounds."""
-    for step in steps.values():
-        step(0)  # warm-up: first-call allocations are not the steady speed
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for k in range(1, rounds + 1):
-        for name, step in steps.items():
-            tick = time.perf_counter()
-            step(k)
-            seconds[name].append(time.perf_counter() - tick)
-    return seconds
-
-
 def _time_forward(cfg: UNetConfig, shape, text_width: int, text_tokens: int, warm_up: bool, repeats: int) -> float:
     """Seconds of one forward pass on the CPU, random weights (the cost does not depend on them)."""
     from diffusion.unet import build_unet
@@ -81,7 +57,7 @@ def _time_forward(cfg: UNetConfig, shape, text_width: int, text_tokens: int, war
     with torch.no_grad():
         if warm_up:
             unet(x, t, encoder_hidden_states=text)
-        return _seconds(lambda: unet(x, t, encoder_hidden_states=text), repeats)
+        return best_seconds(lambda: unet(x, t, encoder_hidden_states=text), repeats)
 
 
 def benchmark_latent_vs_pixel(
@@ -178,7 +154,7 @@ def benchmark_attention_heads(
         torch.manual_seed(0)
         unets[label] = build_unet(configs[label], latent_shape[0], latent_shape[1], text_width).train()
         steps_of[label] = training_step(unets[label], torch.optim.AdamW(unets[label].parameters(), lr=1e-4), autocast)
-    seconds = _take_turns(steps_of, steps)
+    seconds = take_turns(steps_of, steps)
     first = statistics.median(seconds[runs[0][0]])
     return [{
         "variant": label, "attention_head_dim": heads, "bf16_autocast": autocast,
@@ -275,7 +251,7 @@ def benchmark_training_throughput(
 
     # The two sides take turns step by step and each rate comes from its median step: the U-Net step varies by
     # ~20% here, more than the small codec's whole encode costs.
-    seconds = _take_turns({"shards": from_shards, "on_the_fly": on_the_fly}, steps)
+    seconds = take_turns({"shards": from_shards, "on_the_fly": on_the_fly}, steps)
     rates = {name: batch_size / statistics.median(times) for name, times in seconds.items()}
     return {
         "batch_size": batch_size, "steps": steps, "latent_shape": [channels, side, side],
