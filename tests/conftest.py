@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,46 @@ def tiny_config(tmp_path, bundled_dir):
 @pytest.fixture
 def fresh_accelerate_state():
     """accelerate keeps process-wide state; each in-process training run starts from a clean one."""
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def reset_accelerate() -> None:
+    """A clean accelerate state between two in-process runs of one test."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+
+
+class Killed(RuntimeError):
+    """Stands for a process killed mid-run."""
+
+
+@contextmanager
+def killed_after_a_checkpoint(monkeypatch, train_module):
+    """The run inside is killed right after its first checkpoint is written (train_module's save_checkpoint)."""
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(accelerator, output_dir, step, keep, extra=None):
+        real_save(accelerator, output_dir, step, keep, extra)
+        raise Killed(f"killed after the checkpoint at step {step}")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        yield
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    reset_accelerate()
+
+
+def assert_same_safetensors(a_dir: Path, b_dir: Path, names) -> None:
+    """Each named safetensors file holds the same tensors, bit for bit, under both folders."""
+    import torch
+    from safetensors.torch import load_file
+
+    for name in names:
+        a, b = load_file(a_dir / name), load_file(b_dir / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resume"

@@ -16,7 +16,7 @@ from codec.data import CenterCrops, load_image_dataset
 from codec.evaluate import evaluate_reconstructions
 from codec.model import build_autoencoder
 from codec.train import train_codec
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, assert_same_safetensors, killed_after_a_checkpoint, reset_accelerate
 
 
 def _val_images(cfg):
@@ -51,45 +51,24 @@ def test_tiny_training_lowers_validation_l1_and_exports_a_diffusers_codec(tiny_c
     assert (result.final.parent / "samples" / "step_00000150.png").is_file()
 
 
-class Killed(RuntimeError):
-    pass
-
-
 def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_config, fresh_accelerate_state, tmp_path, monkeypatch):
     common = ("train.max_steps=8", "train.checkpoint_every=4", "optim.warmup_steps=2")
     straight = train_codec(tiny_config(*common, f"train.output_dir={tmp_path / 'straight'}"))
 
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(accelerator, output_dir, step, keep, extra=None):
-        real_save(accelerator, output_dir, step, keep, extra)
-        raise Killed(f"killed after the checkpoint at step {step}")
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    reset_accelerate()
     interrupted = tiny_config(*common, f"train.output_dir={tmp_path / 'resumed'}")
-    with pytest.raises(Killed):
+    with killed_after_a_checkpoint(monkeypatch, train_module):
         train_codec(interrupted)
     assert not (tmp_path / "resumed" / "final").exists()
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     resumed = train_codec(interrupted, resume="latest")
 
     assert resumed.step == straight.step == 8
-    for name in ("checkpoints/step_00000008/model.safetensors", "final/diffusion_pytorch_model.safetensors"):
-        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resume"
+    assert_same_safetensors(tmp_path / "straight", tmp_path / "resumed",
+                            ("checkpoints/step_00000008/model.safetensors", "final/diffusion_pytorch_model.safetensors"))
 
     # 8 GroupNorm groups instead of 4 keeps every parameter's shape, so accelerate would load the checkpoint
     # without a word and continue a different network.
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(ConfigError, match="norm_num_groups: 4 in the checkpoint, 8 now"):
         train_codec(tiny_config(*common, "model.norm_num_groups=8", f"train.output_dir={tmp_path / 'resumed'}"),
                     resume="latest")

@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import Encoder
 from safetensors.torch import load_file
@@ -20,17 +19,12 @@ from diffusion.schedule import build_noise_scheduler
 from diffusion.shards import LatentShards
 from diffusion.text_encoder import CaptionEmbeddings
 from diffusion.train import codec_for_shards, denoising_loss, train_unet
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, assert_same_safetensors, killed_after_a_checkpoint, reset_accelerate
 
 
 def _config(tiny_shards, tiny_codec_dir, output_dir, *overrides):
     return load_unet_config(CONFIGS / "unet" / "tiny.yaml", [
         f"shards={tiny_shards}", f"codec={tiny_codec_dir}", f"train.output_dir={output_dir}", *overrides])
-
-
-def _reset_accelerate():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 class EncoderCalled(AssertionError):
@@ -71,42 +65,26 @@ def test_training_lowers_the_denoising_loss_without_ever_running_the_encoder(
     assert (tmp_path / "run" / "samples" / "step_00000080.png").is_file()
 
 
-class Killed(RuntimeError):
-    pass
-
-
 def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_shards, tiny_codec_dir, tmp_path,
                                                                  fresh_accelerate_state, monkeypatch):
     common = ("train.max_steps=6", "train.checkpoint_every=3", "optim.warmup_steps=2", "train.batch_size=4")
     straight = train_unet(_config(tiny_shards, tiny_codec_dir, tmp_path / "straight", *common))
 
-    _reset_accelerate()
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(accelerator, output_dir, step, keep, extra=None):
-        real_save(accelerator, output_dir, step, keep, extra)
-        raise Killed(f"killed after the checkpoint at step {step}")
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    reset_accelerate()
     interrupted = _config(tiny_shards, tiny_codec_dir, tmp_path / "resumed", *common)
-    with pytest.raises(Killed):
+    with killed_after_a_checkpoint(monkeypatch, train_module):
         train_unet(interrupted)
     assert not (tmp_path / "resumed" / "pipeline").exists()
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    _reset_accelerate()
     resumed = train_unet(interrupted, resume="latest")
 
     assert resumed.step == straight.step == 6
     # Raw weights in the checkpoint, EMA weights in the exported U-Net: both bit for bit.
-    for name in ("checkpoints/step_00000006/model.safetensors", "pipeline/unet/diffusion_pytorch_model.safetensors"):
-        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resume"
+    assert_same_safetensors(tmp_path / "straight", tmp_path / "resumed",
+                            ("checkpoints/step_00000006/model.safetensors", "pipeline/unet/diffusion_pytorch_model.safetensors"))
 
     # Another head count keeps every parameter's shape: without the recorded architecture the checkpoint would
     # load silently into a different network.
-    _reset_accelerate()
+    reset_accelerate()
     changed = _config(tiny_shards, tiny_codec_dir, tmp_path / "resumed", *common, "unet.attention_head_dim=[1,2]")
     with pytest.raises(ConfigError, match=r"attention_head_dim: 8 in the checkpoint, \[1, 2\] now"):
         train_unet(changed, resume="latest")
