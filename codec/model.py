@@ -39,7 +39,6 @@ def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
     )
 
 
-
 def load_codec(codec_dir: str | os.PathLike) -> AutoencoderKL:
     """A diffusers AutoencoderKL folder (e.g. the `final/` the codec trainer exports), float32, eval mode.
 
@@ -53,6 +52,7 @@ def load_codec(codec_dir: str | os.PathLike) -> AutoencoderKL:
         )
     vae = AutoencoderKL.from_pretrained(path, use_safetensors=True, torch_dtype=torch.float32)
     return vae.eval().requires_grad_(False)
+
 
 def downsample_factor(vae: AutoencoderKL) -> int:
     # Each level but the last halves the resolution (diffusers' DownEncoderBlock2D convention).
