@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from codec.common.atomic import folder_atomically
 from codec.common.checkpoints import ema_weights, keep_ema_in_checkpoints, read_trainer_state, resolve_resume, save_checkpoint
 from codec.common.config import to_dict
-from codec.common.distributed import make_accelerator
+from codec.common.distributed import agreed_seconds, make_accelerator
 from codec.common.draws import DrawSampler
 from codec.common.logs import append_history, flat_hparams, start_run_logging, stop_run_logging
 from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
@@ -221,10 +221,12 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     validated_at = checkpointed_at = -1
     if step == 0 and cfg.train.validate_every > 0:
         metrics, validated_at = validate(0), 0
-    while step < cfg.train.max_steps and (budget is None or train_seconds < budget):
+    # With a time budget, every rank stops and schedules from one shared clock (one tiny gather per batch).
+    clock = agreed_seconds(accelerator, train_seconds) if budget is not None else train_seconds
+    while step < cfg.train.max_steps and (budget is None or clock < budget):
         started = time.perf_counter()
         # With a time budget the schedule follows whichever runs out first, steps or time.
-        schedule_step = step if budget is None else max(step, round(cfg.train.max_steps * train_seconds / budget))
+        schedule_step = step if budget is None else max(step, round(cfg.train.max_steps * clock / budget))
         lr = learning_rate(schedule_step, cfg.optim, cfg.train.max_steps)
         set_learning_rate(optimizer, lr)
         gan_on = use_gan and step >= cfg.loss.disc_start
@@ -256,6 +258,8 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
 
         images_since += images.shape[0] * accelerator.num_processes
         train_seconds += time.perf_counter() - started
+        if budget is not None:
+            clock = agreed_seconds(accelerator, train_seconds)
         if not accelerator.sync_gradients:
             continue
         step += 1

@@ -64,3 +64,13 @@ def make_accelerator(mixed_precision: str, grad_accum: int, output_dir: Path):
     )
     check_process_group(accelerator.num_processes, "the processes would train independently")
     return accelerator
+
+
+def agreed_seconds(accelerator, seconds: float) -> float:
+    """The slowest process's `seconds`, the same number on every rank. Each process measures its own time; a
+    decision taken from it (stop at a time budget, a learning rate that follows the clock) must be taken from one
+    clock, or one rank stops while another waits in its next all-reduce for good, and the replicas drift."""
+    if accelerator.num_processes == 1:
+        return seconds
+    mine = torch.tensor([seconds], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.gather(mine).max())

@@ -148,3 +148,39 @@ def test_cli_help_and_config_errors(tmp_path):
     bad = subprocess.run([sys.executable, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"),
                           "--set", "loss.kl_weigth=1"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "loss.kl_weigth" in bad.stderr
+
+
+# Loaded by every process of the launch below (via PYTHONPATH): process 1's clock runs 3x fast, so the two
+# processes' own measures of the time spent training disagree, as two GPUs' do when one is slower.
+SKEWED_CLOCK = '''
+import os, time
+if os.environ.get("RANK") == "1":
+    _real = time.perf_counter
+    time.perf_counter = lambda: 3.0 * _real()
+'''
+
+
+def test_a_time_budget_stops_every_process_on_the_same_step(bundled_dir, tmp_path):
+    """train.max_minutes with 2 processes whose clocks disagree: the budget and the clock-following learning
+    rate come from one clock that all ranks share, so both stop after the same step (a rank that stopped
+    alone would leave the other waiting in its next all-reduce for good) and the run ends."""
+    (tmp_path / "skew").mkdir()
+    (tmp_path / "skew" / "sitecustomize.py").write_text(SKEWED_CLOCK)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(tmp_path / "skew"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env.pop("ACCELERATE_USE_CPU", None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [*launch, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"), "--max-steps", "100000",
+           "--set", f"data.bundled_dir={bundled_dir}", "--set", "train.max_minutes=0.2", "--set", "train.batch_size=1",
+           "--set", "train.checkpoint_every=100000", "--set", "train.validate_every=0", "--set", "data.num_workers=0",
+           "--output-dir", str(tmp_path / "run")]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the 2-process run with a time budget hung: {(exc.stdout or b'')[-2000:]!r}") from None
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [int(line.split(" after ")[1].split()[0]) for line in proc.stdout.splitlines() if line.startswith("codec exported")]
+    assert len(steps) == 2 and steps[0] == steps[1] and 1 < steps[0] < 100000, proc.stdout[-2000:]
+    state = json.loads((tmp_path / "run" / "checkpoints" / f"step_{steps[0]:08d}" / "trainer_state.json").read_text())
+    assert state["step"] == steps[0]
