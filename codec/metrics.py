@@ -7,18 +7,22 @@ from pathlib import Path
 
 import torch
 
+from codec.common.precision import in_fp32
+
 
 def to_uint8_range(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> {0, ..., 255} as float: metrics see exactly the pixels a user would save."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round()
 
 
+@in_fp32
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """10·log10(255² / MSE) per image on uint8-quantised RGB; identical images give +inf."""
     mse = (to_uint8_range(x) - to_uint8_range(y)).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(255.0**2 / mse)
 
 
+@in_fp32
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """SSIM per image (Gaussian window 11, σ 1.5, the standard constants) on uint8-quantised RGB."""
     from torchmetrics.functional.image import structural_similarity_index_measure
@@ -44,6 +48,7 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@in_fp32
 def lpips_distance(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """LPIPS per image (lower is closer) on uint8-quantised RGB; `model` comes from codec.losses.build_lpips."""
     return model(quantise(x), quantise(y)).flatten()

@@ -18,6 +18,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from codec.common.draws import keyed_generator
+from codec.common.precision import in_fp32, run_in_fp32
 from codec.config import ModelConfig
 
 
@@ -94,6 +95,9 @@ class CodecForTraining(nn.Module):
     def __init__(self, vae: AutoencoderKL, learn_logvar: bool = False, logvar_init: float = 0.0, seed: int = 0):
         super().__init__()
         self.vae = vae
+        # The decoder's last convolution computes in fp32 under mixed precision: its output is the image, and its
+        # weight is where the adaptive GAN weight takes its gradients (see run_in_fp32).
+        run_in_fp32(vae.decoder.conv_out)
         self.seed = seed  # with each example's draw number, keys its posterior noise
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
 
@@ -133,6 +137,7 @@ def interpolate(vae: AutoencoderKL, a: torch.Tensor, b: torch.Tensor, steps: int
 
 
 @torch.no_grad()
+@in_fp32
 def latent_statistics(vae: AutoencoderKL, batches) -> dict:
     """Statistics of posterior means over `batches` of images: global std and per-channel mean/std.
 

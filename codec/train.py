@@ -35,7 +35,7 @@ from codec.common.optim import backward_and_step, learning_rate, set_learning_ra
 from codec.config import CodecConfig, DataConfig
 from codec.data import CenterCrops, TrainCrops, bundled_photos, load_image_dataset
 from codec.evaluate import evaluate_reconstructions, save_png, validation_grid
-from codec.losses import CodecLoss, PatchDiscriminator, adaptive_gan_weight, build_perceptual, discriminator_loss, frozen, hinge_g_loss
+from codec.losses import CodecLoss, PatchDiscriminator, adaptive_gan_weight, build_perceptual, discriminator_loss, generator_gan_loss
 from codec.model import CodecForTraining, build_autoencoder, codec_identity, compression_ratio, latent_statistics, write_latent_stats
 from codec.warm_start import thumbnail_init
 
@@ -243,10 +243,11 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
                 loss = parts.total
                 g_loss = gan_weight = torch.zeros((), device=images.device)
                 if gan_on:
-                    # D judges the reconstruction but must not be trained by the generator's loss.
-                    with frozen(accelerator.unwrap_model(disc)) as d:
-                        g_loss = hinge_g_loss(d(recon))
-                    gan_weight = cfg.loss.gan_weight * adaptive_gan_weight(parts.nll, g_loss, last_layer, cfg.loss.adaptive_weight_max)
+                    g_loss = generator_gan_loss(accelerator.unwrap_model(disc), recon)
+                    # λ from the gradients of the whole global batch, the same on every rank.
+                    gan_weight = cfg.loss.gan_weight * adaptive_gan_weight(
+                        parts.nll, g_loss, last_layer, cfg.loss.adaptive_weight_max,
+                        reduce_mean=lambda grad: accelerator.reduce(grad, reduction="mean"))
                     loss = loss + gan_weight * g_loss
             backward_and_step(accelerator, loss, optimizer, trainable, cfg.optim.max_grad_norm)
 

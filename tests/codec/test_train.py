@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import codec.train as train_module
 from codec.common.config import ConfigError
+from codec.common.logs import read_history
 from codec.data import CenterCrops, load_image_dataset
 from codec.evaluate import evaluate_reconstructions
 from codec.model import build_autoencoder
@@ -119,11 +120,15 @@ def _run(cmd, env=None):
 
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(bundled_dir, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on this CPU-only machine, batch 2 per process,
-    against one process with batch 4: same images, same noise, gradients averaged by DDP over gloo."""
+    against one process with batch 4: same images, same noise, gradients averaged by DDP over gloo. With
+    everything on that changes how a step is made: the patch-GAN past disc_start (its adaptive weight taken
+    from gradients reduced over the ranks), 2 accumulated micro-batches per step, and EMA."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("ACCELERATE_USE_CPU", None)  # the trainer itself must make a CPU launch distribute
     common = ["--config", str(CONFIGS / "codec" / "tiny.yaml"), "--max-steps", "5",
-              "--set", f"data.bundled_dir={bundled_dir}", "--set", "train.checkpoint_every=5"]
+              "--set", f"data.bundled_dir={bundled_dir}", "--set", "train.checkpoint_every=5",
+              "--set", "loss.gan_weight=0.5", "--set", "loss.disc_start=2", "--set", "loss.disc_channels=8",
+              "--set", "train.grad_accum=2", "--set", "train.log_every=1"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     _run([*launch, "scripts/train_codec.py", *common, "--output-dir", str(tmp_path / "two"),
@@ -132,13 +137,20 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(bundled_
           "--set", "train.batch_size=4"], env)
 
     two = yaml.safe_load((tmp_path / "two" / "run.yaml").read_text())
-    assert two["processes"] == 2 and two["global_batch"] == 4
-    a = load_file(tmp_path / "one" / "checkpoints" / "step_00000005" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "checkpoints" / "step_00000005" / "model.safetensors")
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert two["processes"] == 2 and two["global_batch"] == 8
+    weights = {}
+    for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):  # codec, discriminator, EMA
+        a = load_file(tmp_path / "one" / "checkpoints" / "step_00000005" / name)
+        b = load_file(tmp_path / "two" / "checkpoints" / "step_00000005" / name)
+        weights[name] = max((a[k] - b[k]).abs().max().item() for k in a)
     # Only the order of floating-point sums differs (batch mean vs gloo all-reduce). Measured: 9e-7 after 5
-    # steps, while 1 process with batch 2 (half the global batch) differs from batch 4 by 1e-2.
-    assert worst < 1e-4, worst
+    # steps without the GAN; with it, each rank weighting the GAN by the λ of its own half-batch moved the codec by
+    # 9e-3, while 1 process with batch 2 (half the global batch) differs from batch 4 by 1e-2.
+    assert max(weights.values()) < 1e-4, weights
+    gan_weights = [[row["loss/gan_weight"] for row in read_history(tmp_path / run) if "loss/gan_weight" in row]
+                   for run in ("one", "two")]
+    assert gan_weights[0][:2] == [0.0, 0.0] and min(gan_weights[0][2:]) > 0  # on from step 2, at the last layer
+    assert gan_weights[1] == pytest.approx(gan_weights[0], rel=1e-4)
 
 
 def test_cli_help_and_config_errors(tmp_path):

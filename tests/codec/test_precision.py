@@ -1,0 +1,176 @@
+"""Losses, metrics and the adaptive GAN weight under mixed precision: CPU bf16 autocast stands in for CUDA bf16, CPU
+fp16 autocast for CUDA fp16. Each must give what it gives in fp32, within the stated tolerance."""
+
+import copy
+
+import lpips
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codec.common.precision import autocast_off, in_fp32, run_in_fp32, runs_in_fp32
+from codec.config import ModelConfig
+from codec.losses import PerceptualLoss, adaptive_gan_weight, generator_gan_loss, kl_divergence, ms_ssim_distance, vae_loss
+from codec.metrics import ssim
+from codec.model import CodecForTraining, build_autoencoder, latent_statistics
+
+TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False)
+
+
+def bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def smooth_pair(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two smooth, nearly equal images: the case where bf16 rounding swamps the small structural difference."""
+    torch.manual_seed(0)
+    x = F.interpolate(torch.rand(2, 3, 8, 8), size=size, mode="bicubic", align_corners=False).clamp(0, 1) * 2 - 1
+    y = (x + 0.02 * F.interpolate(torch.randn(2, 3, 8, 8), size=size, mode="bicubic", align_corners=False)).clamp(-1, 1)
+    return x, y
+
+
+def test_autocast_off_and_in_fp32_compute_in_float32_and_restore_autocast():
+    conv, x = torch.nn.Conv2d(3, 3, 3), torch.randn(1, 3, 8, 8)
+    with bf16():
+        assert conv(x).dtype == torch.bfloat16
+        with autocast_off():
+            assert conv(x).dtype == torch.float32
+        assert conv(x).dtype == torch.bfloat16  # restored
+        assert in_fp32(conv)(x.bfloat16()).dtype == torch.float32
+
+
+def test_ms_ssim_distance_and_its_gradient_under_bf16_equal_fp32():
+    x, y = smooth_pair()
+    y32, y16 = y.clone().requires_grad_(), y.clone().requires_grad_()
+    d32 = ms_ssim_distance(x, y32)
+    d32.sum().backward()
+    with bf16():
+        d16 = ms_ssim_distance(x, y16)
+    d16.sum().backward()
+    assert d16.dtype == torch.float32
+    # Without autocast off, these distances (about 2e-3) came out with the wrong sign and a gradient cosine of 0.77.
+    torch.testing.assert_close(d16, d32, rtol=1e-5, atol=1e-7)
+    cosine = F.cosine_similarity(y16.grad.flatten(), y32.grad.flatten(), dim=0)
+    assert cosine > 0.9999, cosine
+
+
+def test_lpips_under_bf16_equals_fp32():
+    torch.manual_seed(0)
+    net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).eval().requires_grad_(False)
+    perceptual = PerceptualLoss("lpips", net)
+    x, y = smooth_pair()
+    d32 = perceptual(x, y)
+    with bf16():
+        d16 = perceptual(x, y)
+    torch.testing.assert_close(d16, d32, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_and_vae_loss_of_bf16_model_outputs_are_summed_in_fp32():
+    """Under autocast a model's outputs may be bf16 tensors: the KL over 4x32x32 latents is then a sum whose bf16
+    result keeps 3 significant digits. Upcast first, it equals the fp32 sum of the same values."""
+    torch.manual_seed(0)
+    mean, logvar = (torch.randn(2, 4, 32, 32) * 3).bfloat16(), (torch.randn(2, 4, 32, 32) - 4).bfloat16()
+    expected = kl_divergence(mean.float(), logvar.float())
+    with bf16():
+        got = kl_divergence(mean, logvar)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+    x, _ = smooth_pair(32)
+    recon = (x + 0.05 * torch.randn_like(x)).bfloat16()
+    settings = dict(pixel="l1", perceptual=PerceptualLoss("ms_ssim"), perceptual_weight=0.5)
+    want = vae_loss(x, recon.float(), mean.float(), logvar.float(), torch.tensor(0.0), 1e-3, **settings)
+    with bf16():
+        have = vae_loss(x, recon, mean, logvar, torch.tensor(0.0), 1e-3, **settings)
+    for name in ("total", "nll", "rec", "perceptual", "kl"):
+        torch.testing.assert_close(getattr(have, name), getattr(want, name), rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_ssim_metric_under_bf16_equals_fp32():
+    x, y = smooth_pair()
+    want = ssim(x, y)
+    with bf16():
+        have = ssim(x, y)
+    torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+
+
+def test_latent_statistics_under_bf16_equal_fp32():
+    torch.manual_seed(0)
+    vae = build_autoencoder(TINY).eval()
+    images = [torch.rand(2, 3, 32, 32) * 2 - 1]
+    want = latent_statistics(vae, images)
+    with bf16():
+        have = latent_statistics(vae, images)
+    assert have["std"] == pytest.approx(want["std"], rel=1e-5)
+    assert have["channel_mean"] == pytest.approx(want["channel_mean"], rel=1e-4, abs=1e-6)
+
+
+def _gan_weight(model: CodecForTraining, disc: torch.nn.Module, images: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    recon, mean, logvar = model(images)
+    nll = scale * (recon - images).abs().mean()
+    return adaptive_gan_weight(nll, scale * generator_gan_loss(disc, recon), model.vae.decoder.conv_out.weight)
+
+
+def test_codec_training_runs_its_last_layer_in_fp32_with_the_same_parameters():
+    torch.manual_seed(0)
+    vae = build_autoencoder(TINY)
+    names = sorted(vae.state_dict())
+    model = CodecForTraining(vae)
+    assert runs_in_fp32(vae.decoder.conv_out) and sorted(vae.state_dict()) == names
+    with bf16():
+        recon, mean, _ = model(torch.rand(1, 3, 32, 32) * 2 - 1)
+    assert recon.dtype == torch.float32 and mean.dtype == torch.bfloat16
+    copied = copy.deepcopy(vae)  # a copy's last layer is in fp32 too, and computes with its own weights
+    with torch.no_grad():
+        copied.decoder.conv_out.weight.zero_()
+        copied.decoder.conv_out.bias.zero_()
+    assert runs_in_fp32(copied.decoder.conv_out)
+    assert copied.decoder.conv_out(torch.ones(1, 8, 4, 4)).abs().max() == 0
+
+
+def _codec_and_disc():
+    torch.manual_seed(0)
+    model = CodecForTraining(build_autoencoder(TINY))
+    disc = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, 2, 1), torch.nn.LeakyReLU(0.2), torch.nn.Conv2d(8, 1, 4, 1, 1))
+    return model, disc, torch.rand(2, 3, 64, 64) * 2 - 1
+
+
+def test_adaptive_gan_weight_under_bf16_is_the_fp32_weight():
+    model, disc, images = _codec_and_disc()
+    want = _gan_weight(model, disc, images)
+    with bf16():
+        have = _gan_weight(model, disc, images)
+    # What remains is the bf16 activations of the decoder's other layers: measured 0.2-2.3% apart over 4 seeds.
+    assert have.item() == pytest.approx(want.item(), rel=0.05)
+
+
+def test_adaptive_gan_weight_under_fp16_does_not_underflow():
+    """Both losses scaled by 1e-3: a gradient of 4e-8 per output pixel, the size a batch of 8 images of 512² gives,
+    below float16's smallest normal (6e-5). The ratio λ does not depend on the scale. Before the last layer and D's
+    generator pass ran in fp32, fp16 gave 1.02 where fp32 gives 0.48."""
+    model, disc, images = _codec_and_disc()
+    want = _gan_weight(model, disc, images, 1e-3)
+    with torch.autocast("cpu", dtype=torch.float16):
+        have = _gan_weight(model, disc, images, 1e-3)
+    assert have.item() == pytest.approx(want.item(), rel=0.01)  # measured 0.2%
+
+
+def test_adaptive_gan_weight_reduces_gradients_before_their_norms():
+    """Two 'ranks' with one image each: λ from the averaged gradients equals λ of both images in one batch."""
+    w = torch.nn.Parameter(torch.randn(5))
+    a, b = torch.randn(2, 5), torch.randn(2, 5)
+
+    def losses(rows):
+        return (w * a[rows]).sum(1).mean(), (w * b[rows]).pow(2).sum(1).mean()
+
+    whole = adaptive_gan_weight(*losses([0, 1]), w)
+    # Rank 1's two gradients, in the order adaptive_gan_weight reduces them (nll's, then the GAN loss's).
+    others = iter(torch.autograd.grad(loss, w)[0] for loss in losses([1]))
+
+    def reduce_mean(grad):  # what accelerate's reduce gives rank 0: the mean of both ranks' gradients
+        return (grad + next(others)) / 2
+
+    both = adaptive_gan_weight(*losses([0]), w, reduce_mean=reduce_mean)
+    alone = adaptive_gan_weight(*losses([0]), w)
+    torch.testing.assert_close(both, whole)
+    assert abs(alone.item() - whole.item()) > 1e-2 * whole.item()
