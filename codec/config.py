@@ -103,6 +103,9 @@ class TrainConfig:
     # follows whichever runs out first; such runs are not bit-reproducible (they depend on machine speed).
     max_minutes: float | None = None
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
+    # How long a barrier or all-reduce waits for the slowest process before the run fails. torch's NCCL default
+    # (10 min) is shorter than some legitimate waits: one process writing a checkpoint, the export or validation.
+    process_group_timeout_minutes: float = 30.0
     ema_decay: float | None = 0.999  # null disables EMA; the export then holds the raw weights
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -112,6 +115,9 @@ class TrainConfig:
     latent_norm: str = "global"  # global: scaling_factor = 1/std | per_channel: latents_mean/std
     latent_stats_images: int = 64
     channels_last: bool = False
+    # Recompute each encoder/decoder block's activations in the backward pass instead of storing them (diffusers'
+    # enable_gradient_checkpointing): less activation memory for about one more forward pass of compute.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check_loop_settings(self)

@@ -40,8 +40,8 @@ def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
     )
 
 
-def load_codec(codec_dir: str | os.PathLike) -> AutoencoderKL:
-    """A diffusers AutoencoderKL folder (e.g. the `final/` the codec trainer exports), float32, eval mode.
+def load_codec(codec_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """A diffusers AutoencoderKL folder (e.g. the `final/` the codec trainer exports), in `dtype`, eval mode.
 
     Only safetensors weights are accepted: a pickled .bin could run arbitrary code on load.
     """
@@ -51,7 +51,7 @@ def load_codec(codec_dir: str | os.PathLike) -> AutoencoderKL:
             f"--codec {codec_dir}: expected a diffusers AutoencoderKL folder with config.json and "
             f"diffusion_pytorch_model.safetensors (scripts/train_codec.py exports one as <output-dir>/final)"
         )
-    vae = AutoencoderKL.from_pretrained(path, use_safetensors=True, torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(path, use_safetensors=True, dtype=dtype)
     return vae.eval().requires_grad_(False)
 
 
@@ -122,9 +122,14 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample_prior(vae: AutoencoderKL, n: int, height: int, width: int, generator: torch.Generator | None = None):
     """Decode z ~ N(0, I): what the VAE generates on its own, without a diffusion model on its latents."""
-    shape = (n, *latent_shape(vae, height, width))
-    z = torch.randn(shape, generator=generator).to(vae.device, vae.dtype)
-    return vae.decode(z).sample
+    return vae.decode(prior_latents(vae, n, height, width, generator)).sample
+
+
+def prior_latents(vae: AutoencoderKL, n: int, height: int, width: int, generator: torch.Generator | None = None):
+    """n latents z ~ N(0, I) for images of height x width, drawn on the CPU (the same seed gives the same latents
+    on any device), in the codec's dtype and device."""
+    z = torch.randn((n, *latent_shape(vae, height, width)), generator=generator)
+    return z.to(vae.device, vae.dtype)
 
 
 @torch.no_grad()

@@ -120,14 +120,15 @@ def export_codec(vae, data: Data, cfg: CodecConfig, output_dir: Path, run_info: 
 
 def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
-    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, output_dir)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, output_dir,
+                                   cfg.train.process_group_timeout_minutes)
     main = accelerator.is_main_process
     handler = start_run_logging(log, main, output_dir)
     set_seed(cfg.train.seed)  # identical initial weights on every process
     # Before loading data: a checkpoint of another network is refused at once. model.init only decides the
     # first step's weights, so a resumed run may name another.
     architecture = {key: value for key, value in asdict(cfg.model).items() if key != "init"}
-    resume_dir, step = resolve_resume(output_dir, resume, architecture)
+    resume_dir, step = resolve_resume(output_dir, resume, architecture, accelerator)  # the same on every rank
 
     # ---- data -------------------------------------------------------------------------------------------
     with accelerator.main_process_first():  # the first process writes bundled photos and dataset caches
@@ -148,6 +149,8 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     vae = build_autoencoder(cfg.model)
     if cfg.model.init == "thumbnail":
         thumbnail_init(vae)
+    if cfg.train.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()  # engages whenever grad is on (diffusers' Encoder/Decoder blocks)
     if cfg.train.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
     model = CodecForTraining(vae, cfg.loss.learn_logvar, cfg.loss.logvar_init, seed=cfg.train.seed)

@@ -120,6 +120,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 10000
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
+    # How long a barrier or all-reduce waits for the slowest process before the run fails. torch's NCCL default
+    # (10 min) is shorter than some legitimate waits: one process writing a checkpoint, the export or validation.
+    process_group_timeout_minutes: float = 30.0
     ema_decay: float | None = 0.9999  # null disables EMA; the export then holds the raw weights
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -128,6 +131,10 @@ class TrainConfig:
     log_every: int = 10
     output_dir: str = "runs/unet"
     num_workers: int = 0  # shards are memory-mapped; workers rarely pay off
+    # Recompute the U-Net blocks' activations in the backward pass instead of storing them (diffusers'
+    # enable_gradient_checkpointing): less activation memory (larger batches or the sd shape on one GPU) for about
+    # one more forward pass of compute.
+    gradient_checkpointing: bool = False
     # Validation grid: these prompts (empty list: the first captions of the shards), sampled with DDIM.
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 25

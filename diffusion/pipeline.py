@@ -12,6 +12,9 @@ trainer writes the shards' own factor there, so sampling undoes exactly the scal
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,10 +31,14 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from codec.data import pil_to_tensor, tensor_to_pil, to_rgb
-from codec.model import compression_ratio, downsample_factor, encode_posterior, latent_shape, sample_prior
+from codec.model import compression_ratio, downsample_factor, encode_posterior, latent_shape, prior_latents
 from diffusion.text_encoder import encode_prompts
 
+log = logging.getLogger("diffusion.pipeline")
+
 SAMPLERS = ("ddim", "dpm", "euler", "ddpm")
+# What `--precision` names: the dtype the weights are loaded in (memory and speed on a GPU).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_sampler(name: str, config):
@@ -52,6 +59,55 @@ def guided_prediction(uncond: torch.Tensor, cond: torch.Tensor, scale: float) ->
     """Classifier-free guidance (Ho & Salimans 2022): move from the unconditional prediction towards, and past,
     the conditional one. scale 1 is the conditional prediction, 0 the unconditional one."""
     return uncond + scale * (cond - uncond)
+
+
+@contextmanager
+def vae_in_fp32(vae: AutoencoderKL):
+    """The codec in float32 for the block inside, then back in its own dtype (lossless: fp16/bf16 -> fp32 ->
+    fp16/bf16 round-trips exactly)."""
+    dtype = vae.dtype
+    vae.to(torch.float32)
+    try:
+        yield vae
+    finally:
+        vae.to(dtype)
+
+
+def _all_finite(out) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in (out if isinstance(out, tuple) else (out,)))
+
+
+def finite_or_fp32(vae: AutoencoderKL, compute: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]], what: str):
+    """`compute()` (a tensor or a tuple of tensors from the codec), redone with the codec in float32 when it is not
+    finite in the codec's reduced precision, with a warning.
+
+    SD's VAE overflows float16 in its decoder (activations above 65504 become inf, then NaN images: what diffusers'
+    `force_upcast` / `upcast_vae` work around by always decoding in fp32). Upcasting only on overflow keeps the
+    fast path for codecs that fit. `compute` must cast its inputs to `vae.dtype` when called, so the redo really
+    runs in float32. Never returns non-finite values: raises FloatingPointError if float32 fails too."""
+    out = compute()
+    if _all_finite(out):
+        return out
+    if vae.dtype != torch.float32:
+        log.warning("%s: non-finite values in %s (the codec overflows this precision); redoing it in float32",
+                    what, str(vae.dtype).removeprefix("torch."))
+        with vae_in_fp32(vae):
+            out = compute()
+        if _all_finite(out):
+            return out
+    raise FloatingPointError(f"{what}: non-finite values even in float32, so its input or the codec's weights are "
+                             f"not finite; check the image or latents given and the codec folder")
+
+
+def decode_images(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+    """Codec latents (unscaled) -> float32 images in [-1, 1], never NaN (see finite_or_fp32)."""
+    images = finite_or_fp32(vae, lambda: vae.decode(z.to(vae.dtype)).sample.float(), "codec decode")
+    return images.clamp(-1, 1)
+
+
+def encode_mean(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> the codec's posterior mean (unscaled), float32, never NaN (see finite_or_fp32)."""
+    return finite_or_fp32(vae, lambda: encode_posterior(vae, pixels.to(vae.dtype)).mode().float(), "codec encode")
 
 
 def seeded_generator(seed: int | None) -> tuple[torch.Generator, int]:
@@ -137,11 +193,20 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         return latents
 
     def decode(self, scaled_latents: torch.Tensor) -> torch.Tensor:
-        z = self.unscale_latents(scaled_latents).to(self.vae.dtype)
-        return self.vae.decode(z).sample.float().clamp(-1, 1)
+        """U-Net-space latents -> float32 images in [-1, 1]; a codec overflow in fp16 is redone in fp32."""
+        if not torch.isfinite(scaled_latents).all():
+            # Not the codec's fault, so upcasting it cannot help: refuse rather than return NaN images.
+            raise FloatingPointError(f"the denoised latents are not finite (U-Net in {self.unet.dtype}); generate "
+                                     f"with --precision bf16 or fp32, or check the U-Net's weights")
+        return decode_images(self.vae, self.unscale_latents(scaled_latents))
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> U-Net-space latents (the scaled posterior mean), float32."""
+        return self.scale_latents(encode_mean(self.vae, pixels))
 
     def images_to_tensor(self, images) -> torch.Tensor:
-        """PIL image(s) or a (N, 3, H, W) tensor in [-1, 1] -> tensor on the pipeline's device."""
+        """PIL image(s) or a (N, 3, H, W) tensor in [-1, 1] -> float32 tensor on the pipeline's device (kept in
+        float32: encoding casts to the codec's dtype, so a float32 redo sees the exact pixels)."""
         if isinstance(images, Image.Image):
             images = [images]
         if isinstance(images, (list, tuple)):
@@ -149,7 +214,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected RGB images (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
         latent_shape(self.vae, images.shape[2], images.shape[3])  # raises if not a multiple of the codec's factor
-        return images.to(self._execution_device, self.vae.dtype)
+        return images.to(self._execution_device, torch.float32)
 
     @staticmethod
     def _output(images: torch.Tensor, output_type: str):
@@ -206,7 +271,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             if pixels.shape[0] not in (1, count):
                 raise ValueError(f"{pixels.shape[0]} init images for {count} outputs: give one, or one per output")
             height, width = pixels.shape[2], pixels.shape[3]
-            clean = self.scale_latents(encode_posterior(self.vae, pixels).mode()).expand(count, -1, -1, -1)
+            clean = self.encode(pixels).to(self.unet.dtype).expand(count, -1, -1, -1)
             start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
             timesteps = timesteps[start * self.scheduler.order :]
             if hasattr(self.scheduler, "set_begin_index"):
@@ -230,7 +295,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     def reconstruct(self, image, output_type: str = "pil") -> LatentPipelineOutput:
         """Encode -> posterior mean -> decode: what the codec keeps of an image."""
         pixels = self.images_to_tensor(image)
-        latents = self.scale_latents(encode_posterior(self.vae, pixels).mode())
+        latents = self.encode(pixels)
         images = self.decode(latents)
         info = dict(mode="reconstruction", **self.shapes_info(pixels.shape[2], pixels.shape[3]))
         return LatentPipelineOutput(images=self._output(images, output_type), latents=latents, info=info)
@@ -242,6 +307,6 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         alone, the baseline the diffusion model must beat."""
         height, width = (height or self.default_size()[0]), (width or self.default_size()[1])
         generator, seed = seeded_generator(seed)
-        images = sample_prior(self.vae, num_images, height, width, generator=generator).float().clamp(-1, 1)
+        images = decode_images(self.vae, prior_latents(self.vae, num_images, height, width, generator))
         info = dict(mode="prior", **self.shapes_info(height, width), seed=seed)
         return LatentPipelineOutput(images=self._output(images, output_type), latents=None, info=info)

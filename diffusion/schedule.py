@@ -69,3 +69,15 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torc
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample)
     return per_sample.mean()
+
+
+def training_loss(scheduler: DDPMScheduler, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
+    """The U-Net trainer's loss: MSE to the scheduler's target (epsilon or v), each sample weighted by Min-SNR-γ
+    for that prediction type, so that it equals min(SNR, γ) times the x0-space MSE (Hang et al. 2023).
+    snr_gamma None: plain MSE."""
+    target = training_target(scheduler, latents, noise, timesteps)
+    weights = None
+    if snr_gamma is not None:
+        weights = min_snr_weight(snr(scheduler, timesteps), snr_gamma, scheduler.config.prediction_type)
+    return diffusion_loss(prediction, target, weights)

@@ -44,7 +44,7 @@ from codec.model import codec_identity, compression_ratio, load_codec
 from diffusion.config import UNetTrainingConfig
 from diffusion.draws import EvalSet, TrainingDraws, eval_set, shard_captions
 from diffusion.pipeline import LatentDiffusionPipeline, make_sampler
-from diffusion.schedule import build_noise_scheduler, diffusion_loss, min_snr_weight, snr, training_target
+from diffusion.schedule import build_noise_scheduler, diffusion_loss, training_loss, training_target
 from diffusion.shards import LatentShards
 from diffusion.text_encoder import CaptionEmbeddings, hidden_width, load_text_encoder
 from diffusion.unet import build_unet
@@ -123,13 +123,14 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         raise ValueError("train_unet needs the latent shards and the codec that made them: pass --shards DIR and "
                          "--codec DIR (or set shards: and codec: in the config)")
     output_dir = Path(cfg.train.output_dir)
-    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, output_dir)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, output_dir,
+                                   cfg.train.process_group_timeout_minutes)
     main = accelerator.is_main_process
     handler = start_run_logging(log, main, output_dir)
     device = accelerator.device
     # Before any loading: a checkpoint of another network is refused in a second, not after the text encoder.
     architecture = asdict(cfg.unet)
-    resume_dir, step = resolve_resume(output_dir, resume, architecture)
+    resume_dir, step = resolve_resume(output_dir, resume, architecture, accelerator)  # the same on every rank
 
     # ---- data: shards, their codec, captions ------------------------------------------------------------
     vae, shards, scale_note = codec_for_shards(cfg.codec, cfg.shards)
@@ -155,6 +156,8 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     # ---- model, schedule, optimizer ---------------------------------------------------------------------
     set_seed(cfg.train.seed)  # identical initial weights on every process
     unet = build_unet(cfg.unet, channels, side, hidden_width(text_model))
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # engages whenever grad is on (diffusers' down/mid/up blocks)
     noise_scheduler = build_noise_scheduler(cfg.diffusion)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
@@ -236,11 +239,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             with accelerator.autocast():
                 prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
-            target = training_target(noise_scheduler, latents, noise, timesteps)
-            weights = None
-            if cfg.diffusion.snr_gamma is not None:
-                weights = min_snr_weight(snr(noise_scheduler, timesteps), cfg.diffusion.snr_gamma, cfg.diffusion.prediction_type)
-            loss = diffusion_loss(prediction, target, weights)
+            loss = training_loss(noise_scheduler, prediction, latents, noise, timesteps, cfg.diffusion.snr_gamma)
             backward_and_step(accelerator, loss, optimizer, unet.parameters(), cfg.optim.max_grad_norm)
 
         latents_since += latents.shape[0] * accelerator.num_processes

@@ -42,6 +42,13 @@ def encode_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-scaling-factor", action="store_true", help="also write the measured scaling_factor "
                    "(1/std of the sampled latents) into the codec folder's config.json; the weights are not touched")
     p.add_argument("--limit", type=int, help="encode only the first N images of the dataset")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="the encoder's autocast "
+                   "(default fp32; shards store float16 either way). Images whose latents are not finite in bf16/fp16 "
+                   "(the known fp16 overflow of SD-style VAEs) are re-encoded in fp32 with a warning; a resume must "
+                   "use the precision the shards were made with")
+    p.add_argument("--process-group-timeout-minutes", type=float, default=30.0, help="how long a process waits for "
+                   "the slowest one (the end of an uneven last round of shards) before the launch fails (default 30; "
+                   "torch's NCCL default is 10)")
     return p
 
 
@@ -74,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         encode_dataset(args.codec, args.data, args.out, resolution=args.resolution, caption_column=args.caption_column,
                        image_column=args.image_column, shard_size=args.shard_size, batch_size=args.batch_size,
                        crop=args.crop, seed=args.seed, num_workers=args.num_workers,
-                       write_scaling_factor=args.write_scaling_factor, limit=args.limit)
+                       write_scaling_factor=args.write_scaling_factor, limit=args.limit, precision=args.precision,
+                       process_group_timeout_minutes=args.process_group_timeout_minutes)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

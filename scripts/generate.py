@@ -4,6 +4,7 @@
     python scripts/generate.py --model runs/unet/pipeline --prompt "a tabby cat" --steps 25 --guidance 5 --seed 0
     python scripts/generate.py --model runs/unet/pipeline --prompt "a cat at night" --init-image cat.png --strength 0.6
     python scripts/generate.py --model runs/unet/pipeline --reconstruct photo.png      # encode -> decode
+    python scripts/generate.py --model runs/unet/pipeline --prompt "a tabby cat" --precision fp16   # on a GPU
     python scripts/generate.py --model runs/codec/final --prior-samples 8              # decode z ~ N(0, I)
 
 --model is a pipeline folder (scripts/train_unet.py writes <output-dir>/pipeline); for --reconstruct and
@@ -20,6 +21,7 @@ from pathlib import Path
 
 
 SAMPLER_CHOICES = ("ddim", "dpm", "euler")
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")  # diffusion.pipeline.PRECISIONS (not imported: --help stays fast)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--height", type=int, help="output height in pixels (default: the size the U-Net was trained "
                    "at); with --init-image/--reconstruct, the image is resized and centre-cropped to --height x --width")
     p.add_argument("--width", type=int, help="output width in pixels (see --height)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help="dtype the models run in, in "
+                   "every mode: fp32 (default), bf16 or fp16 (half the memory, faster on GPUs). If the codec overflows the "
+                   "reduced precision (SD-style VAEs give inf/NaN in fp16), that decode or encode is redone in fp32 "
+                   "with a warning: never a NaN image")
+    p.add_argument("--device", help="where the models run: cuda, cuda:1, cpu, ... (default: cuda when available, "
+                   "else cpu); the initial noise is drawn on the CPU, so a seed gives the same image anywhere")
     p.add_argument("--out", default="outputs", help="folder for the PNGs and the settings JSON (default outputs/)")
     args = p.parse_args(argv)
     if args.init_image and not args.prompt:
@@ -87,19 +95,21 @@ def load_image(path: str, height: int | None, width: int | None, factor: int):
     return image.crop((left, top, left + cw, top + ch)), f"centre-cropped from {w}x{h} to {cw}x{ch} (a multiple of {factor})"
 
 
-def load_model(path: str):
-    """(pipeline, None) for a pipeline folder, (None, vae) for a codec folder. Safetensors weights only."""
-    folder = Path(path)
-    if (folder / "model_index.json").is_file():
-        from diffusion.pipeline import LatentDiffusionPipeline
+def load_model(path: str, precision: str = "fp32"):
+    """(pipeline, None) for a pipeline folder, (None, vae) for a codec folder, weights in `precision`.
+    Safetensors weights only."""
+    from diffusion.pipeline import PRECISIONS, LatentDiffusionPipeline
 
-        pipe = LatentDiffusionPipeline.from_pretrained(folder, use_safetensors=True)
+    folder = Path(path)
+    dtype = PRECISIONS[precision]
+    if (folder / "model_index.json").is_file():
+        pipe = LatentDiffusionPipeline.from_pretrained(folder, use_safetensors=True, dtype=dtype)
         pipe.set_progress_bar_config(desc="denoise")
         return pipe, None
     if (folder / "config.json").is_file():
         from codec.model import load_codec
 
-        return None, load_codec(folder)
+        return None, load_codec(folder, dtype)
     raise SystemExit(f"error: --model {path} is neither a pipeline folder (model_index.json) nor a codec folder "
                      f"(config.json); train one with scripts/train_unet.py or scripts/train_codec.py")
 
@@ -109,11 +119,16 @@ def main(argv=None) -> int:
     import torch
 
     from codec.metrics import psnr
-    from codec.model import compression_ratio, downsample_factor, latent_shape, reconstruct, sample_prior
+    from codec.model import compression_ratio, downsample_factor, latent_shape, prior_latents
     from codec.data import pil_to_tensor, tensor_to_pil
-    from diffusion.pipeline import seeded_generator
+    from diffusion.pipeline import decode_images, encode_mean, seeded_generator
 
-    pipe, vae = load_model(args.model)
+    pipe, vae = load_model(args.model, args.precision)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if pipe is not None:
+        pipe.to(device)
+    else:
+        vae.to(device)
     if pipe is None and args.prompt:
         raise SystemExit(f"error: --model {args.model} is a codec folder; --prompt needs a pipeline folder "
                          f"(scripts/train_unet.py exports one to <output-dir>/pipeline)")
@@ -121,7 +136,7 @@ def main(argv=None) -> int:
     factor = downsample_factor(vae)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"model": str(Path(args.model).resolve())}
+    settings = {"model": str(Path(args.model).resolve()), "precision": args.precision, "device": device}
     note = None
 
     if args.prompt:
@@ -140,13 +155,14 @@ def main(argv=None) -> int:
         stem = f"{'img2img' if args.init_image else 'txt2img'}-seed{info['seed']}"
     elif args.reconstruct:
         image, note = load_image(args.reconstruct, args.height, args.width, factor)
-        pixels = pil_to_tensor(image)[None].to(vae.device, vae.dtype)
-        decoded = reconstruct(vae, pixels).float().clamp(-1, 1)
+        pixels = pil_to_tensor(image)[None].to(vae.device)  # float32: the PSNR compares with the exact image
+        with torch.no_grad():
+            decoded = decode_images(vae, encode_mean(vae, pixels))
         images = [tensor_to_pil(decoded[0])]
         info = {"mode": "reconstruction", "image_shape": [3, *pixels.shape[2:]],
                 "latent_shape": list(latent_shape(vae, *pixels.shape[2:])),
                 "compression_ratio": compression_ratio(vae, *pixels.shape[2:]),
-                "psnr_db": float(psnr(pixels.float(), decoded))}
+                "psnr_db": float(psnr(pixels, decoded))}
         settings.update(reconstruct=args.reconstruct)
         stem = f"reconstruction-{Path(args.reconstruct).stem}"
     else:
@@ -154,7 +170,7 @@ def main(argv=None) -> int:
         height, width = (args.height, args.width) if args.height else side
         generator, seed = seeded_generator(args.seed)
         with torch.no_grad():
-            decoded = sample_prior(vae, args.prior_samples, height, width, generator=generator).float().clamp(-1, 1)
+            decoded = decode_images(vae, prior_latents(vae, args.prior_samples, height, width, generator))
         images = [tensor_to_pil(im) for im in decoded]
         info = {"mode": "prior", "image_shape": [3, height, width], "latent_shape": list(latent_shape(vae, height, width)),
                 "compression_ratio": compression_ratio(vae, height, width)}

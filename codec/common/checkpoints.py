@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -33,12 +34,8 @@ def read_trainer_state(checkpoint: Path | None) -> dict:
     return json.loads((checkpoint / "trainer_state.json").read_text())
 
 
-def resolve_resume(output_dir: Path, resume: str | None, model: dict | None = None) -> tuple[Path | None, int]:
-    """`latest` -> newest complete checkpoint under output_dir (none yet: start fresh); a path -> that one.
-
-    `model` is the architecture section of the config, as save_checkpoint recorded it: a checkpoint written with
-    different values is refused. Some changes keep every parameter's shape (the U-Net's head count, say), so
-    loading would succeed and silently continue a different network."""
+def _resolve_here(output_dir: Path, resume: str | None, model: dict | None) -> tuple[Path | None, int]:
+    """resolve_resume as this process's own filesystem answers it."""
     if not resume:
         return None, 0
     if resume == "latest":
@@ -64,6 +61,63 @@ def resolve_resume(output_dir: Path, resume: str | None, model: dict | None = No
             f"checkpoint's values, or train the new network in another output directory"
         )
     return path, state["step"]
+
+
+def resolve_resume(output_dir: Path, resume: str | None, model: dict | None = None,
+                   accelerator: Accelerator | None = None) -> tuple[Path | None, int]:
+    """`latest` -> newest complete checkpoint under output_dir (none yet: start fresh); a path -> that one.
+
+    `model` is the architecture section of the config, as save_checkpoint recorded it: a checkpoint written with
+    different values is refused. Some changes keep every parameter's shape (the U-Net's head count, say), so
+    loading would succeed and silently continue a different network.
+
+    Each process resolves from its own filesystem; with `accelerator` the processes then compare what they found
+    and all refuse together (see same_resume_on_every_rank)."""
+    several = accelerator is not None and accelerator.num_processes > 1
+    error = None
+    try:
+        path, step = _resolve_here(output_dir, resume, model)
+    except (ConfigError, FileNotFoundError) as exc:
+        if not several:
+            raise
+        path, step, error = None, 0, exc
+    if several:
+        same_resume_on_every_rank(accelerator, resume, path, step, error)
+    return path, step
+
+
+def _describe(found: dict) -> str:
+    if found["error"] is not None:
+        return f"error ({found['error']})"
+    return "no checkpoint (fresh start)" if found["name"] is None else f"{found['name']} (step {found['step']})"
+
+
+def resume_disagreement(resume: str | None, found: list[dict]) -> str | None:
+    """The refusal for what each rank resolved (`found[rank]`: name, step, error), or None when they agree.
+
+    Decided from the gathered list, which every rank holds identically, so every rank takes the same decision."""
+    if all(f == found[0] for f in found):
+        return None
+    ranks = ", ".join(f"rank {rank}: {_describe(f)}" for rank, f in enumerate(found))
+    return (f"--resume {resume}: the processes resolved different checkpoints ({ranks}). Resume needs a shared "
+            f"filesystem: every node must see the same train.output_dir (or the same --resume path)")
+
+
+def same_resume_on_every_rank(accelerator: Accelerator, resume: str | None, path: Path | None, step: int,
+                              error: Exception | None = None) -> None:
+    """Raise on every rank unless all ranks resolved the same checkpoint.
+
+    On several machines without a shared filesystem `latest` is each node's own newest folder (or none): ranks
+    would load different steps, run different numbers of steps, and one would wait in an all-reduce for good. A
+    rank whose own resolution failed takes part too, so the others do not wait for it until the timeout."""
+    mine = {"name": None if path is None else path.name, "step": step,
+            "error": None if error is None else f"{type(error).__name__}: {error}"}
+    found = gather_object([mine])
+    refusal = resume_disagreement(resume, found)
+    if refusal is not None:
+        raise ConfigError(refusal) from error
+    if error is not None:  # every rank failed alike: each raises its own, unchanged
+        raise error
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int, extra: dict | None = None) -> None:

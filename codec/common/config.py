@@ -148,3 +148,5 @@ def check_loop_settings(train) -> None:
     check_choice("train.mixed_precision", train.mixed_precision, PRECISIONS)
     if train.batch_size < 1 or train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    if not train.process_group_timeout_minutes > 0:
+        raise ConfigError(f"train.process_group_timeout_minutes must be > 0, got {train.process_group_timeout_minutes}")

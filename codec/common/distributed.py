@@ -9,6 +9,7 @@ gradient averaging, every process encoding every shard. Passing cpu=True joins t
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -33,19 +34,35 @@ def check_process_group(num_processes: int, consequence: str) -> None:
         )
 
 
-def process_state(consequence: str):
-    """accelerate's PartialState (process index and count) with the CPU flag set and the group checked."""
+# How long a collective (a barrier, an all-reduce) waits for the slowest rank before the run fails. torch's NCCL
+# default is 10 minutes, shorter than some legitimate waits (one rank writing a checkpoint or the export, the
+# last shards of an uneven encode); 30 minutes covers those, and still ends a truly hung run the same hour.
+DEFAULT_TIMEOUT_MINUTES = 30.0
+
+
+def group_timeout(minutes: float) -> timedelta:
+    if not minutes > 0:
+        raise ValueError(f"the process-group timeout must be > 0 minutes, got {minutes}")
+    return timedelta(minutes=minutes)
+
+
+def process_state(consequence: str, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES):
+    """accelerate's PartialState (process index and count) with the CPU flag set, the collectives' timeout
+    given to the process group, and the group checked."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=cpu_flag())
+    state = PartialState(cpu=cpu_flag(), timeout=group_timeout(timeout_minutes))
     check_process_group(state.num_processes, consequence)
     return state
 
 
-def make_accelerator(mixed_precision: str, grad_accum: int, output_dir: Path):
-    """The trainers' Accelerator: precision resolved (`auto`), TF32 on CUDA, tensorboard under output_dir, and
-    the process group checked (a multi-process launch that formed none would train N independent models)."""
+def make_accelerator(mixed_precision: str, grad_accum: int, output_dir: Path,
+                     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES):
+    """The trainers' Accelerator: precision resolved (`auto`), TF32 on CUDA, tensorboard under output_dir, the
+    collectives' timeout (`train.process_group_timeout_minutes`) given to the process group, and the group
+    checked (a multi-process launch that formed none would train N independent models)."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     has_cuda = torch.cuda.is_available()
     precision = mixed_precision
@@ -61,6 +78,9 @@ def make_accelerator(mixed_precision: str, grad_accum: int, output_dir: Path):
         gradient_accumulation_steps=grad_accum,
         log_with="tensorboard",
         project_dir=str(output_dir),
+        # accelerate passes on only values that differ from its default (10 min): exactly 10 then leaves torch's
+        # own default, which is also 10 min for NCCL (30 for gloo, the CPU stand-in).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout(timeout_minutes))],
     )
     check_process_group(accelerator.num_processes, "the processes would train independently")
     return accelerator

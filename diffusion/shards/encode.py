@@ -15,9 +15,11 @@ not left waiting on PIL. The file format is in format.py, the checker in verify.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 import datasets
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -54,8 +57,16 @@ REJECTS = "rejects.jsonl"
 CROPS = ("center", "random")
 # Column names taken as captions when --caption-column is not given (the imagefolder/metadata.jsonl convention).
 DEFAULT_CAPTION_COLUMNS = ("text", "caption")
-# Settings that decide a shard's contents: a resumed run must match all of them.
-SETTING_KEYS = ("codec_identity", "resolution", "crop", "seed", "shard_size", "num_images", "caption_source", "latent_shape")
+# Settings that decide a shard's contents: a resumed run must match all of them. `precision` is one: bf16 moves
+# the means by ~1.6% (relative RMS, tests/diffusion/shards/test_encode_scale.py), so a resume in another
+# precision would mix two encodings of one dataset.
+SETTING_KEYS = ("codec_identity", "resolution", "crop", "seed", "shard_size", "num_images", "caption_source",
+                "latent_shape", "precision")
+# What shards written before a key existed were made with: every encode before --precision ran in fp32.
+SETTING_DEFAULTS = {"precision": "fp32"}
+# The encoder's autocast dtype per --precision (None: no autocast). The shards store float16 either way.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,9 +74,9 @@ SETTING_KEYS = ("codec_identity", "resolution", "crop", "seed", "shard_size", "n
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def process_state() -> PartialState:
+def process_state(timeout_minutes: float = distributed.DEFAULT_TIMEOUT_MINUTES) -> PartialState:
     """Process index/count from accelerate (see codec.common.distributed for the CPU multi-process pitfall)."""
-    return distributed.process_state("each process would encode every shard")
+    return distributed.process_state("each process would encode every shard", timeout_minutes)
 
 
 def caption_source(dataset: datasets.Dataset, data: str, caption_column: str | None) -> str:
@@ -152,7 +163,7 @@ class ShardImages(torch.utils.data.Dataset):
         row = self.dataset[index]
         value = row[self.image_column]
         path = self._path(value)
-        record = {"index": index, "id": self._id(index, path)}
+        record = {"index": index, "id": self._id(index, path), "source": path}
         try:
             img = decode_image(value, min_side=self.resolution)
         except UnreadableImage as exc:
@@ -237,9 +248,10 @@ class ShardBuilder:
 
 def _mismatch(found: dict, settings: dict, where: str, out: Path) -> None:
     for key in SETTING_KEYS:
-        if found.get(key) != settings[key]:
+        value = found.get(key, SETTING_DEFAULTS.get(key))
+        if value != settings[key]:
             raise ValueError(
-                f"--out {out} already holds shards made with {key}={found.get(key)!r} ({where}), but this run "
+                f"--out {out} already holds shards made with {key}={value!r} ({where}), but this run "
                 f"has {key}={settings[key]!r}. Resuming would mix incompatible shards: pass a new --out, or delete "
                 f"{out} to start over"
             )
@@ -269,44 +281,101 @@ def _remove_stale_temps(out: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _validate(resolution: int, shard_size: int, batch_size: int, crop: str, num_workers: int, limit: int | None) -> None:
+def _validate(resolution: int, shard_size: int, batch_size: int, crop: str, num_workers: int, limit: int | None,
+              precision: str) -> None:
     for name, value in (("resolution", resolution), ("shard_size", shard_size), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if crop not in CROPS:
         raise ValueError(f"--crop {crop!r}: expected one of {CROPS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {tuple(PRECISIONS)}")
     if num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
 
 
+def _posterior_as_stored(vae, pixels: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, logvar) of a batch as a shard stores them (float16, CPU), the encoder run under autocast to `dtype`
+    (None: float32)."""
+    autocast = nullcontext() if dtype is None else torch.autocast(pixels.device.type, dtype=dtype)
+    with torch.inference_mode(), autocast:
+        posterior = encode_posterior(vae, pixels)
+    return posterior.mean.half().cpu(), posterior.logvar.half().cpu()
+
+
+def _non_finite_rows(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Rows with an inf or NaN, after the cast to float16 (so |value| > 65504 counts too)."""
+    return ~(torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(logvar).flatten(1).all(1))
+
+
+def encode_batch(vae, pixels: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    """float16 (mean, logvar) of a batch, the rows re-encoded in float32, and the rows still not finite.
+
+    SD-style VAEs overflow float16 on some images (activations past 65504 become inf, then NaN): those rows are
+    taken from a float32 encode of the same batch, which is what a float32 run would have stored for them. Rows not
+    finite even in float32 are for the caller to reject, never to store. (The pipeline's finite_or_fp32 redoes a
+    whole call instead: it has no rows to reject.)"""
+    mean, logvar = _posterior_as_stored(vae, pixels, dtype)
+    bad = _non_finite_rows(mean, logvar)
+    upcast = bad.clone() if dtype is not None else torch.zeros_like(bad)
+    if upcast.any():
+        mean32, logvar32 = _posterior_as_stored(vae, pixels, None)
+        rows = bad.view(-1, *[1] * (mean.dim() - 1))
+        mean, logvar = torch.where(rows, mean32, mean), torch.where(rows, logvar32, logvar)
+        bad = _non_finite_rows(mean, logvar)
+    return mean, logvar, upcast, bad
+
+
+NON_FINITE_REASON = ("the codec's latents are not finite (inf or NaN, or |value| > 65504, the float16 maximum) even "
+                     "encoded in float32; check the codec on this image")
+
+
+def _add_batch(shard: ShardBuilder, batch: dict, vae, device, dtype: torch.dtype | None) -> list[str]:
+    """Encode one batch into `shard`; records whose latents are not finite become rejects. Returns the ids of
+    the images re-encoded in float32."""
+    records, rejects = batch["records"], list(batch["rejects"])
+    upcast_ids = []
+    if batch["pixels"] is not None:
+        mean, logvar, upcast, bad = encode_batch(vae, batch["pixels"].to(device, torch.float32), dtype)
+        upcast_ids = [r["id"] for r, u in zip(records, upcast.tolist()) if u]
+        rejects += [{"index": r["index"], "id": r["id"], "source": r["source"], "reason": NON_FINITE_REASON}
+                    for r, b in zip(records, bad.tolist()) if b]
+        records = [r for r, b in zip(records, bad.tolist()) if not b]
+        shard.means.append(mean[~bad])
+        shard.logvars.append(logvar[~bad])
+    shard.records.extend(records)
+    shard.rejects.extend(sorted(rejects, key=lambda r: r["index"]))
+    return upcast_ids
+
+
 def _encode_my_shards(vae, images: ShardImages, pending: list[int], settings: dict, out: Path, batch_size: int,
-                      num_workers: int, device, progress: tqdm) -> float:
+                      num_workers: int, device, progress: tqdm) -> tuple[float, dict[int, str]]:
     """Encode shards `pending` (this process's share) in order, writing each as soon as it is complete.
-    Returns the seconds the encoder sat waiting for the data workers' next batch."""
+    Returns the seconds the encoder sat waiting for the data workers' next batch, and each written shard's
+    sha256 (taken from the bytes as they were written, so the manifest needs no second read)."""
     n, size = settings["num_images"], settings["shard_size"]
     plan = [batch for k in pending for batch in shard_batches(k, size, n, batch_size)]
     if not plan:
-        return 0.0
-    waited = 0.0
+        return 0.0, {}
+    dtype = PRECISIONS[settings["precision"]]
+    waited, hashes = 0.0, {}
     loader = DataLoader(images, batch_sampler=plan, collate_fn=collate_records, num_workers=num_workers,
                         pin_memory=torch.device(device).type == "cuda")
     batches = iter(loader)
     for k in pending:
-        shard = ShardBuilder.empty()
+        shard, upcast_ids = ShardBuilder.empty(), []
         for _ in shard_batches(k, size, n, batch_size):
             tick = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - tick
-            if batch["pixels"] is not None:
-                with torch.inference_mode():
-                    posterior = encode_posterior(vae, batch["pixels"].to(device, torch.float32))
-                shard.means.append(posterior.mean.half().cpu())
-                shard.logvars.append(posterior.logvar.half().cpu())
-            shard.records.extend(batch["records"])
-            shard.rejects.extend(batch["rejects"])
+            upcast_ids += _add_batch(shard, batch, vae, device, dtype)
             progress.update(len(batch["records"]) + len(batch["rejects"]))
+        if upcast_ids:
+            log.warning("%s: %d image(s) gave non-finite latents in %s and were re-encoded in fp32 (any still not "
+                        "finite are in %s): %s", shard_filename(k), len(upcast_ids), settings["precision"], REJECTS,
+                        ", ".join(upcast_ids))
         records = shard.build(tuple(settings["latent_shape"]))
         info = {
             "settings": settings,
@@ -316,14 +385,27 @@ def _encode_my_shards(vae, images: ShardImages, pending: list[int], settings: di
             "captions_missing": sum(bool(r["caption_missing"]) for r in shard.records),
             "sums": latent_sums(records.mean, records.logvar),
         }
-        write_shard(out / shard_filename(k), records, info)
-    return waited
+        hashes[k] = write_shard(out / shard_filename(k), records, info)
+    return waited, hashes
+
+
+def _hash_my_earlier_shards(out: Path, done: set[int], state: PartialState) -> dict[int, str]:
+    """sha256 of the shards a previous run completed, shard k hashed by process k mod processes: hashing them
+    all on process 0 while the others wait in a barrier can outlast the process group's timeout."""
+    return {k: file_sha256(out / shard_filename(k)) for k in sorted(done)
+            if k % state.num_processes == state.process_index}
+
+
+def _gather_hashes(mine: dict[int, str]) -> dict[int, str]:
+    """Every process's shard hashes, on every process (gather_object of a list concatenates the ranks' lists)."""
+    return dict(gather_object(sorted(mine.items())))
 
 
 def _finalize(out: Path, settings: dict, vae, codec_dir: str, data: str, image_column: str,
-              started: set[int]) -> tuple[dict, int]:
+              started: set[int], hashes: dict[int, str]) -> tuple[dict, int]:
     """Main process, after every shard exists: write the manifest (checksums, counts, statistics) and rejects.jsonl.
-    Returns the manifest and the number of images read by this run (shards not in `started`)."""
+    `hashes` holds every shard's sha256, computed by the process that wrote or found it; only headers are read
+    here. Returns the manifest and the number of images read by this run (shards not in `started`)."""
     num_shards = math.ceil(settings["num_images"] / settings["shard_size"])
     entries, sums, rejects, captions_missing, new_images = [], [], [], 0, 0
     for k in range(num_shards):
@@ -332,7 +414,7 @@ def _finalize(out: Path, settings: dict, vae, codec_dir: str, data: str, image_c
         info = header["info"]
         _mismatch(info["settings"], settings, path.name, out)
         entries.append({"file": path.name, "records": header["records"], "rejected": len(info["rejects"]),
-                        "indices": info["indices"], "sha256": file_sha256(path)})
+                        "indices": info["indices"], "sha256": hashes[k]})
         sums.append(info["sums"])
         rejects.extend(info["rejects"])
         captions_missing += info["captions_missing"]
@@ -388,16 +470,21 @@ def encode_dataset(
     limit: int | None = None,
     progress: bool = True,
     timings: dict | None = None,
+    precision: str = "fp32",
+    process_group_timeout_minutes: float = distributed.DEFAULT_TIMEOUT_MINUTES,
 ) -> dict:
     """Encode `data` into `out` (see the module docstring); returns the manifest. Run by every process of a launch.
 
     `timings`, when given, receives this process's seconds spent in setup (codec, dataset, resume check), in the
     encode loop (first batch requested to last shard written), waiting inside that loop for the data workers,
     and in finalising (manifest), for benchmarks.
+
+    `precision` (fp32 | bf16 | fp16) is the encoder's autocast; images whose latents overflow in it are
+    re-encoded in fp32 (encode_batch). `process_group_timeout_minutes` bounds every wait for the slowest process.
     """
-    _validate(resolution, shard_size, batch_size, crop, num_workers, limit)
+    _validate(resolution, shard_size, batch_size, crop, num_workers, limit, precision)
     started_at = time.perf_counter()
-    state = process_state()
+    state = process_state(process_group_timeout_minutes)
     codec_dir, data, out = os.fspath(codec_dir), os.fspath(data), Path(out)
     # channels-last: 1.2-1.4x faster encoding on CPU (docs/performance.md); the weights and identity are unchanged.
     vae = prepare_for_inference(load_codec(codec_dir).to(state.device))
@@ -409,6 +496,7 @@ def encode_dataset(
         "codec_identity": codec_identity(vae), "resolution": resolution, "crop": crop, "seed": seed,
         "shard_size": shard_size, "num_images": num_images,
         "caption_source": caption_source(dataset, data, caption_column), "latent_shape": list(latent),
+        "precision": precision,
     }
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -423,12 +511,12 @@ def encode_dataset(
                desc=f"encode (process 0 of {state.num_processes})", disable=not (progress and state.is_main_process),
                dynamic_ncols=True)
     loop_started = time.perf_counter()
-    waited = _encode_my_shards(vae, images, mine, settings, out, batch_size, num_workers, state.device, bar)
+    waited, hashes = _encode_my_shards(vae, images, mine, settings, out, batch_size, num_workers, state.device, bar)
     loop_ended = time.perf_counter()
     bar.close()
-    state.wait_for_everyone()
+    hashes = _gather_hashes({**hashes, **_hash_my_earlier_shards(out, done, state)})  # also the barrier
     if state.is_main_process:
-        manifest, new_images = _finalize(out, settings, vae, codec_dir, data, column, done)
+        manifest, new_images = _finalize(out, settings, vae, codec_dir, data, column, done, hashes)
         if write_scaling_factor:
             write_scaling_factor_into_codec(codec_dir, vae, manifest["latent_stats"])
         seconds = time.perf_counter() - started_at

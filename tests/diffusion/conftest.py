@@ -113,3 +113,22 @@ def tiny_pipeline(tiny_codec_dir, minilm, tiny_unet_config):
                                    text_encoder=model, tokenizer=tokenizer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def generate():
+    """scripts/generate.py's main(argv), imported from the script file as a user runs it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_script", CONFIGS.parent / "scripts" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tiny_pipeline, tmp_path_factory):
+    """The tiny pipeline saved as a folder, as scripts/train_unet.py exports one."""
+    path = tmp_path_factory.mktemp("generate") / "pipeline"
+    tiny_pipeline.save_pretrained(path, safe_serialization=True)
+    return path

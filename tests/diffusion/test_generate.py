@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,21 +10,6 @@ from diffusion.pipeline import LatentDiffusionPipeline
 from tests.conftest import ROOT
 
 
-@pytest.fixture(scope="module")
-def generate():
-    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tiny_pipeline, tmp_path_factory):
-    path = tmp_path_factory.mktemp("generate") / "pipeline"
-    tiny_pipeline.save_pretrained(path, safe_serialization=True)
-    return path
-
-
 def _record(out, stem):
     return json.loads((out / f"{stem}.json").read_text())
 
@@ -33,7 +17,7 @@ def _record(out, stem):
 def test_text_to_image_writes_pngs_and_settings_and_is_reproducible(generate, pipeline_dir, tiny_pipeline, tmp_path):
     out = tmp_path / "out"
     assert generate(["--model", str(pipeline_dir), "--prompt", "a red motorcycle", "--steps", "4", "--guidance", "3",
-                     "--seed", "3", "--num-images", "2", "--scheduler", "dpm", "--out", str(out)]) == 0
+                     "--seed", "3", "--num-images", "2", "--scheduler", "dpm", "--device", "cpu", "--out", str(out)]) == 0
     record = _record(out, "txt2img-seed3")
     assert record["files"] == ["txt2img-seed3-0.png", "txt2img-seed3-1.png"]
     assert record["settings"]["scheduler"] == "dpm" and record["settings"]["guidance"] == 3.0
@@ -79,8 +63,11 @@ def test_help_explains_every_flag():
     proc = subprocess.run([sys.executable, "scripts/generate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0
     for flag in ("--model", "--prompt", "--negative-prompt", "--steps", "--guidance", "--seed", "--num-images",
-                 "--scheduler", "--init-image", "--strength", "--reconstruct", "--prior-samples", "--out"):
+                 "--scheduler", "--init-image", "--strength", "--reconstruct", "--prior-samples", "--precision",
+                 "--device", "--out"):
         assert flag in proc.stdout
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert "{fp32,bf16,fp16}" in text and "redone in fp32 with a warning" in text
     bad = subprocess.run([sys.executable, "scripts/generate.py", "--model", "m", "--reconstruct", "x", "--init-image",
                           "y"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--init-image needs --prompt" in bad.stderr

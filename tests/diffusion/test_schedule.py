@@ -3,7 +3,7 @@ import torch
 
 from codec.common.config import ConfigError
 from diffusion.config import DiffusionConfig
-from diffusion.schedule import build_noise_scheduler, diffusion_loss, min_snr_weight, snr, training_target
+from diffusion.schedule import build_noise_scheduler, diffusion_loss, min_snr_weight, snr, training_loss, training_target
 
 
 def test_noise_schedule_is_sd_scaled_linear():
@@ -73,3 +73,40 @@ def test_config_refuses_epsilon_with_zero_terminal_snr():
     with pytest.raises(ConfigError, match="v_prediction"):
         DiffusionConfig(rescale_betas_zero_snr=True)
     DiffusionConfig(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+
+
+def _x0_mse_per_sample(scheduler, prediction, noisy, x0, timesteps):
+    """diffusers' own x0 estimate from a prediction (the scheduler step's pred_original_sample), per-sample MSE."""
+    rows = []
+    for i, t in enumerate(timesteps.tolist()):
+        x0_hat = scheduler.step(prediction[i : i + 1], t, noisy[i : i + 1]).pred_original_sample
+        rows.append((x0_hat.double() - x0[i : i + 1].double()).pow(2).mean())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_loss_is_min_snr_gamma_times_the_x0_space_mse(prediction_type):
+    """Hang et al. 2023 weigh the x0-space MSE by min(SNR, γ). The trainer's loss, in the model's own space, must be
+    that number: min(SNR, γ)/SNR x eps-MSE for epsilon, min(SNR, γ)/(SNR + 1) x v-MSE for v (diffusers'
+    train_text_to_image uses the same two weights)."""
+    scheduler = build_noise_scheduler(DiffusionConfig(prediction_type=prediction_type))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
+    prediction = torch.randn(5, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([0, 120, 300, 650, 999])  # SNR from 1e3 down to 0.005, on both sides of γ = 2
+    gamma = 2.0
+    noisy = scheduler.add_noise(x0, eps, timesteps)
+
+    loss = training_loss(scheduler, prediction, x0, eps, timesteps, gamma)
+
+    alpha_bar = scheduler.alphas_cumprod.double()[timesteps]
+    snr_t = alpha_bar / (1 - alpha_bar)
+    expected = (torch.clamp(snr_t, max=gamma) * _x0_mse_per_sample(scheduler, prediction, noisy, x0, timesteps)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # The closed form in the model's own space gives the same number.
+    target = eps if prediction_type == "epsilon" else alpha_bar.sqrt().view(-1, 1, 1, 1) * eps - (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * x0
+    own_mse = (prediction.double() - target).pow(2).flatten(1).mean(1)
+    denominator = snr_t if prediction_type == "epsilon" else snr_t + 1
+    assert loss.item() == pytest.approx((torch.clamp(snr_t, max=gamma) / denominator * own_mse).mean().item(), rel=1e-5)
+    # snr_gamma null: the plain MSE in the model's space.
+    assert training_loss(scheduler, prediction, x0, eps, timesteps, None).item() == pytest.approx(own_mse.mean().item(), rel=1e-5)
