@@ -75,11 +75,28 @@ def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_config, fre
                     resume="latest")
 
 
-def test_gan_and_learned_logvar_train(tiny_config, fresh_accelerate_state, tmp_path):
+def test_gan_and_learned_logvar_train(tiny_config, fresh_accelerate_state, tmp_path, monkeypatch):
     cfg = tiny_config("train.max_steps=4", "train.checkpoint_every=4", "loss.gan_weight=0.5", "loss.disc_start=2",
                       "loss.disc_channels=8", "loss.learn_logvar=true", "train.log_every=1")
+    taken_at, weights = [], []
+    real_weight = train_module.adaptive_gan_weight
+
+    def recorded(nll, g_loss, last_layer, *args, **kwargs):
+        taken_at.append(last_layer)
+        weights.append(real_weight(nll, g_loss, last_layer, *args, **kwargs).item())
+        return torch.tensor(weights[-1])
+
+    monkeypatch.setattr(train_module, "adaptive_gan_weight", recorded)
     set_seed(cfg.train.seed)
     result = train_codec(cfg)
+    # The adaptive weight was taken on steps 2 and 3, at the decoder's last convolution, and was not 0.
+    vae = AutoencoderKL.from_pretrained(result.final)
+    assert len(taken_at) == 2 and all(w.shape == vae.decoder.conv_out.weight.shape for w in taken_at)
+    ema = load_file(tmp_path / "run" / "checkpoints" / "step_00000004" / "ema.safetensors")
+    # The live parameter itself: the export copies the EMA weights into it, so it ends as the EMA's conv_out.
+    assert all(torch.equal(w.detach(), ema["decoder.conv_out.weight"]) for w in taken_at)
+    logged = [row["loss/gan_weight"] for row in read_history(tmp_path / "run")]
+    assert logged[:2] == [0.0, 0.0] and logged[2:] == pytest.approx([0.5 * w for w in weights]) and min(weights) > 0
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
     model = load_file(ckpt / "model.safetensors")
     assert model["logvar"].item() != 0.0  # the learned log-variance was really optimized
