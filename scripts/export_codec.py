@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Export a trained codec for the tools people use: a diffusers folder and one original-LDM-format VAE file.
+
+    python scripts/export_codec.py --codec runs/codec/final --out exports/my-vae
+    python scripts/export_codec.py --codec runs/unet/pipeline --out exports/my-vae --dtype fp32
+
+Writes <out>/diffusers/ (AutoencoderKL.from_pretrained, or a pipeline's vae=) and <out>/<name>.safetensors with the
+key names ComfyUI's "Load VAE" and AUTOMATIC1111's SD VAE setting read (put it in ComfyUI's models/vae/ or
+AUTOMATIC1111's models/VAE/); diffusers loads it with AutoencoderKL.from_single_file(file, config=<out>/diffusers).
+The file is read back by from_single_file and compared with the folder before the export is reported.
+Those tools take the latent scaling factor from the model they pair the VAE with (SD 1.x: 0.18215): a codec with
+another factor (printed here) needs a U-Net trained on its latents, such as scripts/train_unet.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--codec", required=True, help="a diffusers AutoencoderKL folder (a training run's final/), or a "
+                   "pipeline folder whose vae/ is exported")
+    p.add_argument("--out", required=True, help="folder to write diffusers/ and the single file into")
+    p.add_argument("--name", default="vae", help="file name of the single file, without .safetensors (default vae)")
+    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="weights of the single file (default "
+                   "fp16, what shared VAE files hold; the diffusers folder stays float32)")
+    args = p.parse_args(argv)
+    import torch
+
+    from codec.ldm_format import export_for_tools
+
+    try:
+        result = export_for_tools(args.codec, args.out, args.name, torch.float16 if args.dtype == "fp16" else None)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"diffusers folder: {result['diffusers']}")
+    print(f"single file ({args.dtype}, LDM key names): {result['single_file']} (read back by from_single_file: "
+          f"largest output difference {result['round_trip_max_difference']:.2g})")
+    print(f"latent channels {result['latent_channels']}, scaling factor {result['scaling_factor']:.5g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
