@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,26 +12,59 @@ from codec.common.optim import OptimConfig
 __all__ = ["CodecConfig", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig", "load_codec_config"]
 
 
+# The architecture keys of `model:` and the values they take when not given (Stable Diffusion's kl-f8 network).
+# With `init: pretrained` a key left out (null) is read from the checkpoint instead, and one given must agree
+# with it (codec/pretrained.py): the user then states only what they mean to check.
+ARCHITECTURE_DEFAULTS = {
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "mid_block_add_attention": True,
+    "sample_size": 512,
+}
+INITS = ("random", "thumbnail", "pretrained")
+
+
 @dataclass
 class ModelConfig:
-    """diffusers `AutoencoderKL` arguments. The downsampling factor is 2**(len(block_out_channels)-1)."""
+    """diffusers `AutoencoderKL` arguments. The downsampling factor is 2**(len(block_out_channels)-1).
 
-    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
-    layers_per_block: int = 2
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    mid_block_add_attention: bool = True
-    sample_size: int = 512
-    # random: diffusers' initialisation. thumbnail: start as an 8x box-down / nearest-up codec (codec/warm_start.py)
+    Architecture keys default to null: the kl-f8 values above for a new network, the checkpoint's own for
+    `init: pretrained` (see ARCHITECTURE_DEFAULTS)."""
+
+    block_out_channels: list[int] | None = None
+    layers_per_block: int | None = None
+    latent_channels: int | None = None
+    norm_num_groups: int | None = None
+    mid_block_add_attention: bool | None = None
+    sample_size: int | None = None
+    # random: diffusers' initialisation. thumbnail: start as an 8x box-down / nearest-up codec (codec/warm_start.py).
+    # pretrained: the weights and architecture of the AutoencoderKL at `pretrained` (codec/pretrained.py).
     init: str = "random"
+    # A diffusers AutoencoderKL folder (safetensors weights) or one original-LDM-format .safetensors VAE file.
+    # Checked when training starts, not here, so a preset can leave it to `--pretrained PATH`.
+    pretrained: str | None = None
 
     def __post_init__(self) -> None:
-        check_choice("model.init", self.init, ("random", "thumbnail"))
-        for width in self.block_out_channels:
-            if width % self.norm_num_groups:
-                raise ConfigError(
-                    f"model.block_out_channels: width {width} is not divisible by norm_num_groups={self.norm_num_groups}"
-                )
+        check_choice("model.init", self.init, INITS)
+        if self.init != "pretrained":
+            if self.pretrained:
+                raise ConfigError(f"model.pretrained is set ({self.pretrained}) but model.init is {self.init!r}; "
+                                  f"set model.init: pretrained to start from it, or drop model.pretrained")
+            for key, value in ARCHITECTURE_DEFAULTS.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, copy.deepcopy(value))
+        if self.block_out_channels is not None and self.norm_num_groups is not None:
+            for width in self.block_out_channels:
+                if width % self.norm_num_groups:
+                    raise ConfigError(
+                        f"model.block_out_channels: width {width} is not divisible by norm_num_groups={self.norm_num_groups}"
+                    )
+
+    def architecture(self) -> dict:
+        """The architecture keys only: what a checkpoint records so a resume with another network is refused."""
+        return {key: getattr(self, key) for key in ARCHITECTURE_DEFAULTS}
 
 
 @dataclass
@@ -93,6 +127,10 @@ class DataConfig:
     num_workers: int = 2
 
 
+LATENT_NORMS = ("auto", "global", "per_channel", "keep")
+TRAINABLE = ("all", "decoder", "encoder")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -112,16 +150,25 @@ class TrainConfig:
     validate_every: int = 250
     log_every: int = 10
     output_dir: str = "runs/codec"
-    latent_norm: str = "global"  # global: scaling_factor = 1/std | per_channel: latents_mean/std
+    # How the export sets the latent scale (statistics are measured and recorded in every case):
+    # global: scaling_factor = 1/std | per_channel: latents_mean/std | keep: the parent's, untouched |
+    # auto: keep with model.init: pretrained (every U-Net, pipeline and latent cache made for the parent assumes its
+    # scale), global otherwise.
+    latent_norm: str = "auto"
     latent_stats_images: int = 64
     channels_last: bool = False
     # Recompute each encoder/decoder block's activations in the backward pass instead of storing them (diffusers'
     # enable_gradient_checkpointing): less activation memory for about one more forward pass of compute.
     gradient_checkpointing: bool = False
+    # What the optimizer updates. decoder: decoder + post_quant_conv (+ the learned NLL log-variance); the encoder
+    # and quant_conv stay bit-identical, so the child's latents are the parent's and shards made with the parent
+    # stay valid (how sd-vae-ft-mse was made). encoder: the mirror image (encoder + quant_conv).
+    trainable: str = "all"  # all | decoder | encoder
 
     def __post_init__(self) -> None:
         check_loop_settings(self)
-        check_choice("train.latent_norm", self.latent_norm, ("global", "per_channel"))
+        check_choice("train.latent_norm", self.latent_norm, LATENT_NORMS)
+        check_choice("train.trainable", self.trainable, TRAINABLE)
 
 
 @dataclass
@@ -131,6 +178,24 @@ class CodecConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        # Choices that only make sense together, refused before any run folder exists.
+        if self.train.trainable != "all" and self.model.init == "random":
+            raise ConfigError(f"train.trainable: {self.train.trainable} freezes half of a randomly initialised codec; "
+                              f"use it with model.init: pretrained (or thumbnail), or train.trainable: all")
+        if self.train.latent_norm == "keep" and self.model.init != "pretrained":
+            raise ConfigError("train.latent_norm: keep keeps a parent's scale, but model.init is not pretrained; "
+                              "use auto, global or per_channel")
+        if self.train.trainable == "encoder" and self.loss.gan_weight > 0:
+            # The adaptive GAN weight takes gradients at the decoder's last layer, which is frozen here.
+            raise ConfigError("train.trainable: encoder freezes the decoder, so loss.gan_weight must be 0")
+
+    def latent_norm(self) -> str:
+        """train.latent_norm with `auto` resolved: keep a pretrained parent's scale, measure a new codec's."""
+        if self.train.latent_norm != "auto":
+            return self.train.latent_norm
+        return "keep" if self.model.init == "pretrained" else "global"
 
 
 def load_codec_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> CodecConfig:

@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from codec.common.draws import keyed_generator
 from codec.common.precision import in_fp32, run_in_fp32
 from codec.config import ModelConfig
+
+# Latent geometry is defined in diffusion/codec_io.py, the file exported pipeline folders carry so that stock
+# diffusers computes shapes exactly as we do; re-exported here, where the codec's users look for it.
+from diffusion.codec_io import (  # noqa: F401
+    compression_ratio,
+    downsample_factor,
+    encode_posterior,
+    latent_shape,
+    prior_latents,
+)
 
 
 def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
@@ -55,28 +64,6 @@ def load_codec(codec_dir: str | os.PathLike, dtype: torch.dtype = torch.float32)
     return vae.eval().requires_grad_(False)
 
 
-def downsample_factor(vae: AutoencoderKL) -> int:
-    # Each level but the last halves the resolution (diffusers' DownEncoderBlock2D convention).
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def latent_shape(vae: AutoencoderKL, height: int, width: int) -> tuple[int, int, int]:
-    f = downsample_factor(vae)
-    if height % f or width % f:
-        raise ValueError(f"image size {height}x{width} is not a multiple of the codec's downsampling factor {f}")
-    return (vae.config.latent_channels, height // f, width // f)
-
-
-def compression_ratio(vae: AutoencoderKL, height: int, width: int, channels: int = 3) -> float:
-    """Image elements per latent element: 48 for 512x512x3 -> 4x64x64 (f8, c4)."""
-    return channels * height * width / math.prod(latent_shape(vae, height, width))
-
-
-def encode_posterior(vae: AutoencoderKL, images: torch.Tensor) -> DiagonalGaussianDistribution:
-    """q(z|x): `.mean`, `.logvar` (clamped to [-30, 20]), `.sample(generator)` by reparameterization, `.mode()`."""
-    return vae.encode(images).latent_dist
-
-
 def per_sample_noise(shape: tuple[int, ...], draws: torch.Tensor, seed: int, device, dtype) -> torch.Tensor:
     """Standard normal noise of `shape` where row i depends only on (seed, draws[i]).
 
@@ -92,9 +79,13 @@ class CodecForTraining(nn.Module):
     (calling them on the unwrapped model bypasses gradient averaging, a bug of the public training script).
     Also holds the learned scalar output log-variance of the NLL, so its gradient is averaged too."""
 
-    def __init__(self, vae: AutoencoderKL, learn_logvar: bool = False, logvar_init: float = 0.0, seed: int = 0):
+    def __init__(self, vae: AutoencoderKL, learn_logvar: bool = False, logvar_init: float = 0.0, seed: int = 0,
+                 frozen_encoder: bool = False):
         super().__init__()
         self.vae = vae
+        # A frozen encoder (train.trainable: decoder) runs without autograd: no activations kept for a backward
+        # that never reaches it. Its KL term is then a constant, as it is in sd-vae-ft-mse's decoder-only recipe.
+        self.frozen_encoder = frozen_encoder
         # The decoder's last convolution computes in fp32 under mixed precision: its output is the image, and its
         # weight is where the adaptive GAN weight takes its gradients (see run_in_fp32).
         run_in_fp32(vae.decoder.conv_out)
@@ -103,7 +94,8 @@ class CodecForTraining(nn.Module):
 
     def forward(self, images: torch.Tensor, draws: torch.Tensor | None = None):
         """draws: the examples' global draw numbers, to sample z ~ q(z|x); None decodes the posterior mean."""
-        posterior = encode_posterior(self.vae, images)
+        with torch.no_grad() if self.frozen_encoder else nullcontext():
+            posterior = encode_posterior(self.vae, images)
         if draws is None:
             z = posterior.mode()
         else:
@@ -123,13 +115,6 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
 def sample_prior(vae: AutoencoderKL, n: int, height: int, width: int, generator: torch.Generator | None = None):
     """Decode z ~ N(0, I): what the VAE generates on its own, without a diffusion model on its latents."""
     return vae.decode(prior_latents(vae, n, height, width, generator)).sample
-
-
-def prior_latents(vae: AutoencoderKL, n: int, height: int, width: int, generator: torch.Generator | None = None):
-    """n latents z ~ N(0, I) for images of height x width, drawn on the CPU (the same seed gives the same latents
-    on any device), in the codec's dtype and device."""
-    z = torch.randn((n, *latent_shape(vae, height, width)), generator=generator)
-    return z.to(vae.device, vae.dtype)
 
 
 @torch.no_grad()
@@ -198,3 +183,37 @@ def codec_identity(vae: AutoencoderKL) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# The config keys that shape what the encoder computes; decoder-side keys (up_block_types, out_channels,
+# use_post_quant_conv) and the latent scale are left out, so a decoder-only fine-tune keeps its parent's value.
+ENCODER_CONFIG_KEYS = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "act_fn",
+                       "latent_channels", "norm_num_groups", "mid_block_add_attention", "use_quant_conv")
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # image -> posterior (mean, logvar): what latent shards store
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def encoder_identity(vae: AutoencoderKL) -> str:
+    """A short hash of what maps an image to its posterior: the encoder and quant_conv weights and the config keys
+    that shape them. Two codecs with one encoder identity give the same latents for every image, so shards made by
+    one serve the other (a decoder-only fine-tune of it, say)."""
+    h = hashlib.sha256(b"encoder")  # never equal to a codec_identity
+    arch = {k: vae.config.get(k) for k in ENCODER_CONFIG_KEYS}
+    h.update(json.dumps(arch, sort_keys=True).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        if name.startswith(ENCODER_PREFIXES):
+            h.update(name.encode())
+            # float32 bytes: a parent stored in fp16 and its child saved in fp32 hold the same numbers.
+            h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def freeze_for_training(vae: AutoencoderKL, trainable: str) -> None:
+    """Leave only the `trainable` half (all | decoder | encoder) requiring grad. Done before accelerator.prepare:
+    DDP registers gradient hooks for exactly the parameters that require grad at wrap time."""
+    if trainable == "all":
+        return
+    frozen = ENCODER_PREFIXES if trainable == "decoder" else DECODER_PREFIXES
+    for name, param in vae.named_parameters():
+        if name.startswith(frozen):
+            param.requires_grad_(False)

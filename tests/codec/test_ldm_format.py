@@ -1,8 +1,6 @@
 """The single-file LDM-format VAE: written with the key names ComfyUI and AUTOMATIC1111 read, loaded back by diffusers'
 own from_single_file and by ours, with the same outputs."""
 
-import json
-
 import pytest
 import torch
 from diffusers import AutoencoderKL

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codec.common.precision import autocast_off, in_fp32, run_in_fp32, runs_in_fp32
+from codec.common.precision import autocast_off, in_fp32, runs_in_fp32
 from codec.config import ModelConfig
 from codec.losses import PerceptualLoss, adaptive_gan_weight, generator_gan_loss, kl_divergence, ms_ssim_distance, vae_loss
 from codec.metrics import ssim

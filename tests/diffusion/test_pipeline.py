@@ -129,7 +129,9 @@ def test_pipeline_folder_round_trip(tiny_pipeline, tmp_path):
     assert weights == ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
                        "vae/diffusion_pytorch_model.safetensors"]
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["_class_name"] == "LatentDiffusionPipeline" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    # [file, class]: the folder's pipeline.py, so stock diffusers loads it too (tests/diffusion/test_stock_diffusers.py)
+    assert index["_class_name"] == ["pipeline", "LatentDiffusionPipeline"]
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     loaded = LatentDiffusionPipeline.from_pretrained(tmp_path / "pipe", use_safetensors=True)
     loaded.set_progress_bar_config(disable=True)
     assert loaded.tokenizer.model_max_length == 16
