@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,3 +87,19 @@ def assert_same_safetensors(a_dir: Path, b_dir: Path, names) -> None:
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resume"
+
+
+# `accelerate launch` of two processes on this CPU-only machine: the code under test must make it a gloo group.
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def launch_env(site: Path | None = None, **extra: str) -> dict:
+    """The environment of a two-process launch: one thread per process, ACCELERATE_USE_CPU unset (the entry point
+    itself must make a CPU launch distribute), `extra` variables, and `site` (a folder with a sitecustomize.py
+    that every process loads) first on PYTHONPATH."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    env.pop("ACCELERATE_USE_CPU", None)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env

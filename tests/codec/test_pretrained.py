@@ -17,7 +17,7 @@ from codec.model import (ENCODER_PREFIXES, build_autoencoder, codec_identity, co
                          encoder_identity)
 from codec.pretrained import load_parent
 from codec.train import train_codec
-from tests.conftest import CONFIGS, ROOT, killed_after_a_checkpoint, reset_accelerate
+from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, killed_after_a_checkpoint, launch_env, reset_accelerate
 
 TINY = ("model.block_out_channels=[8,8,16,16]", "model.layers_per_block=1", "model.norm_num_groups=4",
         "model.mid_block_add_attention=false")
@@ -303,14 +303,9 @@ def test_a_pretrained_start_resumes_to_the_weights_of_a_straight_run(tiny_config
 def test_decoder_only_with_two_ddp_processes_keeps_the_encoder(parent, bundled_dir, tmp_path):
     """DDP registers gradient hooks for the parameters that require grad when it wraps the model: the frozen
     encoder must already be frozen then (else DDP waits for gradients that never come, or averages zeros)."""
-    import os
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("ACCELERATE_USE_CPU", None)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = launch_env()
     out = tmp_path / "two"
-    proc = subprocess.run([*launch, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"),
+    proc = subprocess.run([*TWO_PROCESSES, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"),
                            "--pretrained", str(parent), "--max-steps", "3", "--output-dir", str(out),
                            "--set", f"data.bundled_dir={bundled_dir}", "--set", "train.trainable=decoder",
                            "--set", "train.batch_size=2", "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=1"],

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from codec.data import CenterCrops, load_image_dataset
 from codec.evaluate import evaluate_reconstructions
 from codec.model import build_autoencoder
 from codec.train import train_codec
-from tests.conftest import CONFIGS, ROOT, assert_same_safetensors, killed_after_a_checkpoint, reset_accelerate
+from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, assert_same_safetensors, killed_after_a_checkpoint, launch_env, reset_accelerate
 
 
 def _val_images(cfg):
@@ -140,15 +139,12 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(bundled_
     against one process with batch 4: same images, same noise, gradients averaged by DDP over gloo. With
     everything on that changes how a step is made: the patch-GAN past disc_start (its adaptive weight taken
     from gradients reduced over the ranks), 2 accumulated micro-batches per step, and EMA."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("ACCELERATE_USE_CPU", None)  # the trainer itself must make a CPU launch distribute
+    env = launch_env()
     common = ["--config", str(CONFIGS / "codec" / "tiny.yaml"), "--max-steps", "5",
               "--set", f"data.bundled_dir={bundled_dir}", "--set", "train.checkpoint_every=5",
               "--set", "loss.gan_weight=0.5", "--set", "loss.disc_start=2", "--set", "loss.disc_channels=8",
               "--set", "train.grad_accum=2", "--set", "train.log_every=1"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    _run([*launch, "scripts/train_codec.py", *common, "--output-dir", str(tmp_path / "two"),
+    _run([*TWO_PROCESSES, "scripts/train_codec.py", *common, "--output-dir", str(tmp_path / "two"),
           "--set", "train.batch_size=2"], env)
     _run([sys.executable, "scripts/train_codec.py", *common, "--output-dir", str(tmp_path / "one"),
           "--set", "train.batch_size=4"], env)
@@ -195,12 +191,8 @@ def test_a_time_budget_stops_every_process_on_the_same_step(bundled_dir, tmp_pat
     alone would leave the other waiting in its next all-reduce for good) and the run ends."""
     (tmp_path / "skew").mkdir()
     (tmp_path / "skew" / "sitecustomize.py").write_text(SKEWED_CLOCK)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(tmp_path / "skew"), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    env.pop("ACCELERATE_USE_CPU", None)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd = [*launch, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"), "--max-steps", "100000",
+    env = launch_env(tmp_path / "skew")
+    cmd = [*TWO_PROCESSES, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"), "--max-steps", "100000",
            "--set", f"data.bundled_dir={bundled_dir}", "--set", "train.max_minutes=0.2", "--set", "train.batch_size=1",
            "--set", "train.checkpoint_every=100000", "--set", "train.validate_every=0", "--set", "data.num_workers=0",
            "--output-dir", str(tmp_path / "run")]

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from diffusion.schedule import build_noise_scheduler
 from diffusion.shards import LatentShards
 from diffusion.text_encoder import CaptionEmbeddings
 from diffusion.train import codec_for_shards, denoising_loss, train_unet
-from tests.conftest import CONFIGS, ROOT, assert_same_safetensors, killed_after_a_checkpoint, reset_accelerate
+from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, assert_same_safetensors, killed_after_a_checkpoint, launch_env, reset_accelerate
 
 
 def _config(tiny_shards, tiny_codec_dir, output_dir, *overrides):
@@ -143,13 +142,10 @@ def test_cli_help_and_config_errors(tmp_path):
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_shards, tiny_codec_dir, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2`, batch 2 per process, against one process with batch 4:
     the same draws (records, posterior samples, noise, timesteps, dropped captions), gradients averaged by DDP."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("ACCELERATE_USE_CPU", None)  # the trainer itself must make a CPU launch distribute
+    env = launch_env()
     common = ["--config", str(CONFIGS / "unet" / "tiny.yaml"), "--shards", str(tiny_shards), "--codec",
               str(tiny_codec_dir), "--max-steps", "5", "--set", "train.checkpoint_every=5"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    _run([*launch, "scripts/train_unet.py", *common, "--output-dir", str(tmp_path / "two"), "--set", "train.batch_size=2"], env)
+    _run([*TWO_PROCESSES, "scripts/train_unet.py", *common, "--output-dir", str(tmp_path / "two"), "--set", "train.batch_size=2"], env)
     _run([sys.executable, "scripts/train_unet.py", *common, "--output-dir", str(tmp_path / "one"),
           "--set", "train.batch_size=4"], env)
 

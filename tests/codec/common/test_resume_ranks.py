@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +14,7 @@ import codec.common.checkpoints as checkpoints
 from codec.common.checkpoints import resolve_resume, resume_disagreement
 from codec.common.config import ConfigError
 from codec.train import train_codec
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, launch_env
 
 
 def _checkpoint(output_dir: Path, step: int) -> Path:
@@ -89,13 +87,9 @@ def test_two_processes_that_see_different_checkpoints_both_refuse_to_resume(tiny
 
     (tmp_path / "own_disk").mkdir()
     (tmp_path / "own_disk" / "sitecustomize.py").write_text(OWN_DISK)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(tmp_path / "own_disk"), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    env.pop("ACCELERATE_USE_CPU", None)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = launch_env(tmp_path / "own_disk")
     bundled = tiny_config().data.bundled_dir
-    cmd = [*launch, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"), "--max-steps", "4",
+    cmd = [*TWO_PROCESSES, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"), "--max-steps", "4",
            "--resume", "latest", "--set", f"data.bundled_dir={bundled}", "--set", "train.batch_size=1",
            "--set", "train.checkpoint_every=2", "--set", "train.validate_every=0", "--output-dir", str(run)]
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from diffusion.benchmark.shards import benchmark_encode
 from diffusion.shards.encode import encode_dataset
 from diffusion.shards.format import read_shard, shard_filename
 from diffusion.shards.verify import verify_shards
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, launch_env
 
 RES = 64  # tiny codec is f8: 64x64 images -> 4x8x8 latents
 
@@ -114,18 +112,6 @@ def load_script():
     return module
 
 
-@pytest.fixture(scope="module")
-def codec_dir(tmp_path_factory) -> Path:
-    return make_codec(tmp_path_factory.mktemp("codec") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos") / "photos"
-    write_image_folder(folder, 10, captions="jsonl", broken=4)
-    return folder
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,14 +125,11 @@ def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
 
 def test_two_processes_write_exactly_the_shards_one_process_writes(codec_dir, photos, tmp_path):
     # Same thread count in both runs: CPU convolutions sum in a thread-dependent order (see the module docstring).
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    env.pop("ACCELERATE_USE_CPU", None)  # the encoder itself must make a CPU launch distribute
+    env = launch_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     # 4 shards of 3 (the last holds 1), batch 2, random crops: shards alternate between the two processes.
     common = ["--codec", str(codec_dir), "--data", str(photos), "--resolution", str(RES), "--shard-size", "3",
               "--batch-size", "2", "--crop", "random", "--seed", "7", "--num-workers", "1"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    two = _run([*launch, "scripts/encode_dataset.py", *common, "--out", str(tmp_path / "two")], env)
+    two = _run([*TWO_PROCESSES, "scripts/encode_dataset.py", *common, "--out", str(tmp_path / "two")], env)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does in the launched processes; in-process saves ~8 s of imports
     try:

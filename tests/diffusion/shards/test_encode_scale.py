@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,20 +17,8 @@ from diffusion.shards.encode import NON_FINITE_REASON, ShardImages, encode_datas
 from diffusion.shards.format import (file_sha256, read_manifest, read_shard, read_shard_header, shard_filename,
                                      write_shard)
 from diffusion.shards.verify import verify_shards
-from tests.conftest import ROOT
-from tests.diffusion.shards.test_encode import RES, assert_same_shards, load_script, make_codec, write_image_folder
-
-
-@pytest.fixture(scope="module")
-def codec_dir(tmp_path_factory) -> Path:
-    return make_codec(tmp_path_factory.mktemp("codec") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos") / "photos"
-    write_image_folder(folder, 10, captions="jsonl", broken=4)
-    return folder
+from tests.conftest import ROOT, TWO_PROCESSES, launch_env
+from tests.diffusion.shards.test_encode import RES, assert_same_shards, load_script
 
 
 # 4 shards of 3 (the last holds 1), batch 2, random crops, as the 2-process test of test_encode.py.
@@ -88,15 +74,11 @@ def test_each_process_hashes_only_its_own_shards_and_the_timeout_reaches_the_gro
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(RECORD_HASHING)
     record = tmp_path / "scale.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", SCALE_LOG=str(record), PYTHONPATH=os.pathsep.join(
-        [str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    env.pop("ACCELERATE_USE_CPU", None)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = launch_env(tmp_path / "site", SCALE_LOG=str(record))
     args = ["--codec", str(codec_dir), "--data", str(photos), "--out", str(resumed), "--resolution", str(RES),
             "--shard-size", "3", "--batch-size", "2", "--crop", "random", "--seed", "7", "--num-workers", "1",
             "--process-group-timeout-minutes", "7"]
-    proc = subprocess.run([*launch, "scripts/encode_dataset.py", *args], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([*TWO_PROCESSES, "scripts/encode_dataset.py", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
