@@ -118,12 +118,17 @@ def sample_prior(vae: AutoencoderKL, n: int, height: int, width: int, generator:
 
 
 @torch.no_grad()
+def latent_blend(za: torch.Tensor, zb: torch.Tensor, frames: int) -> torch.Tensor:
+    """`frames` latents on the straight line from za to zb (each (1, C, h, w)), both ends included."""
+    t = torch.linspace(0, 1, frames, device=za.device, dtype=za.dtype).view(-1, 1, 1, 1)
+    return za * (1 - t) + zb * t
+
+
 def interpolate(vae: AutoencoderKL, a: torch.Tensor, b: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Decode straight-line blends of two images' posterior means; returns (steps, 3, H, W) from a to b."""
     za = encode_posterior(vae, a[None]).mode()
     zb = encode_posterior(vae, b[None]).mode()
-    t = torch.linspace(0, 1, steps, device=za.device, dtype=za.dtype).view(-1, 1, 1, 1)
-    return vae.decode(za * (1 - t) + zb * t).sample
+    return vae.decode(latent_blend(za, zb, steps)).sample
 
 
 @torch.no_grad()

@@ -6,9 +6,10 @@
     python scripts/generate.py --model runs/unet/pipeline --reconstruct photo.png      # encode -> decode
     python scripts/generate.py --model runs/unet/pipeline --prompt "a tabby cat" --precision fp16   # on a GPU
     python scripts/generate.py --model runs/codec/final --prior-samples 8              # decode z ~ N(0, I)
+    python scripts/generate.py --model runs/codec/final --interpolate a.png b.png --frames 7
 
---model is a pipeline folder (scripts/train_unet.py writes <output-dir>/pipeline); for --reconstruct and
---prior-samples a bare codec folder works too. Writes PNGs and a JSON of the settings used (with the image and
+--model is a pipeline folder (scripts/train_unet.py writes <output-dir>/pipeline); for --reconstruct,
+--prior-samples and --interpolate a bare codec folder works too. Writes PNGs and a JSON of the settings used (with the image and
 latent shapes and their element ratio, 48x for 512x512) into --out, and prints where.
 """
 
@@ -27,13 +28,15 @@ PRECISION_CHOICES = ("fp32", "bf16", "fp16")  # diffusion.pipeline.PRECISIONS (n
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="pipeline folder (scripts/train_unet.py's <output-dir>/pipeline); "
-                   "a codec folder (AutoencoderKL) is enough for --reconstruct and --prior-samples")
+                   "a codec folder (AutoencoderKL) is enough for --reconstruct, --prior-samples and --interpolate")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="text to generate from (text-to-image, or image-to-image with --init-image)")
     mode.add_argument("--reconstruct", metavar="PATH", help="encode this image with the codec and decode it again "
                       "(what the codec keeps of it); writes the reconstruction and its PSNR")
     mode.add_argument("--prior-samples", type=int, metavar="K", help="decode K latents z ~ N(0, I) with the codec "
                       "alone (no U-Net): what the codec's KL prior generates, the baseline diffusion improves on")
+    mode.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="decode --frames latents on the straight "
+                      "line between two images' posterior means (A first, B last): how smooth the latent space is")
     p.add_argument("--negative-prompt", default="", help="text to steer away from (the unconditional branch of "
                    "classifier-free guidance; default: the empty caption the model was trained to drop to)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps of the sampler (default 25)")
@@ -41,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "conditional model, larger follows the prompt more closely (default 5)")
     p.add_argument("--seed", type=int, help="seed of the initial noise; the same seed gives the same images "
                    "(default: a random seed, recorded in the JSON)")
+    p.add_argument("--frames", type=int, default=5, help="with --interpolate: images from A to B, both ends "
+                   "included (default 5)")
     p.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt (default 1)")
     p.add_argument("--scheduler", choices=SAMPLER_CHOICES, default="ddim", help="sampler: ddim (DDIM, deterministic), "
                    "dpm (DPM-Solver++ 2nd order multistep: good images in 15-25 steps) or euler (default ddim)")
@@ -63,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--init-image needs --prompt (image-to-image is guided by a prompt)")
     if (args.height is None) != (args.width is None):
         p.error("give both --height and --width, or neither")
+    if args.frames < 2:
+        p.error(f"--frames must be >= 2 (A and B), got {args.frames}")
     for name in ("steps", "num_images", "prior_samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -119,7 +126,7 @@ def main(argv=None) -> int:
     import torch
 
     from codec.metrics import psnr
-    from codec.model import compression_ratio, downsample_factor, latent_shape, prior_latents
+    from codec.model import compression_ratio, downsample_factor, latent_blend, latent_shape, prior_latents
     from codec.data import pil_to_tensor, tensor_to_pil
     from diffusion.pipeline import decode_images, encode_mean, seeded_generator
 
@@ -165,6 +172,25 @@ def main(argv=None) -> int:
                 "psnr_db": float(psnr(pixels, decoded))}
         settings.update(reconstruct=args.reconstruct)
         stem = f"reconstruction-{Path(args.reconstruct).stem}"
+    elif args.interpolate:
+        first, note = load_image(args.interpolate[0], args.height, args.width, factor)
+        second, _ = load_image(args.interpolate[1], args.height, args.width, factor)
+        if first.size != second.size:
+            raise SystemExit(f"error: --interpolate images are {first.size[0]}x{first.size[1]} and "
+                             f"{second.size[0]}x{second.size[1]} after cropping to a multiple of {factor}; give "
+                             f"--height and --width to bring both to one size")
+        pixels = torch.stack([pil_to_tensor(first), pil_to_tensor(second)]).to(vae.device)
+        with torch.no_grad():
+            means = encode_mean(vae, pixels)
+            decoded = decode_images(vae, latent_blend(means[:1], means[1:], args.frames))
+        images = [tensor_to_pil(im) for im in decoded]
+        height, width = pixels.shape[2:]
+        info = {"mode": "interpolation", "image_shape": [3, height, width],
+                "latent_shape": list(latent_shape(vae, height, width)),
+                "compression_ratio": compression_ratio(vae, height, width),
+                "endpoint_psnr_db": [float(psnr(pixels[:1], decoded[:1])), float(psnr(pixels[1:], decoded[-1:]))]}
+        settings.update(interpolate=args.interpolate, frames=args.frames)
+        stem = f"interpolation-{Path(args.interpolate[0]).stem}-{Path(args.interpolate[1]).stem}"
     else:
         side = pipe.default_size() if pipe is not None else (vae.config.sample_size, vae.config.sample_size)
         height, width = (args.height, args.width) if args.height else side

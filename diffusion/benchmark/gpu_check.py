@@ -109,6 +109,15 @@ def _rate(history: list[dict], key: str) -> float:
     return float(np.median(values[len(values) // 2:])) if values else float("nan")
 
 
+def _timed_training(train, cfg):
+    """(result, seconds) of one trainer run, from a clean accelerate state and with the GPU peak reset."""
+    _reset_accelerate()
+    _peak_reset()
+    started = time.perf_counter()
+    result = train(cfg)
+    return result, time.perf_counter() - started
+
+
 def check_codec(plan: CheckPlan, data: Path, out: Path) -> tuple[StageResult, Path]:
     from codec.config import load_codec_config
     from codec.train import train_codec
@@ -122,11 +131,7 @@ def check_codec(plan: CheckPlan, data: Path, out: Path) -> tuple[StageResult, Pa
         f"train.output_dir={out}", "train.latent_stats_images=64",
     ]
     cfg = load_codec_config(ROOT / plan.codec_config, overrides)
-    _reset_accelerate()
-    _peak_reset()
-    started = time.perf_counter()
-    result = train_codec(cfg)
-    seconds = time.perf_counter() - started
+    result, seconds = _timed_training(train_codec, cfg)
     problems = non_finite_history(out)
     problems += [f"validation {k}={v}" for k, v in result.metrics.items() if not math.isfinite(v)]
     gan = [row["loss/gan_weight"] for row in read_history(out) if row.get("loss/gan_weight")]
@@ -164,15 +169,11 @@ def check_unet(plan: CheckPlan, codec: Path, shards: Path, out: Path) -> tuple[S
         "train.log_every=10", f"train.output_dir={out}", "optim.warmup_steps=10",
     ]
     cfg = load_unet_config(ROOT / plan.unet_config, overrides)
-    _reset_accelerate()
-    _peak_reset()
-    started = time.perf_counter()
-    result = train_unet(cfg)
-    seconds = time.perf_counter() - started
+    result, seconds = _timed_training(train_unet, cfg)
     problems = non_finite_history(out)
     rate = _rate(read_history(out), "latents_per_s")
-    return StageResult(f"U-Net {Path(plan.unet_config).stem}, bf16", seconds, f"{rate:.1f} latents/s", _peak_mb(), not problems,
-                       problems), result.pipeline
+    return StageResult(f"U-Net {Path(plan.unet_config).stem}, bf16", seconds, f"{rate:.1f} latents/s", _peak_mb(),
+                       not problems, problems), result.pipeline
 
 
 def check_generate(plan: CheckPlan, pipeline: Path, out: Path) -> StageResult:

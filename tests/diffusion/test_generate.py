@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffusion.pipeline import LatentDiffusionPipeline
@@ -59,12 +60,43 @@ def test_image_to_image_reconstruction_and_prior(generate, pipeline_dir, tiny_co
         generate(["--model", str(tiny_codec_dir), "--prompt", "a cat", "--out", str(out)])
 
 
+def test_interpolation_between_two_images_starts_and_ends_at_their_reconstructions(generate, tiny_codec_dir,
+                                                                                  tmp_path):
+    from codec.data import pil_to_tensor
+    from codec.model import latent_blend, load_codec, reconstruct
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for name in ("a", "b"):
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray((rng.random((32, 40, 3)) * 255).astype("uint8")).save(paths[-1])
+    out = tmp_path / "out"
+    assert generate(["--model", str(tiny_codec_dir), "--interpolate", *map(str, paths), "--frames", "4",
+                     "--out", str(out)]) == 0
+    record = _record(out, "interpolation-a-b")
+    assert record["output"]["mode"] == "interpolation" and len(record["files"]) == 4
+    frames = [pil_to_tensor(Image.open(out / f"interpolation-a-b-{k}.png")) for k in range(4)]
+    vae = load_codec(tiny_codec_dir)
+    with torch.no_grad():
+        ends = reconstruct(vae, torch.stack([pil_to_tensor(Image.open(p)) for p in paths])).clamp(-1, 1)
+    # The first and last frames are the two images' reconstructions (to the PNGs' 8 bits); the middle ones differ.
+    for frame, end in ((frames[0], ends[0]), (frames[-1], ends[1])):
+        assert (frame - end).abs().max() <= 1.01 / 127.5
+    assert (frames[1] - frames[0]).abs().mean() > 1e-3 and (frames[2] - frames[3]).abs().mean() > 1e-3
+    blend = latent_blend(torch.zeros(1, 2, 1, 1), torch.ones(1, 2, 1, 1), 5)
+    assert blend[:, 0, 0, 0].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(SystemExit, match="give --height and --width"):
+        Image.fromarray((rng.random((48, 48, 3)) * 255).astype("uint8")).save(tmp_path / "c.png")
+        generate(["--model", str(tiny_codec_dir), "--interpolate", str(paths[0]), str(tmp_path / "c.png"),
+                  "--out", str(out)])
+
+
 def test_help_explains_every_flag():
     proc = subprocess.run([sys.executable, "scripts/generate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0
     for flag in ("--model", "--prompt", "--negative-prompt", "--steps", "--guidance", "--seed", "--num-images",
                  "--scheduler", "--init-image", "--strength", "--reconstruct", "--prior-samples", "--precision",
-                 "--device", "--out"):
+                 "--device", "--out", "--interpolate", "--frames"):
         assert flag in proc.stdout
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     assert "{fp32,bf16,fp16}" in text and "redone in fp32 with a warning" in text
