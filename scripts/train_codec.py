@@ -58,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     from codec.train import train_codec
 
     result = train_codec(cfg, resume=args.resume)
-    print(f"codec exported to {result.final} after {result.step} steps")
+    # Flushed at once: every process of a launch prints this line into the same pipe, and a line left in a buffer
+    # until exit can land in the middle of another process's output.
+    print(f"codec exported to {result.final} after {result.step} steps", flush=True)
     return 0
 
 

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = train_unet(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
-        print(f"pipeline exported to {result.pipeline} after {result.step} steps")
+        print(f"pipeline exported to {result.pipeline} after {result.step} steps", flush=True)  # see train_codec.py
     return 0
 
 

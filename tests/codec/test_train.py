@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -201,7 +202,8 @@ def test_a_time_budget_stops_every_process_on_the_same_step(bundled_dir, tmp_pat
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"the 2-process run with a time budget hung: {(exc.stdout or b'')[-2000:]!r}") from None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    steps = [int(line.split(" after ")[1].split()[0]) for line in proc.stdout.splitlines() if line.startswith("codec exported")]
+    # Searched anywhere, not at line starts: the two processes share one stdout pipe.
+    steps = [int(n) for n in re.findall(r"codec exported to \S+ after (\d+) steps", proc.stdout)]
     assert len(steps) == 2 and steps[0] == steps[1] and 1 < steps[0] < 100000, proc.stdout[-2000:]
     state = json.loads((tmp_path / "run" / "checkpoints" / f"step_{steps[0]:08d}" / "trainer_state.json").read_text())
     assert state["step"] == steps[0]
