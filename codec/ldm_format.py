@@ -179,7 +179,7 @@ def export_for_tools(codec_dir: str | os.PathLike, out: str | os.PathLike, name:
     compared with the folder's on a test image before the export is reported, so a file that would load wrong is
     never handed out. Returns what was written and the round trip's largest difference."""
     from codec.common.atomic import folder_atomically
-    from codec.model import load_codec
+    from codec.model import downsample_factor, load_codec
 
     source = Path(codec_dir)
     if (source / "model_index.json").is_file():
@@ -191,7 +191,7 @@ def export_for_tools(codec_dir: str | os.PathLike, out: str | os.PathLike, name:
     path = save_ldm_vae(vae, out / f"{name}.safetensors", dtype)
     back = AutoencoderKL.from_single_file(str(path), config=str(out / "diffusers"), local_files_only=True,
                                           torch_dtype=torch.float32)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = downsample_factor(vae)
     x = torch.rand(1, vae.config.in_channels, 4 * factor, 4 * factor, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         want = vae.decode(vae.encode(x).latent_dist.mode()).sample

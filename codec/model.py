@@ -179,12 +179,18 @@ def write_latent_stats(vae: AutoencoderKL, stats: dict, mode: str = "global") ->
 
 def codec_identity(vae: AutoencoderKL) -> str:
     """A short hash of the weights and architecture: shards and checkpoints record which codec made them."""
-    h = hashlib.sha256()
     # "_"-keys are diffusers bookkeeping (_name_or_path, _diffusers_version): a moved codec is the same codec.
     arch = {k: v for k, v in vae.config.items()
             if not k.startswith("_") and k not in ("scaling_factor", "latents_mean", "latents_std", "shift_factor")}
-    h.update(json.dumps(arch, sort_keys=True).encode())  # JSON: tuples in memory and lists on disk hash alike
-    for name, tensor in sorted(vae.state_dict().items()):
+    return _weights_hash(hashlib.sha256(), arch, vae.state_dict().items())
+
+
+def _weights_hash(h, arch: dict, tensors) -> str:
+    """The first 16 hex digits of `h` fed the architecture as JSON (tuples in memory and lists on disk hash alike)
+    and each (name, tensor) in name order as float32 bytes (a codec stored in fp16 and its copy saved in fp32 hold
+    the same numbers)."""
+    h.update(json.dumps(arch, sort_keys=True).encode())
+    for name, tensor in sorted(tensors):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -202,15 +208,9 @@ def encoder_identity(vae: AutoencoderKL) -> str:
     """A short hash of what maps an image to its posterior: the encoder and quant_conv weights and the config keys
     that shape them. Two codecs with one encoder identity give the same latents for every image, so shards made by
     one serve the other (a decoder-only fine-tune of it, say)."""
-    h = hashlib.sha256(b"encoder")  # never equal to a codec_identity
     arch = {k: vae.config.get(k) for k in ENCODER_CONFIG_KEYS}
-    h.update(json.dumps(arch, sort_keys=True).encode())
-    for name, tensor in sorted(vae.state_dict().items()):
-        if name.startswith(ENCODER_PREFIXES):
-            h.update(name.encode())
-            # float32 bytes: a parent stored in fp16 and its child saved in fp32 hold the same numbers.
-            h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()[:16]
+    encoder = [(name, t) for name, t in vae.state_dict().items() if name.startswith(ENCODER_PREFIXES)]
+    return _weights_hash(hashlib.sha256(b"encoder"), arch, encoder)  # the prefix: never equal to a codec_identity
 
 
 def freeze_for_training(vae: AutoencoderKL, trainable: str) -> None:

@@ -350,9 +350,10 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         final = export_codec(vae_, data, cfg, output_dir, dict(run_info, steps=step))
         log.info("exported %s (AutoencoderKL.from_pretrained loads it)", final)
         if parent is not None:
-            same = encoder_identity(vae_) == parent.record["encoder_identity"]
-            log.info("encoder identity %s: %s", encoder_identity(vae_),
-                     "the parent's, so shards encoded with the parent serve this codec" if same
+            identity = encoder_identity(vae_)
+            log.info("encoder identity %s: %s", identity,
+                     "the parent's, so shards encoded with the parent serve this codec"
+                     if identity == parent.record["encoder_identity"]
                      else "not the parent's: re-encode shards made with the parent")
     accelerator.wait_for_everyone()
     accelerator.end_training()

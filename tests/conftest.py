@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from codec.common.distributed import reset_accelerate_state
+
 # The suite runs with no network: nothing may wait on a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -49,12 +51,8 @@ def fresh_accelerate_state():
     reset_accelerate()
 
 
-def reset_accelerate() -> None:
-    """A clean accelerate state between two in-process runs of one test."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+# A clean accelerate state between two in-process runs of one test.
+reset_accelerate = reset_accelerate_state
 
 
 class Killed(RuntimeError):

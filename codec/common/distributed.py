@@ -94,3 +94,12 @@ def agreed_seconds(accelerator, seconds: float) -> float:
         return seconds
     mine = torch.tensor([seconds], dtype=torch.float64, device=accelerator.device)
     return float(accelerator.gather(mine).max())
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so that another Accelerator can be built in this process (the GPU
+    check runs both trainers in one process; tests run many)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from codec.common.atomic import write_text_atomically
+from codec.common.distributed import reset_accelerate_state
 from codec.common.logs import read_history
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,14 +75,6 @@ def _peak_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def _reset_accelerate() -> None:
-    """Each trainer builds its own Accelerator; accelerate keeps process-wide state between them."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def non_finite_history(output_dir: Path) -> list[str]:
     """Every logged number of a run that is NaN or infinite, as 'step N: key=value'."""
     found = []
@@ -111,7 +104,7 @@ def _rate(history: list[dict], key: str) -> float:
 
 def _timed_training(train, cfg):
     """(result, seconds) of one trainer run, from a clean accelerate state and with the GPU peak reset."""
-    _reset_accelerate()
+    reset_accelerate_state()  # each trainer builds its own Accelerator
     _peak_reset()
     started = time.perf_counter()
     result = train(cfg)

@@ -118,7 +118,7 @@ def test_stock_diffusers_loads_the_folder_and_generates_the_same(exported, tmp_p
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert child.returncode == 0, child.stderr[-3000:]
-    results = torch.load(out)
+    results = torch.load(out, weights_only=True)
     assert results["ours_imported"] == []
     assert "trust_remote_code=True" in results["refusal"]  # custom code runs only when asked for
     assert results["text_encoder_class"] == "BertModel"
