@@ -24,6 +24,7 @@ ARCHITECTURE_DEFAULTS = {
     "sample_size": 512,
 }
 INITS = ("random", "thumbnail", "pretrained")
+CONDITIONS = ("none", "class", "text")
 
 
 @dataclass
@@ -45,9 +46,22 @@ class ModelConfig:
     # A diffusers AutoencoderKL folder (safetensors weights) or one original-LDM-format .safetensors VAE file.
     # Checked when training starts, not here, so a preset can leave it to `--pretrained PATH`.
     pretrained: str | None = None
+    # none: diffusers' AutoencoderKL. class / text: a conditional codec (codec/conditional.py) whose encoder and
+    # decoder both take the image's class label or its caption's pooled embedding (data.condition_column).
+    condition: str = "none"
+    condition_channels: int = 16  # the condition's embedding width: extra input channels of encoder and decoder
+    text_encoder: str = "minilm"  # condition: text: `minilm` (bundled) or a local transformers folder
+    text_max_length: int = 32
 
     def __post_init__(self) -> None:
         check_choice("model.init", self.init, INITS)
+        check_choice("model.condition", self.condition, CONDITIONS)
+        if self.condition != "none":
+            if self.init != "random":
+                raise ConfigError(f"model.condition: {self.condition} builds a new conditional network; it starts from "
+                                  f"model.init: random, not {self.init!r}")
+            if self.condition_channels < 1:
+                raise ConfigError(f"model.condition_channels must be >= 1, got {self.condition_channels}")
         if self.init != "pretrained":
             if self.pretrained:
                 raise ConfigError(f"model.pretrained is set ({self.pretrained}) but model.init is {self.init!r}; "
@@ -63,8 +77,14 @@ class ModelConfig:
                     )
 
     def architecture(self) -> dict:
-        """The architecture keys only: what a checkpoint records so a resume with another network is refused."""
-        return {key: getattr(self, key) for key in ARCHITECTURE_DEFAULTS}
+        """The architecture keys only: what a checkpoint records so a resume with another network is refused.
+        The condition keys only when there is one, so checkpoints written before they existed still resume."""
+        network = {key: getattr(self, key) for key in ARCHITECTURE_DEFAULTS}
+        if self.condition != "none":
+            network.update(condition=self.condition, condition_channels=self.condition_channels)
+            if self.condition == "text":
+                network.update(text_encoder=self.text_encoder, text_max_length=self.text_max_length)
+        return network
 
 
 @dataclass
@@ -85,7 +105,10 @@ class LossConfig:
     kl_cycle_steps: int = 0  # cyclical: period of each ramp-and-hold cycle
     kl_cycle_ramp: float = 0.5  # cyclical: fraction of a cycle spent ramping up
     learn_logvar: bool = False
-    logvar_init: float = 0.0
+    logvar_init: float = 0.0  # s: the likelihood's log-variance (mse) or log-scale (l1), stated, or learned from here
+    # scaled: LDM's rec/e^s + s (β = 1e-6 is the field's codec). exact: the likelihood's true NLL, so that β = 1 is the
+    # negative ELBO of the article's VAE (needs perceptual: none and pixel_weight: 1; see codec.losses.exact_nll).
+    nll: str = "scaled"
     sample_posterior: bool = True
     gan_weight: float = 0.0  # 0 disables the patch-GAN
     disc_start: int = 50001
@@ -100,6 +123,10 @@ class LossConfig:
         check_choice("loss.lpips_net", self.lpips_net, ("alex", "vgg", "squeeze"))
         check_choice("loss.if_lpips_missing", self.if_lpips_missing, ("error", "ms_ssim", "none"))
         check_choice("loss.kl_schedule", self.kl_schedule, ("constant", "linear", "cyclical"))
+        check_choice("loss.nll", self.nll, ("scaled", "exact"))
+        if self.nll == "exact" and (self.perceptual != "none" or self.pixel_weight != 1.0):
+            raise ConfigError("loss.nll: exact is the likelihood's own NLL (an ELBO): set loss.perceptual: none and "
+                              f"loss.pixel_weight: 1 (got perceptual {self.perceptual!r}, pixel_weight {self.pixel_weight})")
         if self.kl_schedule == "cyclical" and self.kl_cycle_steps <= 0:
             raise ConfigError("loss.kl_cycle_steps must be > 0 with kl_schedule: cyclical")
 
@@ -118,6 +145,9 @@ class DataConfig:
     # `val_count` images of `train` instead.
     val: str | None = "bundled"
     image_column: str | None = None
+    # The column a conditional codec reads its condition from (model.condition); null: `text` or `caption` (the first
+    # present) for text, `label` for class. Class labels may be integers, a ClassLabel or strings (named in sorted order).
+    condition_column: str | None = None
     bundled_dir: str = "data/bundled_photos"
     crop_size: int = 256
     resize: int | None = None  # resize the shorter side before cropping; null keeps native resolution
@@ -187,9 +217,14 @@ class CodecConfig:
         if self.train.latent_norm == "keep" and self.model.init != "pretrained":
             raise ConfigError("train.latent_norm: keep keeps a parent's scale, but model.init is not pretrained; "
                               "use auto, global or per_channel")
+        if self.model.condition != "none" and self.train.trainable != "all":
+            # Encoder and decoder share the condition's embedding: neither half can change without the other.
+            raise ConfigError(f"model.condition: {self.model.condition} trains the whole codec; train.trainable must "
+                              f"be all, not {self.train.trainable}")
         if self.train.trainable == "encoder" and self.loss.gan_weight > 0:
             # The adaptive GAN weight takes gradients at the decoder's last layer, which is frozen here.
             raise ConfigError("train.trainable: encoder freezes the decoder, so loss.gan_weight must be 0")
+
 
     def latent_norm(self) -> str:
         """train.latent_norm with `auto` resolved: keep a pretrained parent's scale, measure a new codec's."""

@@ -31,9 +31,10 @@ def evaluate_reconstructions(vae: AutoencoderKL, batches, perceptual=None) -> di
     """Mean L1 (in [-1, 1] units), PSNR and SSIM (uint8 RGB), and LPIPS when an LPIPS module is given,
     of posterior-mean reconstructions over `batches` of images."""
     l1, p, s, lp, count = 0.0, 0.0, 0.0, 0.0, 0
-    for images in batches:
+    for batch in batches:  # images, or (images, conditions) for a conditional codec
+        images, condition = batch if isinstance(batch, (tuple, list)) else (batch, None)
         images = images.to(vae.device, vae.dtype)
-        recon = reconstruct(vae, images).clamp(-1, 1)
+        recon = reconstruct(vae, images, condition).clamp(-1, 1)
         l1 += (images - recon).abs().flatten(1).mean(1).sum().item()
         p += psnr(images, recon).sum().item()
         s += ssim(images, recon).sum().item()
@@ -49,15 +50,21 @@ def evaluate_reconstructions(vae: AutoencoderKL, batches, perceptual=None) -> di
 
 
 @torch.no_grad()
-def validation_grid(vae: AutoencoderKL, images: torch.Tensor, seed: int = 0, n_prior: int | None = None) -> Image.Image:
+def validation_grid(vae: AutoencoderKL, images: torch.Tensor, seed: int = 0, n_prior: int | None = None,
+                    condition: torch.Tensor | None = None) -> Image.Image:
     """Rows: inputs | reconstructions | decoded prior samples z ~ N(0, I) | interpolation from the first image
-    to the second. The prior row shows what the VAE alone generates, next to what its latents can hold."""
+    to the second. The prior row shows what the VAE alone generates, next to what its latents can hold.
+
+    With a conditional codec (`condition`: one per image) the prior row decodes z ~ N(0, I) with the inputs' own
+    conditions, so each column shows what the CVAE draws for the caption or class of the image above it, and the
+    interpolation row is left out (two images' conditions need not blend)."""
     images = images.to(vae.device, vae.dtype)
     n, _, h, w = images.shape
-    rows = [images, reconstruct(vae, images)]
+    rows = [images, reconstruct(vae, images, condition)]
     g = torch.Generator().manual_seed(seed)
-    rows.append(sample_prior(vae, n_prior or n, h, w, generator=g))
-    if n >= 2:
+    rows.append(sample_prior(vae, n if condition is not None else (n_prior or n), h, w, generator=g,
+                             condition=condition))
+    if n >= 2 and condition is None:
         rows.append(interpolate(vae, images[0], images[1], steps=n))
     tiles = torch.cat([r.float().clamp(-1, 1).cpu() for r in rows])
     grid = make_grid((tiles + 1) / 2, nrow=n, padding=2, pad_value=1.0)

@@ -54,6 +54,19 @@ def gaussian_nll(rec: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return rec / logvar.exp() + logvar
 
 
+def exact_nll(x: torch.Tensor, recon: torch.Tensor, logvar: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """−log p(x | x̂) per element, a density over pixels in [-1, 1]: for mse a Gaussian N(x̂, e^s),
+    ½((x − x̂)²/e^s + s + log 2π); for l1 a Laplace of scale b = e^s, |x − x̂|/e^s + s + log 2.
+
+    `gaussian_nll` of the same error is this without its constant (Laplace), or twice it (Gaussian): the optimum of
+    s is the same, but only this form makes Σ nll + KL the negative ELBO, so that β = 1 means the article's VAE."""
+    if kind == "mse":
+        return 0.5 * ((x - recon).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi))
+    if kind == "l1":
+        return (x - recon).abs() / logvar.exp() + logvar + math.log(2.0)
+    raise ValueError(f"pixel loss {kind!r}: expected l1 or mse")
+
+
 def kl_weight_at(step: int, cfg: LossConfig) -> float:
     """β at an optimizer step. constant: β. linear (KL annealing): β·min(1, step/warmup).
     cyclical (Fu et al. 2019): within each cycle of `kl_cycle_steps`, ramp 0 -> β over the first
@@ -93,7 +106,21 @@ def vae_loss(
     pixel_weight: float = 1.0,
     perceptual: "PerceptualLoss | None" = None,
     perceptual_weight: float = 1.0,
+    nll_form: str = "scaled",
 ) -> VAELoss:
+    """nll_form scaled: LDM's rec/e^s + s with any perceptual term. exact: the likelihood's own NLL (`exact_nll`, no
+    perceptual term), so that at kl_weight 1, total x pixels per image = −ELBO in nats (one posterior sample)."""
+    if nll_form == "exact":
+        if perceptual is not None and perceptual_weight > 0 or pixel_weight != 1.0:
+            raise ValueError("nll_form exact is a likelihood: no perceptual term and pixel_weight 1")
+        pixels_per_sample = x[0].numel()
+        nll = exact_nll(x, recon, nll_logvar, pixel).flatten(1).sum(1) / pixels_per_sample
+        kl = kl_divergence(mean, logvar)
+        total = (nll + kl_weight * kl / pixels_per_sample).mean()
+        return VAELoss(total=total, nll=nll.mean(), rec=pixel_loss(x, recon, pixel).mean().detach(),
+                       perceptual=torch.zeros((), device=x.device), kl=kl.mean().detach(), kl_weight=kl_weight)
+    if nll_form != "scaled":
+        raise ValueError(f"nll_form {nll_form!r}: expected scaled or exact")
     rec_map = pixel_weight * pixel_loss(x, recon, pixel)
     if perceptual is not None and perceptual_weight > 0:
         p = perceptual(x, recon).view(-1, 1, 1, 1)  # one value per image, broadcast over its pixels as in LDM
@@ -119,7 +146,8 @@ class CodecLoss:
                  nll_logvar: torch.Tensor, step: int) -> VAELoss:
         cfg = self.cfg
         return vae_loss(x, recon, mean, logvar, nll_logvar, kl_weight_at(step, cfg), pixel=cfg.pixel,
-                        pixel_weight=cfg.pixel_weight, perceptual=self.perceptual, perceptual_weight=cfg.perceptual_weight)
+                        pixel_weight=cfg.pixel_weight, perceptual=self.perceptual, perceptual_weight=cfg.perceptual_weight,
+                        nll_form=cfg.nll)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch import nn
 
 from codec.common.draws import keyed_generator
 from codec.common.precision import in_fp32, run_in_fp32
+from codec.conditional import ConditionalAutoencoderKL
 from codec.config import ModelConfig
 
 # Latent geometry is defined in diffusion/codec_io.py, the file exported pipeline folders carry so that stock
@@ -49,8 +50,34 @@ def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
     )
 
 
-def load_codec(codec_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """A diffusers AutoencoderKL folder (e.g. the `final/` the codec trainer exports), in `dtype`, eval mode.
+def build_codec(cfg: ModelConfig, class_names: list[str] | None = None, condition_dim: int = 384):
+    """The network `cfg` describes: AutoencoderKL, or with model.condition the conditional codec of the same shape."""
+    if cfg.condition == "none":
+        return build_autoencoder(cfg)
+    levels = len(cfg.block_out_channels)
+    return ConditionalAutoencoderKL(
+        condition=cfg.condition,
+        class_names=class_names,
+        condition_dim=condition_dim,
+        condition_channels=cfg.condition_channels,
+        text_encoder=cfg.text_encoder if cfg.condition == "text" else None,
+        text_max_length=cfg.text_max_length,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.sample_size,
+        mid_block_add_attention=cfg.mid_block_add_attention,
+    )
+
+
+def load_codec(codec_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+               allow_conditional: bool = False) -> AutoencoderKL:
+    """A diffusers AutoencoderKL folder (e.g. the `final/` the codec trainer exports), in `dtype`, eval mode; with
+    `allow_conditional`, a ConditionalAutoencoderKL folder too (config.json's _class_name says which). Everything
+    else (shards, U-Nets, pipelines, LDM files) takes an unconditional codec: a latent there carries no condition.
 
     Only safetensors weights are accepted: a pickled .bin could run arbitrary code on load.
     """
@@ -60,8 +87,21 @@ def load_codec(codec_dir: str | os.PathLike, dtype: torch.dtype = torch.float32)
             f"--codec {codec_dir}: expected a diffusers AutoencoderKL folder with config.json and "
             f"diffusion_pytorch_model.safetensors (scripts/train_codec.py exports one as <output-dir>/final)"
         )
-    vae = AutoencoderKL.from_pretrained(path, use_safetensors=True, dtype=dtype)
+    cls = AutoencoderKL
+    config = json.loads((path / "config.json").read_text())
+    if config.get("_class_name") == ConditionalAutoencoderKL.__name__:
+        if not allow_conditional:
+            raise ValueError(f"--codec {codec_dir} is a conditional codec (condition: {config.get('condition')}); this "
+                             f"command needs an unconditional AutoencoderKL (model.condition: none). A conditional "
+                             f"codec samples with scripts/generate.py --codec {codec_dir} --prior-samples N")
+        cls = ConditionalAutoencoderKL
+    vae = cls.from_pretrained(path, use_safetensors=True, dtype=dtype)
     return vae.eval().requires_grad_(False)
+
+
+def decode_latents(vae, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """p(x|z) (p(x|z, c) for a conditional codec, given `condition`): the decoded images."""
+    return (vae.decode(z) if condition is None else vae.decode(z, condition)).sample
 
 
 def per_sample_noise(shape: tuple[int, ...], draws: torch.Tensor, seed: int, device, dtype) -> torch.Tensor:
@@ -92,29 +132,32 @@ class CodecForTraining(nn.Module):
         self.seed = seed  # with each example's draw number, keys its posterior noise
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
 
-    def forward(self, images: torch.Tensor, draws: torch.Tensor | None = None):
-        """draws: the examples' global draw numbers, to sample z ~ q(z|x); None decodes the posterior mean."""
+    def forward(self, images: torch.Tensor, draws: torch.Tensor | None = None, condition: torch.Tensor | None = None):
+        """draws: the examples' global draw numbers, to sample z ~ q(z|x); None decodes the posterior mean.
+        condition: each image's condition, for a conditional codec (both networks take it)."""
         with torch.no_grad() if self.frozen_encoder else nullcontext():
-            posterior = encode_posterior(self.vae, images)
+            posterior = encode_posterior(self.vae, images, condition)
         if draws is None:
             z = posterior.mode()
         else:
             noise = per_sample_noise(posterior.mean.shape, draws, self.seed, posterior.mean.device, posterior.mean.dtype)
             z = posterior.mean + posterior.std * noise
-        recon = self.vae.decode(z).sample
+        recon = decode_latents(self.vae, z, condition)
         return recon, posterior.mean, posterior.logvar
 
 
 @torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
     """Encode -> posterior mean -> decode: the deterministic reconstruction used for evaluation."""
-    return vae.decode(encode_posterior(vae, images).mode()).sample
+    return decode_latents(vae, encode_posterior(vae, images, condition).mode(), condition)
 
 
 @torch.no_grad()
-def sample_prior(vae: AutoencoderKL, n: int, height: int, width: int, generator: torch.Generator | None = None):
-    """Decode z ~ N(0, I): what the VAE generates on its own, without a diffusion model on its latents."""
-    return vae.decode(prior_latents(vae, n, height, width, generator)).sample
+def sample_prior(vae: AutoencoderKL, n: int, height: int, width: int, generator: torch.Generator | None = None,
+                 condition: torch.Tensor | None = None):
+    """Decode z ~ N(0, I): what the VAE generates on its own, without a diffusion model on its latents; with a
+    conditional codec, x ~ p(x | z, c) for the n conditions given."""
+    return decode_latents(vae, prior_latents(vae, n, height, width, generator), condition)
 
 
 @torch.no_grad()
@@ -139,8 +182,9 @@ def latent_statistics(vae: AutoencoderKL, batches) -> dict:
     SD's 0.18215 is exactly 1/global std of its codec's latents, measured once; we measure it for each codec.
     """
     count, total, total_sq = 0, None, None
-    for images in batches:
-        z = encode_posterior(vae, images.to(vae.device, vae.dtype)).mode().double()
+    for batch in batches:  # images, or (images, conditions) for a conditional codec
+        images, condition = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        z = encode_posterior(vae, images.to(vae.device, vae.dtype), condition).mode().double()
         per_channel = z.transpose(0, 1).reshape(z.shape[1], -1)
         s, s2 = per_channel.sum(1), (per_channel**2).sum(1)
         total = s if total is None else total + s
@@ -200,7 +244,8 @@ def _weights_hash(h, arch: dict, tensors) -> str:
 # use_post_quant_conv) and the latent scale are left out, so a decoder-only fine-tune keeps its parent's value.
 ENCODER_CONFIG_KEYS = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "act_fn",
                        "latent_channels", "norm_num_groups", "mid_block_add_attention", "use_quant_conv")
-ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # image -> posterior (mean, logvar): what latent shards store
+# image -> posterior (mean, logvar): what latent shards store (a conditional codec's condition embedding feeds it too)
+ENCODER_PREFIXES = ("encoder.", "quant_conv.", "condition_embedding.")
 DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
 
 

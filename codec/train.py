@@ -27,16 +27,17 @@ from tqdm.auto import tqdm
 
 from codec.common.atomic import folder_atomically
 from codec.common.checkpoints import ema_weights, keep_ema_in_checkpoints, read_trainer_state, resolve_resume, save_checkpoint
-from codec.common.config import to_dict
+from codec.common.config import ConfigError, to_dict
 from codec.common.distributed import agreed_seconds, make_accelerator
 from codec.common.draws import DrawSampler
 from codec.common.logs import append_history, flat_hparams, start_run_logging, stop_run_logging
 from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
-from codec.config import CodecConfig, DataConfig
+from codec.conditional import TextConditions, dataset_conditions
+from codec.config import CodecConfig, DataConfig, ModelConfig
 from codec.data import CenterCrops, TrainCrops, bundled_photos, load_image_dataset
 from codec.evaluate import evaluate_reconstructions, save_png, validation_grid
 from codec.losses import CodecLoss, PatchDiscriminator, adaptive_gan_weight, build_perceptual, discriminator_loss, generator_gan_loss
-from codec.model import (CodecForTraining, build_autoencoder, codec_identity, compression_ratio, encoder_identity,
+from codec.model import (CodecForTraining, build_codec, codec_identity, compression_ratio, encoder_identity,
                          freeze_for_training, latent_statistics, write_latent_stats)
 from codec.pretrained import Parent, load_parent
 from codec.warm_start import thumbnail_init
@@ -63,9 +64,13 @@ class Data:
     train_dataset: object  # the raw training set, for the latent statistics measured at export
     image_column: str
     description: str
+    # A conditional codec's: every training row's condition, and the class names (condition: class).
+    train_conditions: torch.Tensor | None = None
+    class_names: list[str] | None = None
+    condition_dim: int = 0
 
 
-def load_data(cfg: DataConfig, seed: int) -> Data:
+def load_data(cfg: DataConfig, seed: int, model: ModelConfig | None = None) -> Data:
     train_source, val_source = cfg.train, cfg.val
     if train_source == "bundled" or val_source == "bundled":
         bundled_train, bundled_val = bundled_photos(cfg.bundled_dir)
@@ -82,6 +87,10 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
     else:
         val_ds, val_column = load_image_dataset(val_source, cfg.image_column)
         description = f"train: {len(train_ds)} images of {train_source}; val: {len(val_ds)} images of {val_source}"
+    conditional = model is not None and model.condition != "none"
+    if conditional and cfg.extra_train:
+        raise ConfigError(f"data.extra_train mixes in only the images of {cfg.extra_train}, without their "
+                         f"{model.condition} conditions; a conditional codec trains on data.train alone")
     if cfg.extra_train:
         parts = [train_ds.select_columns([column])]
         for source in cfg.extra_train:
@@ -92,21 +101,38 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
                          else extra.select_columns([column]))
             description += f"; + {len(extra)} training images of {source}"
         train_ds = datasets.concatenate_datasets(parts)
+    train_conditions = val_conditions = class_names = None
+    condition_dim = 0
+    if conditional:
+        text = TextConditions(model.text_encoder, model.text_max_length) if model.condition == "text" else None
+        column_name = cfg.condition_column
+        train_conditions, class_names = dataset_conditions(train_ds, model.condition, column_name, train_source,
+                                                           text=text)
+        val_conditions, _ = dataset_conditions(val_ds, model.condition, column_name, val_source or train_source,
+                                               text=text, class_names=class_names)
+        condition_dim = train_conditions.shape[1] if model.condition == "text" else 0
+        description += (f"; conditioned on {model.condition} ({column_name or 'default column'}"
+                        + (f": {len(class_names)} classes)" if class_names else ")"))
     return Data(
-        train=TrainCrops(train_ds, column, cfg.crop_size, seed=seed, resize=cfg.resize, flip=cfg.flip),
-        val=CenterCrops(val_ds, val_column, cfg.val_size, limit=cfg.val_count),
+        train=TrainCrops(train_ds, column, cfg.crop_size, seed=seed, resize=cfg.resize, flip=cfg.flip,
+                         conditions=train_conditions),
+        val=CenterCrops(val_ds, val_column, cfg.val_size, limit=cfg.val_count, conditions=val_conditions),
         train_dataset=train_ds,
         image_column=column,
         description=description,
+        train_conditions=train_conditions,
+        class_names=class_names,
+        condition_dim=condition_dim,
     )
 
 
 def export_codec(vae, data: Data, cfg: CodecConfig, output_dir: Path, run_info: dict) -> Path:
     """Measure latent statistics, write them into the config (unless the parent's scale is kept), save a diffusers
     folder at <output_dir>/final with codec_training.json beside it."""
-    images = CenterCrops(data.train_dataset, data.image_column, cfg.data.val_size, limit=cfg.train.latent_stats_images)
+    images = CenterCrops(data.train_dataset, data.image_column, cfg.data.val_size, limit=cfg.train.latent_stats_images,
+                         conditions=data.train_conditions)
     loader = DataLoader(images, batch_size=8)
-    stats = latent_statistics(vae, (b["pixels"] for b in loader))
+    stats = latent_statistics(vae, ((b["pixels"], b["condition"]) if "condition" in b else b["pixels"] for b in loader))
     latent_norm = cfg.latent_norm()
     if latent_norm != "keep":  # keep: the parent's scaling_factor / latents_mean / latents_std stay in the config
         write_latent_stats(vae, stats, latent_norm)
@@ -136,12 +162,13 @@ def recorded_network(cfg: CodecConfig, parent: Parent | None) -> dict:
     return network
 
 
-def initial_codec(cfg: CodecConfig, parent: Parent | None):
-    """The AutoencoderKL of the first step: the parent's weights, the fitted linear codec's, or diffusers' random
-    initialisation (drawn after set_seed, the same on every process)."""
+def initial_codec(cfg: CodecConfig, parent: Parent | None, data: Data):
+    """The codec of the first step: the parent's weights, the fitted linear codec's, or diffusers' random
+    initialisation (drawn after set_seed, the same on every process); with model.condition, the conditional codec
+    for the data's classes or caption embeddings."""
     if parent is not None:
         return parent.vae
-    vae = build_autoencoder(cfg.model)
+    vae = build_codec(cfg.model, data.class_names, data.condition_dim or 384)
     if cfg.model.init == "thumbnail":
         thumbnail_init(vae)
     return vae
@@ -166,7 +193,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
 
     # ---- data -------------------------------------------------------------------------------------------
     with accelerator.main_process_first():  # the first process writes bundled photos and dataset caches
-        data = load_data(cfg.data, cfg.train.seed)
+        data = load_data(cfg.data, cfg.train.seed, cfg.model)
     # Seconds spent in training steps (not validation or checkpoints), carried across resumes.
     train_seconds = float(read_trainer_state(resume_dir).get("train_seconds", 0.0))
     draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
@@ -178,9 +205,10 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         persistent_workers=cfg.data.num_workers > 0,
     )
     val_images = torch.stack([data.val[i]["pixels"] for i in range(len(data.val))])
+    val_conditions = data.val.conditions  # None for an unconditional codec
 
     # ---- model, losses, optimizers -------------------------------------------------------------------------
-    vae = initial_codec(cfg, parent)
+    vae = initial_codec(cfg, parent, data)
     freeze_for_training(vae, cfg.train.trainable)  # before accelerator.prepare: DDP wraps what requires grad
     if cfg.train.gradient_checkpointing:
         vae.enable_gradient_checkpointing()  # engages whenever grad is on (diffusers' Encoder/Decoder blocks)
@@ -246,8 +274,11 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         metrics = {}
         if main:
             with ema_weights(ema, inner.vae) as vae_:
-                metrics = evaluate_reconstructions(vae_, val_images.split(8), perceptual)
-                grid = validation_grid(vae_, val_images[:8], seed=cfg.train.seed)
+                batches = (val_images.split(8) if val_conditions is None
+                           else list(zip(val_images.split(8), val_conditions.split(8))))
+                metrics = evaluate_reconstructions(vae_, batches, perceptual)
+                grid = validation_grid(vae_, val_images[:8], seed=cfg.train.seed,
+                                       condition=None if val_conditions is None else val_conditions[:8])
             save_png(grid, output_dir / "samples" / f"step_{at_step:08d}.png")
             accelerator.log(metrics, step=at_step)
             append_history(output_dir, {"step": at_step, "train_seconds": round(train_seconds, 3), **metrics})
@@ -279,10 +310,11 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         draws = batch["draw"] if cfg.loss.sample_posterior else None
+        condition = batch.get("condition")  # a conditional codec's labels or caption embeddings
 
         with accelerator.accumulate(*( [model, disc] if use_gan else [model] )):
             with accelerator.autocast():
-                recon, mean, logvar = model(images, draws)
+                recon, mean, logvar = model(images, draws, condition)
                 parts = criterion(images, recon, mean, logvar, inner.logvar, step)
                 loss = parts.total
                 g_loss = gan_weight = torch.zeros((), device=images.device)
@@ -348,7 +380,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
             ema.copy_to(vae_.parameters())
         vae_.eval()
         final = export_codec(vae_, data, cfg, output_dir, dict(run_info, steps=step))
-        log.info("exported %s (AutoencoderKL.from_pretrained loads it)", final)
+        log.info("exported %s (%s.from_pretrained loads it)", final, type(vae_).__name__)
         if parent is not None:
             identity = encoder_identity(vae_)
             log.info("encoder identity %s: %s", identity,

@@ -139,10 +139,12 @@ def compression_ratio(vae, height: int, width: int, channels: int = 3) -> float:
     return channels * height * width / math.prod(latent_shape(vae, height, width))
 
 
-def encode_posterior(vae, images: torch.Tensor):
-    """q(z|x), a diffusers DiagonalGaussianDistribution: `.mean`, `.logvar` (clamped to [-30, 20]),
-    `.sample(generator)` by reparameterization, `.mode()`."""
-    return vae.encode(images).latent_dist
+def encode_posterior(vae, images: torch.Tensor, condition: torch.Tensor | None = None):
+    """q(z|x) (q(z|x, c) for a conditional codec, given `condition`), a diffusers DiagonalGaussianDistribution:
+    `.mean`, `.logvar` (clamped to [-30, 20]), `.sample(generator)` by reparameterization, `.mode()`."""
+    if condition is None:
+        return vae.encode(images).latent_dist
+    return vae.encode(images, condition).latent_dist
 
 
 def prior_latents(vae, n: int, height: int, width: int, generator: torch.Generator | None = None):

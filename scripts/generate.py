@@ -5,11 +5,14 @@
     python scripts/generate.py --model runs/unet/pipeline --prompt "a cat at night" --init-image cat.png --strength 0.6
     python scripts/generate.py --model runs/unet/pipeline --reconstruct photo.png      # encode -> decode
     python scripts/generate.py --model runs/unet/pipeline --prompt "a tabby cat" --precision fp16   # on a GPU
-    python scripts/generate.py --model runs/codec/final --prior-samples 8              # decode z ~ N(0, I)
-    python scripts/generate.py --model runs/codec/final --interpolate a.png b.png --frames 7
+    python scripts/generate.py --codec runs/codec/final --prior-samples 8              # decode z ~ N(0, I)
+    python scripts/generate.py --codec runs/codec/final --interpolate a.png b.png --frames 7
+    python scripts/generate.py --codec runs/cvae/final --prior-samples 8 --prompt "a red star at the top on a navy background"
+    python scripts/generate.py --codec runs/cvae-class/final --prior-samples 8 --label star    # a class CVAE
 
 --model is a pipeline folder (scripts/train_unet.py writes <output-dir>/pipeline); for --reconstruct,
---prior-samples and --interpolate a bare codec folder works too. Writes PNGs and a JSON of the settings used (with the image and
+--prior-samples and --interpolate a bare codec folder works too (--codec says so). A conditional codec
+(model.condition: text or class) takes its condition from --prompt or --label in those three modes: x ~ p(x | z, c). Writes PNGs and a JSON of the settings used (with the image and
 latent shapes and their element ratio, 48x for 512x512) into --out, and prints where.
 """
 
@@ -27,10 +30,16 @@ PRECISION_CHOICES = ("fp32", "bf16", "fp16")  # diffusion.pipeline.PRECISIONS (n
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="pipeline folder (scripts/train_unet.py's <output-dir>/pipeline); "
-                   "a codec folder (AutoencoderKL) is enough for --reconstruct, --prior-samples and --interpolate")
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--prompt", help="text to generate from (text-to-image, or image-to-image with --init-image)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="pipeline folder (scripts/train_unet.py's <output-dir>/pipeline); "
+                        "a codec folder is enough for --reconstruct, --prior-samples and --interpolate")
+    source.add_argument("--codec", help="a codec folder (scripts/train_codec.py's <output-dir>/final), unconditional "
+                        "or conditional, for --reconstruct, --prior-samples and --interpolate")
+    p.add_argument("--prompt", help="text to generate from (text-to-image, or image-to-image with --init-image); with "
+                   "--prior-samples/--reconstruct/--interpolate, the condition of a text-conditioned codec")
+    p.add_argument("--label", help="with --prior-samples/--reconstruct/--interpolate: the class (name or index) of a "
+                   "class-conditioned codec")
+    mode = p.add_mutually_exclusive_group()
     mode.add_argument("--reconstruct", metavar="PATH", help="encode this image with the codec and decode it again "
                       "(what the codec keeps of it); writes the reconstruction and its PSNR")
     mode.add_argument("--prior-samples", type=int, metavar="K", help="decode K latents z ~ N(0, I) with the codec "
@@ -64,6 +73,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "else cpu); the initial noise is drawn on the CPU, so a seed gives the same image anywhere")
     p.add_argument("--out", default="outputs", help="folder for the PNGs and the settings JSON (default outputs/)")
     args = p.parse_args(argv)
+    codec_mode = args.reconstruct or args.prior_samples is not None or args.interpolate
+    if not codec_mode and not args.prompt:
+        p.error("give --prompt (text-to-image), --reconstruct, --prior-samples or --interpolate")
+    if args.label is not None and not codec_mode:
+        p.error("--label conditions a class codec's --prior-samples, --reconstruct or --interpolate")
+    if args.codec and not codec_mode:
+        p.error("--codec takes --reconstruct, --prior-samples or --interpolate; text-to-image needs --model PIPELINE")
+    if args.init_image and codec_mode:
+        p.error("--init-image is image-to-image with a pipeline; it does not combine with codec modes")
     if args.init_image and not args.prompt:
         p.error("--init-image needs --prompt (image-to-image is guided by a prompt)")
     if (args.height is None) != (args.width is None):
@@ -116,7 +134,10 @@ def load_model(path: str, precision: str = "fp32"):
     if (folder / "config.json").is_file():
         from codec.model import load_codec
 
-        return None, load_codec(folder, dtype)
+        try:
+            return None, load_codec(folder, dtype, allow_conditional=True)
+        except (FileNotFoundError, ValueError) as exc:
+            raise SystemExit(f"error: {exc}")
     raise SystemExit(f"error: --model {path} is neither a pipeline folder (model_index.json) nor a codec folder "
                      f"(config.json); train one with scripts/train_unet.py or scripts/train_codec.py")
 
@@ -128,25 +149,54 @@ def main(argv=None) -> int:
     from codec.metrics import psnr
     from codec.model import compression_ratio, downsample_factor, latent_blend, latent_shape, prior_latents
     from codec.data import pil_to_tensor, tensor_to_pil
-    from diffusion.pipeline import decode_images, encode_mean, seeded_generator
+    from diffusion.pipeline import seeded_generator
 
-    pipe, vae = load_model(args.model, args.precision)
+    from codec.conditional import condition_tensor, is_conditional
+    from codec.model import decode_latents, encode_posterior
+    from diffusion.pipeline import finite_or_fp32
+
+    pipe, vae = load_model(args.model or args.codec, args.precision)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if pipe is not None:
         pipe.to(device)
     else:
         vae.to(device)
-    if pipe is None and args.prompt:
+    codec_mode = args.reconstruct or args.prior_samples is not None or args.interpolate
+    if pipe is None and not codec_mode:
         raise SystemExit(f"error: --model {args.model} is a codec folder; --prompt needs a pipeline folder "
                          f"(scripts/train_unet.py exports one to <output-dir>/pipeline)")
     vae = pipe.vae if pipe is not None else vae
+    condition = None  # a conditional codec's c, repeated per image
+    if is_conditional(vae):
+        try:
+            condition = condition_tensor(vae, prompt=args.prompt, label=args.label).to(vae.device)
+        except ValueError as exc:
+            raise SystemExit(f"error: --codec {args.codec or args.model}: {exc}")
+    elif codec_mode and (args.prompt or args.label is not None):
+        raise SystemExit(f"error: {args.codec or args.model} is an unconditional codec; --prompt/--label condition only "
+                         f"a conditional one (model.condition: text or class)")
+
+    def repeat(n: int):
+        return None if condition is None else condition.expand(n, *condition.shape[1:])
+
+    def decode_images(vae, z):  # noqa: F811 - the pipeline's, with the condition when the codec has one
+        images = finite_or_fp32(vae, lambda: decode_latents(vae, z.to(vae.dtype), repeat(z.shape[0])).float(),
+                                "codec decode")
+        return images.clamp(-1, 1)
+
+    def encode_mean(vae, pixels):  # noqa: F811
+        return finite_or_fp32(vae, lambda: encode_posterior(vae, pixels.to(vae.dtype), repeat(pixels.shape[0]))
+                              .mode().float(), "codec encode")
+
     factor = downsample_factor(vae)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"model": str(Path(args.model).resolve()), "precision": args.precision, "device": device}
+    settings = {"model": str(Path(args.model or args.codec).resolve()), "precision": args.precision, "device": device}
+    if condition is not None:
+        settings.update(condition=vae.config.condition, prompt=args.prompt, label=args.label)
     note = None
 
-    if args.prompt:
+    if not codec_mode:
         pipe.use_sampler(args.scheduler)
         image = None
         if args.init_image:

@@ -59,6 +59,7 @@ class TrainCrops(torch.utils.data.Dataset):
         seed: int,
         resize: int | None = None,
         flip: bool = True,
+        conditions: torch.Tensor | None = None,
     ):
         if crop_size < 1:
             raise ValueError(f"TrainCrops: crop_size must be >= 1, got {crop_size}")
@@ -72,6 +73,9 @@ class TrainCrops(torch.utils.data.Dataset):
         self.seed = seed
         self.resize = resize
         self.flip = flip
+        # One condition per dataset row (a conditional codec's labels or caption embeddings), returned with the
+        # row's crop: a replaced unreadable image brings its replacement's condition.
+        self.conditions = conditions
         self.rejected: dict[int, str] = {}
         self._cached_perm: tuple[int, list[int]] | None = None
 
@@ -91,7 +95,7 @@ class TrainCrops(torch.utils.data.Dataset):
         epoch, position = divmod(int(draw), len(self.dataset))
         return self._permutation(epoch)[position]
 
-    def _readable_image(self, index: int) -> Image.Image:
+    def _readable_image(self, index: int) -> tuple[int, Image.Image]:
         n = len(self.dataset)
         # _crop resizes to this shorter side (or crop_size, if larger) first, so a JPEG may decode smaller.
         min_side = None if self.resize is None else max(self.resize, self.crop_size)
@@ -99,7 +103,7 @@ class TrainCrops(torch.utils.data.Dataset):
             if candidate in self.rejected:
                 continue
             try:
-                return decode_image(self.dataset[candidate][self.image_column], min_side)
+                return candidate, decode_image(self.dataset[candidate][self.image_column], min_side)
             except UnreadableImage as exc:
                 self.rejected[candidate] = str(exc)
                 logger.warning("skipping unreadable training image at index %d: %s", candidate, exc)
@@ -122,8 +126,11 @@ class TrainCrops(torch.utils.data.Dataset):
         return pixels.flip(-1) if self.flip and mirror else pixels
 
     def __getitem__(self, draw: int) -> dict[str, torch.Tensor]:
-        img = self._readable_image(self.item_index(draw))
-        return {"pixels": self._crop(img, int(draw)), "draw": torch.tensor(int(draw), dtype=torch.int64)}
+        index, img = self._readable_image(self.item_index(draw))
+        item = {"pixels": self._crop(img, int(draw)), "draw": torch.tensor(int(draw), dtype=torch.int64)}
+        if self.conditions is not None:
+            item["condition"] = self.conditions[index]
+        return item
 
 
 def _center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -142,7 +149,8 @@ class CenterCrops(torch.utils.data.Dataset):
     item is the dataset index, so reports can name the image.
     """
 
-    def __init__(self, dataset: Any, image_column: str, size: int, limit: int | None = None):
+    def __init__(self, dataset: Any, image_column: str, size: int, limit: int | None = None,
+                 conditions: torch.Tensor | None = None):
         if size < 1:
             raise ValueError(f"CenterCrops: size must be >= 1, got {size}")
         if limit is not None and limit < 1:
@@ -170,9 +178,14 @@ class CenterCrops(torch.utils.data.Dataset):
                 f"check the validation source"
             )
         self._crops = torch.stack(crops)
+        # The kept images' conditions (one per dataset row given), for a conditional codec; else None.
+        self.conditions = None if conditions is None else conditions[torch.tensor(self._indices)]
 
     def __len__(self) -> int:
         return len(self._indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"pixels": self._crops[i].float().div(127.5).sub(1.0), "index": self._indices[i]}
+        item = {"pixels": self._crops[i].float().div(127.5).sub(1.0), "index": self._indices[i]}
+        if self.conditions is not None:
+            item["condition"] = self.conditions[i]
+        return item

@@ -35,6 +35,7 @@ __all__ = [
     "detect",
     "parse_prompt",
     "score",
+    "shows_one_shape",
     "summarise",
 ]
 
@@ -191,6 +192,27 @@ def detect(image: Image.Image | np.ndarray) -> Detection:
         extent=extent,
         solidity=solidity,
     )
+
+
+ONE_SHAPE_BLOB = 0.9  # of the colour's pixels in its largest blob: one object, not a scatter of specks
+MAX_OBJECT_FRACTION = 0.35  # the largest rendered object (a circle of radius 0.22) covers 15% of the image
+
+
+def shows_one_shape(image: Image.Image | np.ndarray) -> bool:
+    """Whether the image shows what every shapes-world image shows, whatever its caption: a single object of one
+    palette colour (one blob holding >= 90% of that colour's pixels, between 1% and 35% of the image) and no second
+    object colour. The coherence of an unconditional generator's samples, which have no prompt to be scored against."""
+    pixels = _as_pixels(image)
+    labels = color_labels(pixels, border_color(pixels))
+    counts = np.bincount(labels[labels >= 0], minlength=len(OBJECT_COLORS))
+    winner = int(counts.argmax())
+    fractions = counts / labels.size
+    if not MIN_OBJECT_FRACTION <= fractions[winner] <= MAX_OBJECT_FRACTION:
+        return False
+    if np.delete(fractions, winner).max() >= MIN_OBJECT_FRACTION:
+        return False
+    largest = max(region.area for region in regionprops(label(labels == winner, connectivity=2)))
+    return bool(largest >= ONE_SHAPE_BLOB * counts[winner])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -76,12 +76,12 @@ def test_codec_gradients_are_the_same_with_checkpointing_and_the_blocks_are_reco
 def test_trainer_turns_checkpointing_on_from_the_config(tiny_config, fresh_accelerate_state, monkeypatch):
     built = []
 
-    def build_and_keep(cfg):
+    def build_and_keep(cfg, *args):
         vae = build_autoencoder(cfg)
         built.append(vae)
         return vae
 
-    monkeypatch.setattr(train_module, "build_autoencoder", build_and_keep)
+    monkeypatch.setattr(train_module, "build_codec", build_and_keep)
     counts = []
     real_init = CodecForTraining.__init__
 

@@ -96,10 +96,10 @@ def test_help_explains_every_flag():
     assert proc.returncode == 0
     for flag in ("--model", "--prompt", "--negative-prompt", "--steps", "--guidance", "--seed", "--num-images",
                  "--scheduler", "--init-image", "--strength", "--reconstruct", "--prior-samples", "--precision",
-                 "--device", "--out", "--interpolate", "--frames"):
+                 "--device", "--out", "--interpolate", "--frames", "--codec", "--label"):
         assert flag in proc.stdout
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     assert "{fp32,bf16,fp16}" in text and "redone in fp32 with a warning" in text
     bad = subprocess.run([sys.executable, "scripts/generate.py", "--model", "m", "--reconstruct", "x", "--init-image",
                           "y"], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and "--init-image needs --prompt" in bad.stderr
+    assert bad.returncode == 2 and "--init-image is image-to-image with a pipeline" in bad.stderr

@@ -1,0 +1,224 @@
+"""The conditional codec (CVAE): q(z | x, c) and p(x | z, c), with c a class label or a caption's text embedding.
+
+The article's conditional VAE feeds the condition into both networks. Here it is embedded once into
+`condition_channels` numbers, broadcast over the image (or latent) grid and concatenated as extra input channels:
+to the image at the encoder's input and to the latent at the decoder's input. diffusers' own `Encoder` and `Decoder`
+do the rest, with only their first convolution widened, so the network is AutoencoderKL's apart from those channels
+and the embedding. One embedding serves both sides, so the encoder and decoder agree on what each condition means
+and a gradient reaches it through both.
+
+The class is a diffusers `ModelMixin` + `ConfigMixin`: `save_pretrained` writes a config.json and safetensors, and
+`ConditionalAutoencoderKL.from_pretrained(folder)` (or `codec.model.load_codec`) loads it. Its config also keeps what
+turns a user's condition into the tensor the network takes: the class names, or the text encoder and its
+max_length, so a prompt embeds the way the training captions did (`condition_tensor`).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from torch import nn
+
+from codec.common.config import ConfigError
+
+CONDITIONS = ("class", "text")
+
+
+class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
+    """AutoencoderKL's encoder and decoder, each with the condition's embedding as extra input channels.
+
+    `condition` is "class" (an int64 label per image, 0 <= label < len(class_names)) or "text" (a float
+    (B, condition_dim) pooled caption embedding, see `pooled_text_embeddings`)."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        condition: str = "class",
+        class_names: list[str] | None = None,
+        condition_dim: int = 384,
+        condition_channels: int = 16,
+        text_encoder: str | None = None,
+        text_max_length: int = 32,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",),
+        up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",),
+        block_out_channels: tuple[int, ...] = (64,),
+        layers_per_block: int = 1,
+        act_fn: str = "silu",
+        latent_channels: int = 4,
+        norm_num_groups: int = 32,
+        sample_size: int = 512,
+        scaling_factor: float = 1.0,
+        shift_factor: float | None = None,
+        latents_mean: list[float] | None = None,
+        latents_std: list[float] | None = None,
+        force_upcast: bool = True,
+        mid_block_add_attention: bool = True,
+    ):
+        super().__init__()
+        if condition not in CONDITIONS:
+            raise ValueError(f"ConditionalAutoencoderKL: condition {condition!r} is not one of {CONDITIONS}")
+        if condition == "class" and not class_names:
+            raise ValueError("ConditionalAutoencoderKL: condition 'class' needs class_names (one name per label)")
+        if condition == "text" and not text_encoder:
+            raise ValueError("ConditionalAutoencoderKL: condition 'text' needs text_encoder (the folder or 'minilm' "
+                             "whose pooled embeddings it was trained on)")
+        k = condition_channels
+        if condition == "class":
+            self.condition_embedding = nn.Embedding(len(class_names), k)
+        else:
+            # Two layers: a pooled sentence embedding mixes every word, and a linear map into a few channels could not
+            # pull apart four independent attributes of a caption.
+            self.condition_embedding = nn.Sequential(nn.Linear(condition_dim, 8 * k), nn.SiLU(), nn.Linear(8 * k, k))
+        common = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block, act_fn=act_fn,
+                      norm_num_groups=norm_num_groups, mid_block_add_attention=mid_block_add_attention)
+        self.encoder = Encoder(in_channels=in_channels + k, out_channels=latent_channels,
+                               down_block_types=down_block_types, double_z=True, **common)
+        self.decoder = Decoder(in_channels=latent_channels + k, out_channels=out_channels,
+                               up_block_types=up_block_types, **common)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+
+    def condition_maps(self, condition: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The condition's embedding as constant (B, condition_channels, H, W) maps beside `like` (B, C, H, W)."""
+        if condition is None:
+            raise ValueError(f"this codec is conditional ({self.config.condition}): pass the condition of every image")
+        if condition.shape[0] != like.shape[0]:
+            raise ValueError(f"{condition.shape[0]} conditions for {like.shape[0]} images")
+        if self.config.condition == "class":
+            if condition.dtype not in (torch.int64, torch.int32) or condition.dim() != 1:
+                raise ValueError(f"condition 'class' takes a 1-d integer tensor of labels, got {condition.dtype} "
+                                 f"of shape {tuple(condition.shape)}")
+            if int(condition.min()) < 0 or int(condition.max()) >= len(self.config.class_names):
+                raise ValueError(f"class labels must lie in [0, {len(self.config.class_names)}), got "
+                                 f"{int(condition.min())}..{int(condition.max())}")
+            embedded = self.condition_embedding(condition.to(like.device, torch.int64))
+        else:
+            if condition.dim() != 2 or condition.shape[1] != self.config.condition_dim:
+                raise ValueError(f"condition 'text' takes (B, {self.config.condition_dim}) pooled text embeddings, "
+                                 f"got shape {tuple(condition.shape)}")
+            embedded = self.condition_embedding(condition.to(like.device, like.dtype))
+        return embedded.to(like.dtype)[:, :, None, None].expand(-1, -1, *like.shape[2:])
+
+    def encode(self, x: torch.Tensor, condition: torch.Tensor, return_dict: bool = True):
+        moments = self.quant_conv(self.encoder(torch.cat([x, self.condition_maps(condition, x)], dim=1)))
+        posterior = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def decode(self, z: torch.Tensor, condition: torch.Tensor, return_dict: bool = True):
+        h = self.post_quant_conv(z)
+        decoded = self.decoder(torch.cat([h, self.condition_maps(condition, h)], dim=1))
+        return DecoderOutput(sample=decoded) if return_dict else (decoded,)
+
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor, sample_posterior: bool = False,
+                generator: torch.Generator | None = None, return_dict: bool = True):
+        posterior = self.encode(sample, condition).latent_dist
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z, condition, return_dict=return_dict)
+
+
+def is_conditional(vae) -> bool:
+    return isinstance(vae, ConditionalAutoencoderKL)
+
+
+@torch.no_grad()
+def pooled_text_embeddings(tokenizer, model, captions: list[str], max_length: int) -> torch.Tensor:
+    """(len(captions), width): the mean of the text encoder's last hidden states over each caption's real tokens
+    (padding excluded), the sentence embedding MiniLM was trained to give. Float32, on the CPU."""
+    tokens = tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    hidden = model(input_ids=tokens.input_ids.to(model.device),
+                   attention_mask=tokens.attention_mask.to(model.device)).last_hidden_state.float().cpu()
+    mask = tokens.attention_mask[:, :, None].float()
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class TextConditions:
+    """Caption -> pooled embedding with the text encoder a conditional codec names, loaded once."""
+
+    def __init__(self, text_encoder: str, max_length: int):
+        from diffusion.text_encoder import load_text_encoder
+
+        self.tokenizer, self.model = load_text_encoder(text_encoder)
+        self.max_length = max_length
+
+    def __call__(self, captions: list[str], batch_size: int = 64) -> torch.Tensor:
+        parts = [pooled_text_embeddings(self.tokenizer, self.model, captions[i : i + batch_size], self.max_length)
+                 for i in range(0, len(captions), batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, self.model.config.hidden_size)
+
+
+def condition_tensor(vae: ConditionalAutoencoderKL, *, prompt: str | None = None, label: str | int | None = None,
+                     count: int = 1) -> torch.Tensor:
+    """The condition a user names (a prompt for a text codec; a class name or index for a class codec), repeated
+    `count` times, as the tensor `encode` and `decode` take."""
+    cfg = vae.config
+    if cfg.condition == "text":
+        if prompt is None:
+            raise ValueError("this codec is conditioned on text: give a prompt (--prompt)")
+        return TextConditions(cfg.text_encoder, cfg.text_max_length)([prompt]).repeat(count, 1)
+    if label is None:
+        raise ValueError(f"this codec is conditioned on a class: give a label (--label), one of {cfg.class_names} "
+                         f"or its index")
+    names = list(cfg.class_names)
+    if str(label) in names:
+        index = names.index(str(label))
+    elif str(label).lstrip("-").isdigit() and 0 <= int(label) < len(names):
+        index = int(label)
+    else:
+        raise ValueError(f"label {label!r} is not one of this codec's classes {names} (or an index below {len(names)})")
+    return torch.full((count,), index, dtype=torch.int64)
+
+
+DEFAULT_CONDITION_COLUMNS = {"text": ("text", "caption"), "class": ("label",)}
+
+
+def dataset_conditions(dataset, kind: str, column: str | None, source: str, *, text: TextConditions | None = None,
+                       class_names: list[str] | None = None) -> tuple[torch.Tensor, list[str] | None]:
+    """Every row's condition, in row order: (N,) int64 labels or (N, width) pooled caption embeddings; and the class
+    names (given: a validation set must use the training set's; None: read from the column). `column` None takes
+    the first of DEFAULT_CONDITION_COLUMNS[kind] the dataset has.
+
+    A missing column, an empty caption or an unknown class is refused with one line naming the source and column."""
+    columns = list(getattr(dataset, "column_names", None) or [])
+    what = "captions" if kind == "text" else "class labels"
+    wanted = (column,) if column else DEFAULT_CONDITION_COLUMNS[kind]
+    column = next((c for c in wanted if c in columns), None)
+    if column is None:
+        names = " or ".join(repr(c) for c in wanted)
+        raise ConfigError(f"{source}: model.condition: {kind} needs {what} in a column {names}, and the dataset has "
+                         f"none (columns: {columns}); set data.condition_column to the column that holds them")
+    values = dataset[column]
+    if kind == "text":
+        bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise ConfigError(f"{source}: column {column!r} has {len(bad)} rows without a caption (first: row {bad[0]}); "
+                             f"a text-conditioned codec needs a caption for every image")
+        return text(list(values)), None
+    feature = dataset.features.get(column) if hasattr(dataset, "features") else None
+    if class_names is None:
+        if hasattr(feature, "names"):  # a datasets ClassLabel: its own names, in label order
+            class_names = list(feature.names)
+        elif all(isinstance(v, (int,)) and not isinstance(v, bool) for v in values):
+            class_names = [str(i) for i in range(max(values) + 1)]
+        else:
+            class_names = sorted({str(v) for v in values})
+    if hasattr(feature, "names") or all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        labels = [int(v) for v in values]
+        out_of_range = [v for v in labels if not 0 <= v < len(class_names)]
+        if out_of_range:
+            raise ConfigError(f"{source}: column {column!r} holds label {out_of_range[0]}, outside the "
+                             f"{len(class_names)} classes {class_names}")
+    else:
+        index = {name: i for i, name in enumerate(class_names)}
+        unknown = sorted({str(v) for v in values} - set(index))
+        if unknown:
+            raise ConfigError(f"{source}: column {column!r} holds classes {unknown} that are not among the training "
+                             f"classes {class_names}")
+        labels = [index[str(v)] for v in values]
+    return torch.tensor(labels, dtype=torch.int64), class_names

@@ -1,0 +1,68 @@
+"""The β study's measures against their closed forms, and a two-run study end to end on tiny data."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from diffusion.demo.adherence import shows_one_shape
+from diffusion.demo.beta_study import active_channels, load_study_config, rate_bits, run_study
+from diffusion.demo.shapes import render, scenes, write_shapes_dataset
+from tests.conftest import ROOT
+
+
+def test_rate_is_the_kl_in_bits():
+    mean = torch.tensor([[[[1.0]], [[0.0]]]])  # one image, two latent numbers
+    logvar = torch.tensor([[[[0.0]], [[math.log(4.0)]]]])
+    nats = 0.5 * (1.0 + 1 - 1 - 0) + 0.5 * (0 + 4 - 1 - math.log(4.0))
+    assert rate_bits(mean, logvar).item() == pytest.approx(nats / math.log(2), rel=1e-6)  # computed in fp32
+    assert rate_bits(torch.zeros(3, 4, 2, 2), torch.zeros(3, 4, 2, 2)).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_active_channels_counts_channels_whose_mean_varies_with_the_image():
+    g = torch.Generator().manual_seed(0)
+    means = torch.zeros(500, 4, 2, 2)
+    means[:, 0] = torch.randn(500, 2, 2, generator=g)  # variance 1: active
+    means[:, 1] = 0.05 * torch.randn(500, 2, 2, generator=g)  # variance 0.0025: collapsed
+    means[:, 2] = 3.0  # constant: collapsed
+    means[:, 3] = 0.2 * torch.randn(500, 2, 2, generator=g)  # variance 0.04: active
+    assert active_channels(means) == 2
+
+
+def test_one_shape_holds_for_real_shapes_and_not_for_noise():
+    held = scenes(56, 7)
+    assert sum(shows_one_shape(render(s, 64)) for s in held) >= 55
+    rng = torch.Generator().manual_seed(0)
+    noise = (torch.rand(20, 64, 64, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    assert not any(shows_one_shape(n) for n in noise)
+    two = render(held[0], 64)
+    pixels = __import__("numpy").asarray(two).copy()
+    pixels[2:12, 2:12] = (245, 245, 245) if held[0].color != "white" else (230, 30, 30)  # a second object colour
+    assert not shows_one_shape(pixels)
+
+
+def test_a_two_run_study_writes_its_table_plot_and_prior_grids(tmp_path):
+    shapes = write_shapes_dataset(tmp_path / "shapes", count=24, seed=0, size=32, progress=False)
+    study = tmp_path / "study.yaml"
+    study.write_text(json.dumps({
+        "codec_config": str(ROOT / "configs/codec/beta-study.yaml"), "shapes": str(shapes),
+        "output_dir": str(tmp_path / "out"), "heldout_count": 8, "prior_samples": 8,
+        "overrides": ["train.max_steps=2", "train.batch_size=4", "data.crop_size=32", "data.resize=32",
+                      "data.val_size=32", "data.val_count=2", "train.checkpoint_every=0", "data.num_workers=0",
+                      "train.latent_stats_images=4", "model.block_out_channels=[8,8,16,16]", "model.norm_num_groups=4"],
+        "runs": [{"name": "small", "overrides": ["loss.kl_weight=1e-6"]},
+                 {"name": "cvae", "overrides": ["model.condition=text", "model.condition_channels=4"]}]}))
+    summary = run_study(load_study_config(study), ROOT)
+    small, cvae = summary["runs"]
+    assert small["beta"] == 1e-6 and cvae["condition"] == "text" and small["steps"] == cvae["steps"] == 2
+    for r in (small, cvae):
+        assert r["rate_bits"] > 0 and 0 <= r["active_channels"] <= 4 and r["psnr_db"] > 0
+    assert "prior_adherence_percent" in cvae and "prior_adherence_percent" not in small
+    out = tmp_path / "out"
+    assert (out / "rate_distortion.png").stat().st_size > 1000 and (out / "prior_cvae.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "| small | 1e-06 | constant | none | 2 |" in report and "| cvae | 1 |" in report
+    # A second call reuses the exported codecs and measures the same numbers.
+    again = run_study(load_study_config(study), ROOT)
+    assert again["runs"][0]["psnr_db"] == small["psnr_db"]
