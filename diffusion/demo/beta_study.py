@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class BetaStudyConfig:
     heldout_seed: int = 1
     prior_samples: int = 64
     runs: list[StudyRun] = field(default_factory=list)
+    only: list[str] = field(default_factory=list)  # names of the runs to do (empty: all), e.g. a shorter demo
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -52,6 +54,11 @@ class BetaStudyConfig:
         names = [r.name for r in self.runs]
         if len(set(names)) != len(names):
             raise ConfigError(f"runs: names must differ, got {names}")
+        unknown = [name for name in self.only if name not in names]
+        if unknown:
+            raise ConfigError(f"only: {unknown} are not runs of this study; its runs are {names}")
+        if self.only:
+            self.runs = [r for r in self.runs if r.name in self.only]
 
 
 def load_study_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> BetaStudyConfig:
@@ -127,7 +134,7 @@ def heldout_shapes(count: int, seed: int, size: int) -> tuple[torch.Tensor, list
 def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
     """Train (or reuse) every run's codec, measure it, write results.json, report.md and the plots; returns results."""
     from codec.common.distributed import reset_accelerate_state
-    from codec.conditional import TextConditions, condition_tensor, is_conditional
+    from codec.conditional import TextConditions, is_conditional
     from codec.config import load_codec_config
     from codec.evaluate import save_png
     from codec.model import load_codec
@@ -161,7 +168,7 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
         loss = history["config"]["loss"]
         numbers.update(name=run.name, beta=loss["kl_weight"], schedule=loss["kl_schedule"],
                        condition=history["config"]["model"]["condition"], steps=history["steps"])
-        save_png(_grid(samples[:16]), out / f"prior_{run.name}.png")
+        save_png(_grid(samples[:16]), out / prior_file(run.name))
         results.append(numbers)
         print(f"  {run.name}: {_line(numbers)}", flush=True)
     summary = {"runs": results, "heldout": {"count": cfg.heldout_count, "seed": cfg.heldout_seed}}
@@ -169,6 +176,11 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
     plot_rate_distortion(results, out / "rate_distortion.png")
     write_text_atomically(out / "report.md", report_markdown(results, cfg))
     return summary
+
+
+def prior_file(name: str) -> str:
+    """prior_<name>.png with every character but letters, digits, '.' and '-' as '_' (Markdown links break on spaces)."""
+    return "prior_" + re.sub(r"[^A-Za-z0-9.\-]", "_", name) + ".png"
 
 
 def _grid(samples: torch.Tensor):
@@ -226,5 +238,6 @@ def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:
                      f"{r['psnr_db']:.2f} | {r['rate_bits']:.1f} | {r['active_channels']}/{r['latent_channels']} | "
                      f"{r['prior_one_shape_percent']:.0f}% | {adherence} |")
     lines += ["", "![rate against distortion](rate_distortion.png)", ""]
-    lines += [f"![prior samples of {r['name']}](prior_{r['name']}.png) `{r['name']}`" for r in results]
+    lines += ["Prior samples, z ~ N(0, I) decoded (the CVAE's with the held-out captions), one grid per run:", ""]
+    lines += [f"`{r['name']}`: ![prior samples of {r['name']}]({prior_file(r['name'])})" for r in results]
     return "\n".join(lines) + "\n"

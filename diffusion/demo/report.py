@@ -40,14 +40,20 @@ def _sheet(rows: list[list[Image.Image]], gap: int = 4) -> Image.Image:
 
 
 @torch.no_grad()  # a decorator, not torch.set_grad_enabled(False): that would leak into the caller's process
-def generate_and_score(pipeline_dir: Path, gen, out_dir: Path) -> dict:
-    """One PNG per prompt (conditional row | unconditional row) and adherence.json with both summaries."""
+def generate_and_score(pipeline_dir: Path, gen, out_dir: Path, cvae_dir: Path | None = None) -> dict:
+    """One PNG per prompt (conditional row | unconditional row | CVAE prior row) and adherence.json with the
+    summaries. The CVAE row decodes z ~ N(0, I) with the prompt as the conditional codec's condition: the article's
+    text-to-image without a diffusion model."""
+    from codec.conditional import condition_tensor
+    from codec.data import tensor_to_pil
+    from codec.model import load_codec, sample_prior
     from diffusion.pipeline import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(str(pipeline_dir))
     pipe.use_sampler(gen.sampler)
+    cvae = load_codec(cvae_dir, allow_conditional=True) if cvae_dir is not None and (cvae_dir / "config.json").is_file() else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    conditional, unconditional, files = [], [], []
+    conditional, unconditional, cvae_rows, files = [], [], [], []
     for i, prompt in enumerate(gen.prompts):
         seed = gen.seed + i  # the same noise for both rows: only the text differs
         cond = pipe(prompt, num_images_per_prompt=gen.images_per_prompt, num_inference_steps=gen.steps,
@@ -56,8 +62,16 @@ def generate_and_score(pipeline_dir: Path, gen, out_dir: Path) -> dict:
                       guidance_scale=1.0, seed=seed).images
         conditional += [score(img, prompt) for img in cond]
         unconditional += [score(img, prompt) for img in uncond]
+        rows = [cond, uncond]
+        if cvae is not None:
+            c = condition_tensor(cvae, prompt=prompt, count=gen.images_per_prompt)
+            width, height = cond[0].size
+            drawn = sample_prior(cvae, gen.images_per_prompt, height, width, torch.Generator().manual_seed(seed), c)
+            prior = [tensor_to_pil(x) for x in drawn]
+            cvae_rows += [score(img, prompt) for img in prior]
+            rows.append(prior)
         name = f"prompt_{i:02d}.png"
-        save_png(_sheet([cond, uncond]), out_dir / name)
+        save_png(_sheet(rows), out_dir / name)
         files.append(name)
         print(f"  [{i + 1}/{len(gen.prompts)}] {prompt}: colour right in "
               f"{sum(r['color_ok'] for r in conditional[-gen.images_per_prompt:])}/{gen.images_per_prompt}", flush=True)
@@ -67,6 +81,9 @@ def generate_and_score(pipeline_dir: Path, gen, out_dir: Path) -> dict:
         "files": files, "conditional": summarise(conditional), "unconditional": summarise(unconditional),
         "rows": conditional,
     }
+    if cvae is not None:
+        result["cvae_prior"] = summarise(cvae_rows)
+        result["cvae"] = str(cvae_dir)
     write_text_atomically(out_dir / "adherence.json", json.dumps(result, indent=2))
     return result
 
@@ -181,6 +198,9 @@ def write_report(cfg, paths, seconds: dict) -> Path:
         "|---|" + "---|" * len(ATTRIBUTES),
         "| trained model, with the prompt | " + " | ".join(_pct(cond["percent"][a]) for a in ATTRIBUTES) + " |",
         "| same model, empty prompt (unconditional) | " + " | ".join(_pct(uncond["percent"][a]) for a in ATTRIBUTES) + " |",
+        *(["| CVAE prior samples, z ~ N(0, I) decoded with the prompt | "
+           + " | ".join(_pct(adherence["cvae_prior"]["percent"][a]) for a in ATTRIBUTES) + " |"]
+          if "cvae_prior" in adherence else []),
         "| chance (prompt ignored) | " + " | ".join(_pct(chance[a]) for a in ATTRIBUTES) + " |",
         "",
         "Per prompt (trained model):",
@@ -189,11 +209,18 @@ def write_report(cfg, paths, seconds: dict) -> Path:
         "|---|" + "---|" * len(ATTRIBUTES),
         *[f"| {p['prompt']} | " + " | ".join(_pct(p[a]) for a in ATTRIBUTES) + " |" for p in cond["prompts"]],
         "",
-        "Each sheet: the model with the prompt (top row) and with an empty prompt from the same noise (bottom row).",
+        "Each sheet: the model with the prompt (top row), with an empty prompt from the same noise (middle row), and "
+        "the conditional VAE's prior samples for the prompt (bottom row, when the VAE study made one).",
         "",
     ]
     for prompt, name in zip(cfg.generate.prompts, adherence["files"]):
         lines += [f"**{prompt}**", "", f"![{prompt}](generated/{name})", ""]
+    study = paths.vae_study / "report.md"
+    if study.is_file():
+        lines += ["## The VAE itself: β and a conditional VAE", "",
+                  "Codecs trained for one budget at several β with the exact likelihood (β = 1 is the ELBO), and a "
+                  "conditional VAE; measured on held-out shapes (scripts/beta_study.py).", "",
+                  _demote(study.read_text().strip().replace("](", f"]({paths.vae_study.relative_to(root)}/")), ""]
     lines += ["## Training curves", "", f"![curves]({plot.relative_to(root)})", ""]
     report = root / "report.md"
     write_text_atomically(report, "\n".join(lines))

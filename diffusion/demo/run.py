@@ -1,7 +1,8 @@
 """`make demo`: the whole mission on bundled data, stage by stage.
 
-    shapes world -> train codec (photos + shapes) -> evaluate codec -> encode shapes into latent shards
-    -> train U-Net from shards -> generate for fixed prompts + score prompt adherence -> report.md
+    shapes world -> train codec (photos + shapes) -> evaluate codec -> the VAE study (codecs at several β and a
+    conditional VAE on 64 px shapes) -> encode shapes into latent shards -> train U-Net from shards
+    -> generate for fixed prompts (U-Net and CVAE prior) + score prompt adherence -> report.md
 
 The first five stages run the same commands a user runs (scripts/*.py, in a subprocess each). Generation and
 scoring run in this process (report.py), through the pipeline class a user loads
@@ -48,6 +49,14 @@ class EvaluateStage:
 
 
 @dataclass
+class VAEStudyStage:
+    # scripts/beta_study.py's config; `overrides` are --set assignments of that config (not of the codec's).
+    config: str = "configs/beta_study.yaml"
+    overrides: list[str] = field(default_factory=list)
+    cvae_run: str = "cvae beta=1"  # the study run whose conditional codec draws prior samples for the prompts
+
+
+@dataclass
 class EncodeStage:
     resolution: int = 128
     batch_size: int = 32
@@ -81,6 +90,7 @@ class DemoConfig:
     shapes: ShapesStage = field(default_factory=ShapesStage)
     codec: CodecStage = field(default_factory=CodecStage)
     evaluate: EvaluateStage = field(default_factory=EvaluateStage)
+    vae_study: VAEStudyStage = field(default_factory=VAEStudyStage)
     encode: EncodeStage = field(default_factory=EncodeStage)
     unet: UNetStage = field(default_factory=UNetStage)
     generate: GenerateStage = field(default_factory=lambda: GenerateStage(prompts=["a red circle in the center on a black background"]))
@@ -107,6 +117,10 @@ class Paths:
     @property
     def evaluation(self) -> Path:
         return self.root / "evaluation"
+
+    @property
+    def vae_study(self) -> Path:
+        return self.root / "vae-study"
 
     @property
     def shards(self) -> Path:
@@ -181,6 +195,10 @@ def run_demo(cfg: DemoConfig) -> Path:
         _script("evaluate_codec.py") + ["--codec", str(paths.codec), "--data", "bundled",
                                         "--bundled-dir", cfg.evaluate.bundled_dir, "--resolution", str(cfg.evaluate.resolution),
                                         "--out", str(paths.evaluation)]))
+    clock.run("VAE study (β, CVAE)", (paths.vae_study / "results.json").exists(), lambda: _run(
+        _script("beta_study.py") + ["--config", str(ROOT / cfg.vae_study.config), "--set",
+                                    f"output_dir={paths.vae_study}", "--set", f"shapes={shapes_dir}",
+                                    *_sets(cfg.vae_study.overrides)]))
     clock.run("encode shards", (paths.shards / "manifest.json").exists(), lambda: _run(
         _script("encode_dataset.py") + ["--codec", str(paths.codec), "--data", str(shapes_dir), "--out", str(paths.shards),
                                         "--resolution", str(cfg.encode.resolution), "--batch-size", str(cfg.encode.batch_size)]))
@@ -189,7 +207,8 @@ def run_demo(cfg: DemoConfig) -> Path:
                                     str(paths.codec), "--output-dir", str(paths.unet_run), "--resume", "latest",
                                     *_sets(cfg.unet.overrides)]))
     clock.run("generate + adherence", (paths.generated / "adherence.json").exists(),
-              lambda: generate_and_score(paths.pipeline, cfg.generate, paths.generated))
+              lambda: generate_and_score(paths.pipeline, cfg.generate, paths.generated,
+                                         cvae_dir=paths.vae_study / cfg.vae_study.cvae_run / "final"))
     report = write_report(cfg, paths, clock.seconds)
     print(f"report: {report}", flush=True)
     return report

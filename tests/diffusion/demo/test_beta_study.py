@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusion.demo.adherence import shows_one_shape
-from diffusion.demo.beta_study import active_channels, load_study_config, rate_bits, run_study
+from diffusion.demo.beta_study import active_channels, load_study_config, prior_file, rate_bits, run_study
 from diffusion.demo.shapes import render, scenes, write_shapes_dataset
 from tests.conftest import ROOT
 
@@ -61,6 +61,7 @@ def test_a_two_run_study_writes_its_table_plot_and_prior_grids(tmp_path):
     assert "prior_adherence_percent" in cvae and "prior_adherence_percent" not in small
     out = tmp_path / "out"
     assert (out / "rate_distortion.png").stat().st_size > 1000 and (out / "prior_cvae.png").is_file()
+    assert prior_file("cvae beta=1") == "prior_cvae_beta_1.png"
     report = (out / "report.md").read_text()
     assert "| small | 1e-06 | constant | none | 2 |" in report and "| cvae | 1 |" in report
     # A second call reuses the exported codecs and measures the same numbers.

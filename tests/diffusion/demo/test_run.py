@@ -12,6 +12,14 @@ PROMPTS = ["a red circle in the center on a black background", "a blue square at
 
 def test_the_whole_chain_runs_at_toy_size_and_writes_the_report(tmp_path, bundled_dir):
     shapes = tmp_path / "shapes"
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "codec_config": "configs/codec/beta-study.yaml", "heldout_count": 4, "prior_samples": 4,
+        "overrides": ["train.max_steps=2", "train.batch_size=4", "data.val_count=2", "train.checkpoint_every=0",
+                      "data.num_workers=0", "train.latent_stats_images=4", "model.block_out_channels=[8,8,16,16]",
+                      "model.norm_num_groups=4"],
+        "runs": [{"name": "beta=1e-6", "overrides": ["loss.kl_weight=1e-6"]},
+                 {"name": "cvae beta=1", "overrides": ["model.condition=text", "model.condition_channels=4"]}]}))
     config = {
         "output_dir": str(tmp_path / "demo"),
         "shapes": {"out": str(shapes), "count": 12, "seed": 0, "size": 64},
@@ -19,6 +27,7 @@ def test_the_whole_chain_runs_at_toy_size_and_writes_the_report(tmp_path, bundle
             f"data.bundled_dir={bundled_dir}", f"data.extra_train=[{shapes}]", "data.extra_train_limit=4", "train.max_steps=2",
             "train.latent_stats_images=4", "data.crop_size=32", "data.resize=64"]},
         "evaluate": {"resolution": 64, "bundled_dir": str(bundled_dir)},
+        "vae_study": {"config": str(study), "cvae_run": "cvae beta=1"},
         "encode": {"resolution": 64, "batch_size": 8},
         "unet": {"config": "configs/unet/tiny.yaml", "overrides": ["train.max_steps=2", "train.batch_size=4"]},
         "generate": {"prompts": PROMPTS, "images_per_prompt": 1, "steps": 2, "guidance": 3.0, "seed": 0, "sampler": "ddim"},
@@ -29,15 +38,17 @@ def test_the_whole_chain_runs_at_toy_size_and_writes_the_report(tmp_path, bundle
     report = run_demo(cfg)
 
     text = report.read_text()
-    for section in ("## Stages", "## What the codec keeps", "## Codec quality", "## Prompt adherence", "## Training curves"):
+    for section in ("## Stages", "## What the codec keeps", "## Codec quality", "## Prompt adherence",
+                    "## The VAE itself", "rate_distortion.png", "CVAE prior samples", "## Training curves"):
         assert section in text
     assert "**48x** fewer numbers" in text  # 3x512x512 against 4x64x64
     adherence = json.loads((tmp_path / "demo" / "generated" / "adherence.json").read_text())
-    assert adherence["conditional"]["n"] == len(PROMPTS)
+    assert adherence["conditional"]["n"] == adherence["cvae_prior"]["n"] == len(PROMPTS)
+    assert (tmp_path / "demo" / "vae-study" / "rate_distortion.png").is_file()
     assert abs(adherence["conditional"]["chance_percent"]["color"] - 100 / 7) < 1e-6
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 0
     stages = json.loads((tmp_path / "demo" / "stages.json").read_text())
-    assert len(stages) == 6 and all(s["seconds"] > 0 for s in stages.values())
+    assert len(stages) == 7 and all(s["seconds"] > 0 for s in stages.values())
 
     # Re-running reuses every finished stage instead of redoing it.
     run_demo(cfg)
