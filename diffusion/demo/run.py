@@ -1,8 +1,8 @@
 """`make demo`: the whole mission on bundled data, stage by stage.
 
-    shapes world -> train codec (photos + shapes) -> evaluate codec -> the VAE study (codecs at several β and a
-    conditional VAE on 64 px shapes) -> encode shapes into latent shards -> train U-Net from shards
-    -> generate for fixed prompts (U-Net and CVAE prior) + score prompt adherence -> report.md
+    shapes world -> train codec (photos + shapes) -> evaluate codec -> fine-tune its decoder on shapes
+    -> the VAE study (codecs at several β and a conditional VAE on 64 px shapes) -> encode shapes into latent
+    shards -> train U-Net from shards -> generate for fixed prompts (U-Net and CVAE prior) + score adherence -> report.md
 
 The first five stages run the same commands a user runs (scripts/*.py, in a subprocess each). Generation and
 scoring run in this process (report.py), through the pipeline class a user loads
@@ -49,6 +49,15 @@ class EvaluateStage:
 
 
 @dataclass
+class ShapesDecoderStage:
+    # A decoder-only fine-tune of the codec on the shapes world at the U-Net's resolution (train.trainable:
+    # decoder): the encoder, so every latent, stays bit-identical, and the pipeline gets a decoder that draws the
+    # shapes' outlines from those latents. Empty config: the stage is skipped and the U-Net uses the codec as is.
+    config: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
 class VAEStudyStage:
     # scripts/beta_study.py's config; `overrides` are --set assignments of that config (not of the codec's).
     config: str = "configs/beta_study.yaml"
@@ -90,6 +99,7 @@ class DemoConfig:
     shapes: ShapesStage = field(default_factory=ShapesStage)
     codec: CodecStage = field(default_factory=CodecStage)
     evaluate: EvaluateStage = field(default_factory=EvaluateStage)
+    shapes_decoder: ShapesDecoderStage = field(default_factory=ShapesDecoderStage)
     vae_study: VAEStudyStage = field(default_factory=VAEStudyStage)
     encode: EncodeStage = field(default_factory=EncodeStage)
     unet: UNetStage = field(default_factory=UNetStage)
@@ -117,6 +127,10 @@ class Paths:
     @property
     def evaluation(self) -> Path:
         return self.root / "evaluation"
+
+    @property
+    def shapes_decoder_run(self) -> Path:
+        return self.root / "shapes-decoder"
 
     @property
     def vae_study(self) -> Path:
@@ -195,16 +209,24 @@ def run_demo(cfg: DemoConfig) -> Path:
         _script("evaluate_codec.py") + ["--codec", str(paths.codec), "--data", "bundled",
                                         "--bundled-dir", cfg.evaluate.bundled_dir, "--resolution", str(cfg.evaluate.resolution),
                                         "--out", str(paths.evaluation)]))
+    # The codec the U-Net's shards and pipeline use: the decoder fine-tune when the demo makes one (same encoder).
+    diffusion_codec = paths.codec
+    if cfg.shapes_decoder.config:
+        diffusion_codec = paths.shapes_decoder_run / "final"
+        clock.run("shapes decoder", (diffusion_codec / "config.json").exists(), lambda: _run(
+            _script("train_codec.py") + ["--config", str(ROOT / cfg.shapes_decoder.config), "--pretrained", str(paths.codec),
+                                         "--data", str(shapes_dir), "--output-dir", str(paths.shapes_decoder_run),
+                                         "--resume", "latest", *_sets(cfg.shapes_decoder.overrides)]))
     clock.run("VAE study (β, CVAE)", (paths.vae_study / "results.json").exists(), lambda: _run(
         _script("beta_study.py") + ["--config", str(ROOT / cfg.vae_study.config), "--set",
                                     f"output_dir={paths.vae_study}", "--set", f"shapes={shapes_dir}",
                                     *_sets(cfg.vae_study.overrides)]))
     clock.run("encode shards", (paths.shards / "manifest.json").exists(), lambda: _run(
-        _script("encode_dataset.py") + ["--codec", str(paths.codec), "--data", str(shapes_dir), "--out", str(paths.shards),
+        _script("encode_dataset.py") + ["--codec", str(diffusion_codec), "--data", str(shapes_dir), "--out", str(paths.shards),
                                         "--resolution", str(cfg.encode.resolution), "--batch-size", str(cfg.encode.batch_size)]))
     clock.run("U-Net training", (paths.pipeline / "model_index.json").exists(), lambda: _run(
         _script("train_unet.py") + ["--config", str(ROOT / cfg.unet.config), "--shards", str(paths.shards), "--codec",
-                                    str(paths.codec), "--output-dir", str(paths.unet_run), "--resume", "latest",
+                                    str(diffusion_codec), "--output-dir", str(paths.unet_run), "--resume", "latest",
                                     *_sets(cfg.unet.overrides)]))
     clock.run("generate + adherence", (paths.generated / "adherence.json").exists(),
               lambda: generate_and_score(paths.pipeline, cfg.generate, paths.generated,
