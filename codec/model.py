@@ -33,10 +33,19 @@ from diffusion.codec_io import (  # noqa: F401
 
 
 def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
-    levels = len(cfg.block_out_channels)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
+        **_network_arguments(cfg),
+        # Placeholder until real statistics are measured at export (see write_latent_stats).
+        scaling_factor=1.0,
+    )
+
+
+def _network_arguments(cfg: ModelConfig) -> dict:
+    """The encoder/decoder shape both codec classes take from `model:`."""
+    levels = len(cfg.block_out_channels)
+    return dict(
         down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=tuple(cfg.block_out_channels),
@@ -45,8 +54,6 @@ def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
         norm_num_groups=cfg.norm_num_groups,
         sample_size=cfg.sample_size,
         mid_block_add_attention=cfg.mid_block_add_attention,
-        # Placeholder until real statistics are measured at export (see write_latent_stats).
-        scaling_factor=1.0,
     )
 
 
@@ -54,7 +61,6 @@ def build_codec(cfg: ModelConfig, class_names: list[str] | None = None, conditio
     """The network `cfg` describes: AutoencoderKL, or with model.condition the conditional codec of the same shape."""
     if cfg.condition == "none":
         return build_autoencoder(cfg)
-    levels = len(cfg.block_out_channels)
     return ConditionalAutoencoderKL(
         condition=cfg.condition,
         class_names=class_names,
@@ -62,14 +68,7 @@ def build_codec(cfg: ModelConfig, class_names: list[str] | None = None, conditio
         condition_channels=cfg.condition_channels,
         text_encoder=cfg.text_encoder if cfg.condition == "text" else None,
         text_max_length=cfg.text_max_length,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=cfg.norm_num_groups,
-        sample_size=cfg.sample_size,
-        mid_block_add_attention=cfg.mid_block_add_attention,
+        **_network_arguments(cfg),
     )
 
 
