@@ -15,6 +15,8 @@ max_length, so a prompt embeds the way the training captions did (`condition_ten
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -153,6 +155,12 @@ class TextConditions:
         return torch.cat(parts) if parts else torch.zeros(0, self.model.config.hidden_size)
 
 
+@functools.lru_cache(maxsize=2)
+def _loaded_text_conditions(text_encoder: str, max_length: int) -> TextConditions:
+    """One loaded text encoder per (folder, max_length): a demo embeds a prompt at a time, and each would reload it."""
+    return TextConditions(text_encoder, max_length)
+
+
 def condition_tensor(vae: ConditionalAutoencoderKL, *, prompt: str | None = None, label: str | int | None = None,
                      count: int = 1) -> torch.Tensor:
     """The condition a user names (a prompt for a text codec; a class name or index for a class codec), repeated
@@ -161,7 +169,7 @@ def condition_tensor(vae: ConditionalAutoencoderKL, *, prompt: str | None = None
     if cfg.condition == "text":
         if prompt is None:
             raise ValueError("this codec is conditioned on text: give a prompt (--prompt)")
-        return TextConditions(cfg.text_encoder, cfg.text_max_length)([prompt]).repeat(count, 1)
+        return _loaded_text_conditions(cfg.text_encoder, cfg.text_max_length)([prompt]).repeat(count, 1)
     if label is None:
         raise ValueError(f"this codec is conditioned on a class: give a label (--label), one of {cfg.class_names} "
                          f"or its index")

@@ -25,6 +25,7 @@ from codec.config import ModelConfig
 # diffusers computes shapes exactly as we do; re-exported here, where the codec's users look for it.
 from diffusion.codec_io import (  # noqa: F401
     compression_ratio,
+    decode_latents,
     downsample_factor,
     encode_posterior,
     latent_shape,
@@ -97,10 +98,6 @@ def load_codec(codec_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
     vae = cls.from_pretrained(path, use_safetensors=True, dtype=dtype)
     return vae.eval().requires_grad_(False)
 
-
-def decode_latents(vae, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-    """p(x|z) (p(x|z, c) for a conditional codec, given `condition`): the decoded images."""
-    return (vae.decode(z) if condition is None else vae.decode(z, condition)).sample
 
 
 def per_sample_noise(shape: tuple[int, ...], draws: torch.Tensor, seed: int, device, dtype) -> torch.Tensor:

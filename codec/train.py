@@ -64,10 +64,7 @@ class Data:
     train_dataset: object  # the raw training set, for the latent statistics measured at export
     image_column: str
     description: str
-    # A conditional codec's: every training row's condition, and the class names (condition: class).
-    train_conditions: torch.Tensor | None = None
-    class_names: list[str] | None = None
-    condition_dim: int = 0
+    class_names: list[str] | None = None  # a class-conditioned codec's (its conditions ride in train and val)
 
 
 def load_data(cfg: DataConfig, seed: int, model: ModelConfig | None = None) -> Data:
@@ -102,7 +99,6 @@ def load_data(cfg: DataConfig, seed: int, model: ModelConfig | None = None) -> D
             description += f"; + {len(extra)} training images of {source}"
         train_ds = datasets.concatenate_datasets(parts)
     train_conditions = val_conditions = class_names = None
-    condition_dim = 0
     if conditional:
         text = TextConditions(model.text_encoder, model.text_max_length) if model.condition == "text" else None
         column_name = cfg.condition_column
@@ -110,7 +106,6 @@ def load_data(cfg: DataConfig, seed: int, model: ModelConfig | None = None) -> D
                                                            text=text)
         val_conditions, _ = dataset_conditions(val_ds, model.condition, column_name, val_source or train_source,
                                                text=text, class_names=class_names)
-        condition_dim = train_conditions.shape[1] if model.condition == "text" else 0
         description += (f"; conditioned on {model.condition} ({column_name or 'default column'}"
                         + (f": {len(class_names)} classes)" if class_names else ")"))
     return Data(
@@ -120,9 +115,7 @@ def load_data(cfg: DataConfig, seed: int, model: ModelConfig | None = None) -> D
         train_dataset=train_ds,
         image_column=column,
         description=description,
-        train_conditions=train_conditions,
         class_names=class_names,
-        condition_dim=condition_dim,
     )
 
 
@@ -130,7 +123,7 @@ def export_codec(vae, data: Data, cfg: CodecConfig, output_dir: Path, run_info: 
     """Measure latent statistics, write them into the config (unless the parent's scale is kept), save a diffusers
     folder at <output_dir>/final with codec_training.json beside it."""
     images = CenterCrops(data.train_dataset, data.image_column, cfg.data.val_size, limit=cfg.train.latent_stats_images,
-                         conditions=data.train_conditions)
+                         conditions=data.train.conditions)
     loader = DataLoader(images, batch_size=8)
     stats = latent_statistics(vae, ((b["pixels"], b["condition"]) if "condition" in b else b["pixels"] for b in loader))
     latent_norm = cfg.latent_norm()
@@ -168,7 +161,9 @@ def initial_codec(cfg: CodecConfig, parent: Parent | None, data: Data):
     for the data's classes or caption embeddings."""
     if parent is not None:
         return parent.vae
-    vae = build_codec(cfg.model, data.class_names, data.condition_dim or 384)
+    conditions = data.train.conditions
+    text_width = conditions.shape[1] if conditions is not None and conditions.dim() == 2 else 384
+    vae = build_codec(cfg.model, data.class_names, text_width)
     if cfg.model.init == "thumbnail":
         thumbnail_init(vae)
     return vae

@@ -147,6 +147,11 @@ def encode_posterior(vae, images: torch.Tensor, condition: torch.Tensor | None =
     return vae.encode(images, condition).latent_dist
 
 
+def decode_latents(vae, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """p(x|z) (p(x|z, c) for a conditional codec, given `condition`): the decoded images."""
+    return (vae.decode(z) if condition is None else vae.decode(z, condition)).sample
+
+
 def prior_latents(vae, n: int, height: int, width: int, generator: torch.Generator | None = None):
     """n latents z ~ N(0, I) for images of height x width, drawn on the CPU (the same seed gives the same latents
     on any device), in the codec's dtype and device."""

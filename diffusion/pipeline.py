@@ -47,6 +47,7 @@ from PIL import Image
 from .codec_io import (
     compression_ratio,
     downsample_factor,
+    decode_latents,
     encode_posterior,
     latent_shape,
     pil_to_tensor,
@@ -122,15 +123,18 @@ def finite_or_fp32(vae: AutoencoderKL, compute: Callable[[], torch.Tensor | tupl
                              f"not finite; check the image or latents given and the codec folder")
 
 
-def decode_images(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
-    """Codec latents (unscaled) -> float32 images in [-1, 1], never NaN (see finite_or_fp32)."""
-    images = finite_or_fp32(vae, lambda: vae.decode(z.to(vae.dtype)).sample.float(), "codec decode")
+def decode_images(vae: AutoencoderKL, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """Codec latents (unscaled) -> float32 images in [-1, 1], never NaN (see finite_or_fp32). `condition`: one per
+    latent, for a conditional codec."""
+    images = finite_or_fp32(vae, lambda: decode_latents(vae, z.to(vae.dtype), condition).float(), "codec decode")
     return images.clamp(-1, 1)
 
 
-def encode_mean(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> the codec's posterior mean (unscaled), float32, never NaN (see finite_or_fp32)."""
-    return finite_or_fp32(vae, lambda: encode_posterior(vae, pixels.to(vae.dtype)).mode().float(), "codec encode")
+def encode_mean(vae: AutoencoderKL, pixels: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """Images in [-1, 1] -> the codec's posterior mean (unscaled), float32, never NaN (see finite_or_fp32).
+    `condition`: one per image, for a conditional codec."""
+    return finite_or_fp32(vae, lambda: encode_posterior(vae, pixels.to(vae.dtype), condition).mode().float(),
+                          "codec encode")
 
 
 @torch.no_grad()

@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "else cpu); the initial noise is drawn on the CPU, so a seed gives the same image anywhere")
     p.add_argument("--out", default="outputs", help="folder for the PNGs and the settings JSON (default outputs/)")
     args = p.parse_args(argv)
-    codec_mode = args.reconstruct or args.prior_samples is not None or args.interpolate
+    codec_mode = is_codec_mode(args)
     if not codec_mode and not args.prompt:
         p.error("give --prompt (text-to-image), --reconstruct, --prior-samples or --interpolate")
     if args.label is not None and not codec_mode:
@@ -95,6 +95,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0.0 <= args.strength <= 1.0:
         p.error(f"--strength must be in [0, 1], got {args.strength}")
     return args
+
+
+def is_codec_mode(args: argparse.Namespace) -> bool:
+    """--reconstruct, --prior-samples or --interpolate: the codec alone (a --prompt is then a CVAE's condition)."""
+    return bool(args.reconstruct or args.prior_samples is not None or args.interpolate)
 
 
 def load_image(path: str, height: int | None, width: int | None, factor: int):
@@ -149,11 +154,8 @@ def main(argv=None) -> int:
     from codec.metrics import psnr
     from codec.model import compression_ratio, downsample_factor, latent_blend, latent_shape, prior_latents
     from codec.data import pil_to_tensor, tensor_to_pil
-    from diffusion.pipeline import seeded_generator
-
     from codec.conditional import condition_tensor, is_conditional
-    from codec.model import decode_latents, encode_posterior
-    from diffusion.pipeline import finite_or_fp32
+    from diffusion.pipeline import decode_images, encode_mean, seeded_generator
 
     pipe, vae = load_model(args.model or args.codec, args.precision)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
         pipe.to(device)
     else:
         vae.to(device)
-    codec_mode = args.reconstruct or args.prior_samples is not None or args.interpolate
+    codec_mode = is_codec_mode(args)
     if pipe is None and not codec_mode:
         raise SystemExit(f"error: --model {args.model} is a codec folder; --prompt needs a pipeline folder "
                          f"(scripts/train_unet.py exports one to <output-dir>/pipeline)")
@@ -178,15 +180,6 @@ def main(argv=None) -> int:
 
     def repeat(n: int):
         return None if condition is None else condition.expand(n, *condition.shape[1:])
-
-    def decode_images(vae, z):  # noqa: F811 - the pipeline's, with the condition when the codec has one
-        images = finite_or_fp32(vae, lambda: decode_latents(vae, z.to(vae.dtype), repeat(z.shape[0])).float(),
-                                "codec decode")
-        return images.clamp(-1, 1)
-
-    def encode_mean(vae, pixels):  # noqa: F811
-        return finite_or_fp32(vae, lambda: encode_posterior(vae, pixels.to(vae.dtype), repeat(pixels.shape[0]))
-                              .mode().float(), "codec encode")
 
     factor = downsample_factor(vae)
     out = Path(args.out)
@@ -214,7 +207,7 @@ def main(argv=None) -> int:
         image, note = load_image(args.reconstruct, args.height, args.width, factor)
         pixels = pil_to_tensor(image)[None].to(vae.device)  # float32: the PSNR compares with the exact image
         with torch.no_grad():
-            decoded = decode_images(vae, encode_mean(vae, pixels))
+            decoded = decode_images(vae, encode_mean(vae, pixels, repeat(1)), repeat(1))
         images = [tensor_to_pil(decoded[0])]
         info = {"mode": "reconstruction", "image_shape": [3, *pixels.shape[2:]],
                 "latent_shape": list(latent_shape(vae, *pixels.shape[2:])),
@@ -231,8 +224,8 @@ def main(argv=None) -> int:
                              f"--height and --width to bring both to one size")
         pixels = torch.stack([pil_to_tensor(first), pil_to_tensor(second)]).to(vae.device)
         with torch.no_grad():
-            means = encode_mean(vae, pixels)
-            decoded = decode_images(vae, latent_blend(means[:1], means[1:], args.frames))
+            means = encode_mean(vae, pixels, repeat(2))
+            decoded = decode_images(vae, latent_blend(means[:1], means[1:], args.frames), repeat(args.frames))
         images = [tensor_to_pil(im) for im in decoded]
         height, width = pixels.shape[2:]
         info = {"mode": "interpolation", "image_shape": [3, height, width],
@@ -246,7 +239,8 @@ def main(argv=None) -> int:
         height, width = (args.height, args.width) if args.height else side
         generator, seed = seeded_generator(args.seed)
         with torch.no_grad():
-            decoded = decode_images(vae, prior_latents(vae, args.prior_samples, height, width, generator))
+            decoded = decode_images(vae, prior_latents(vae, args.prior_samples, height, width, generator),
+                                    repeat(args.prior_samples))
         images = [tensor_to_pil(im) for im in decoded]
         info = {"mode": "prior", "image_shape": [3, height, width], "latent_shape": list(latent_shape(vae, height, width)),
                 "compression_ratio": compression_ratio(vae, height, width)}

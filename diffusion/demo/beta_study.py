@@ -143,6 +143,7 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
     out = root / cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    heldout: dict[int, tuple[torch.Tensor, list[str]]] = {}  # by image size: rendered once, measured by every run
     for run in cfg.runs:
         codec_cfg = load_codec_config(root / cfg.codec_config, [
             f"data.train={json.dumps(str(root / cfg.shapes))}", f"train.output_dir={json.dumps(str(out / run.name))}",
@@ -155,7 +156,9 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
             reset_accelerate_state()
         vae = load_codec(final, allow_conditional=True)
         size = codec_cfg.data.val_size
-        images, captions = heldout_shapes(cfg.heldout_count, cfg.heldout_seed, size)
+        if size not in heldout:
+            heldout[size] = heldout_shapes(cfg.heldout_count, cfg.heldout_seed, size)
+        images, captions = heldout[size]
         conditions = prior_conditions = prior_captions = None
         if is_conditional(vae):
             if vae.config.condition != "text":

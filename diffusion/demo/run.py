@@ -37,8 +37,10 @@ class ShapesStage:
 
 
 @dataclass
-class CodecStage:
-    config: str = "configs/codec/small.yaml"
+class TrainerStage:
+    """A trainer command's stage: its preset and the `--set` overrides the demo adds."""
+
+    config: str = ""
     overrides: list[str] = field(default_factory=list)
 
 
@@ -46,15 +48,6 @@ class CodecStage:
 class EvaluateStage:
     resolution: int = 256
     bundled_dir: str = "data/bundled_photos"  # the held-out bundled photos are written here
-
-
-@dataclass
-class ShapesDecoderStage:
-    # A decoder-only fine-tune of the codec on the shapes world at the U-Net's resolution (train.trainable:
-    # decoder): the encoder, so every latent, stays bit-identical, and the pipeline gets a decoder that draws the
-    # shapes' outlines from those latents. Empty config: the stage is skipped and the U-Net uses the codec as is.
-    config: str = ""
-    overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -69,12 +62,6 @@ class VAEStudyStage:
 class EncodeStage:
     resolution: int = 128
     batch_size: int = 32
-
-
-@dataclass
-class UNetStage:
-    config: str = "configs/unet/small.yaml"
-    overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -97,12 +84,15 @@ class GenerateStage:
 class DemoConfig:
     output_dir: str = "runs/demo"
     shapes: ShapesStage = field(default_factory=ShapesStage)
-    codec: CodecStage = field(default_factory=CodecStage)
+    codec: TrainerStage = field(default_factory=lambda: TrainerStage("configs/codec/small.yaml"))
     evaluate: EvaluateStage = field(default_factory=EvaluateStage)
-    shapes_decoder: ShapesDecoderStage = field(default_factory=ShapesDecoderStage)
+    # A decoder-only fine-tune of the codec on the shapes world at the U-Net's resolution (train.trainable:
+    # decoder): the encoder, so every latent, stays bit-identical, and the pipeline gets a decoder that draws the
+    # shapes' outlines from those latents. No config: the stage is skipped and the U-Net uses the codec as is.
+    shapes_decoder: TrainerStage = field(default_factory=TrainerStage)
     vae_study: VAEStudyStage = field(default_factory=VAEStudyStage)
     encode: EncodeStage = field(default_factory=EncodeStage)
-    unet: UNetStage = field(default_factory=UNetStage)
+    unet: TrainerStage = field(default_factory=lambda: TrainerStage("configs/unet/small.yaml"))
     generate: GenerateStage = field(default_factory=lambda: GenerateStage(prompts=["a red circle in the center on a black background"]))
 
 
