@@ -1,11 +1,17 @@
 """The conditional codec (CVAE): q(z | x, c) and p(x | z, c), with c a class label or a caption's text embedding.
 
 The article's conditional VAE feeds the condition into both networks. Here it is embedded once into
-`condition_channels` numbers, broadcast over the image (or latent) grid and concatenated as extra input channels:
-to the image at the encoder's input and to the latent at the decoder's input. diffusers' own `Encoder` and `Decoder`
-do the rest, with only their first convolution widened, so the network is AutoencoderKL's apart from those channels
-and the embedding. One embedding serves both sides, so the encoder and decoder agree on what each condition means
-and a gradient reaches it through both.
+`condition_channels` numbers, and enters in one of two ways (`injection`):
+
+- "concat": the embedding is broadcast over the image (or latent) grid and concatenated as extra input channels, to
+  the image at the encoder's input and to the latent at the decoder's input. diffusers' own `Encoder` and `Decoder`
+  do the rest, with only their first convolution widened.
+- "film": every GroupNorm of both networks is followed by a per-channel scale and shift computed from the embedding
+  (FiLM, the way a U-Net takes its timestep), so the condition acts at every depth, not only at the input. The
+  maps start at zero: an untrained FiLM codec is the plain AutoencoderKL.
+
+Either way the network is AutoencoderKL's apart from the condition's parts. One embedding serves both sides, so the
+encoder and decoder agree on what each condition means and a gradient reaches it through both.
 
 The class is a diffusers `ModelMixin` + `ConfigMixin`: `save_pretrained` writes a config.json and safetensors, and
 `ConditionalAutoencoderKL.from_pretrained(folder)` (or `codec.model.load_codec`) loads it. Its config also keeps what
@@ -27,10 +33,53 @@ from torch import nn
 from codec.common.config import ConfigError
 
 CONDITIONS = ("class", "text")
+INJECTIONS = ("concat", "film")
+
+
+class FiLMGroupNorm(nn.Module):
+    """GroupNorm, then (1 + scale) * h + shift with (scale, shift) a linear map of the condition's embedding.
+
+    The embedding is set on the module (`embedding`) by the codec before each encode or decode rather than passed as
+    an argument, since diffusers' blocks call their norms with the features alone. It stays set after the call, so
+    that a gradient-checkpointed block recomputed in the backward pass sees the same condition."""
+
+    def __init__(self, norm: nn.GroupNorm, condition_channels: int):
+        super().__init__()
+        self.norm = norm
+        self.to_scale_shift = nn.Linear(condition_channels, 2 * norm.num_channels)
+        nn.init.zeros_(self.to_scale_shift.weight)
+        nn.init.zeros_(self.to_scale_shift.bias)
+        self.embedding: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        # A copy or pickle of the codec carries its weights, not the last call's condition (a tensor in a graph).
+        return {**self.__dict__, "embedding": None}
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.embedding is None:
+            raise RuntimeError("FiLMGroupNorm called without a condition: call the codec's encode/decode, not its "
+                               "encoder or decoder directly")
+        # (B, 2C) -> (B, 2C, 1, 1) for the resnets' (B, C, H, W), (B, 2C, 1) for the attention's (B, C, H*W)
+        scale_shift = self.to_scale_shift(self.embedding).to(h.dtype)
+        scale, shift = scale_shift.view(*scale_shift.shape, *([1] * (h.dim() - 2))).chunk(2, dim=1)
+        return self.norm(h) * (1 + scale) + shift
+
+
+def _film_norms(network: nn.Module, condition_channels: int) -> list[FiLMGroupNorm]:
+    """Replace every GroupNorm inside `network` by a FiLMGroupNorm around it (in place); return them in order."""
+    replaced = []
+    for name, module in list(network.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                film = FiLMGroupNorm(child, condition_channels)
+                setattr(module, child_name, film)
+                replaced.append(film)
+    return replaced
 
 
 class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
-    """AutoencoderKL's encoder and decoder, each with the condition's embedding as extra input channels.
+    """AutoencoderKL's encoder and decoder, each taking the condition's embedding: as extra input channels
+    (injection "concat") or as a scale and shift after every GroupNorm (injection "film").
 
     `condition` is "class" (an int64 label per image, 0 <= label < len(class_names)) or "text" (a float
     (B, condition_dim) pooled caption embedding, see `pooled_text_embeddings`)."""
@@ -44,6 +93,7 @@ class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
         class_names: list[str] | None = None,
         condition_dim: int = 384,
         condition_channels: int = 16,
+        injection: str = "concat",
         text_encoder: str | None = None,
         text_max_length: int = 32,
         in_channels: int = 3,
@@ -66,6 +116,8 @@ class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
         super().__init__()
         if condition not in CONDITIONS:
             raise ValueError(f"ConditionalAutoencoderKL: condition {condition!r} is not one of {CONDITIONS}")
+        if injection not in INJECTIONS:
+            raise ValueError(f"ConditionalAutoencoderKL: injection {injection!r} is not one of {INJECTIONS}")
         if condition == "class" and not class_names:
             raise ValueError("ConditionalAutoencoderKL: condition 'class' needs class_names (one name per label)")
         if condition == "text" and not text_encoder:
@@ -80,15 +132,19 @@ class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
             self.condition_embedding = nn.Sequential(nn.Linear(condition_dim, 8 * k), nn.SiLU(), nn.Linear(8 * k, k))
         common = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block, act_fn=act_fn,
                       norm_num_groups=norm_num_groups, mid_block_add_attention=mid_block_add_attention)
-        self.encoder = Encoder(in_channels=in_channels + k, out_channels=latent_channels,
+        extra = k if injection == "concat" else 0
+        self.encoder = Encoder(in_channels=in_channels + extra, out_channels=latent_channels,
                                down_block_types=down_block_types, double_z=True, **common)
-        self.decoder = Decoder(in_channels=latent_channels + k, out_channels=out_channels,
+        self.decoder = Decoder(in_channels=latent_channels + extra, out_channels=out_channels,
                                up_block_types=up_block_types, **common)
+        if injection == "film":
+            # Kept as plain lists, not submodules: the norms are already registered inside encoder and decoder.
+            self._film = {"encoder": _film_norms(self.encoder, k), "decoder": _film_norms(self.decoder, k)}
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
 
-    def condition_maps(self, condition: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """The condition's embedding as constant (B, condition_channels, H, W) maps beside `like` (B, C, H, W)."""
+    def embed(self, condition: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(B, condition_channels): the condition's embedding, checked against the batch `like` (B, C, H, W)."""
         if condition is None:
             raise ValueError(f"this codec is conditional ({self.config.condition}): pass the condition of every image")
         if condition.shape[0] != like.shape[0]:
@@ -106,16 +162,26 @@ class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
                 raise ValueError(f"condition 'text' takes (B, {self.config.condition_dim}) pooled text embeddings, "
                                  f"got shape {tuple(condition.shape)}")
             embedded = self.condition_embedding(condition.to(like.device, like.dtype))
-        return embedded.to(like.dtype)[:, :, None, None].expand(-1, -1, *like.shape[2:])
+        return embedded.to(like.dtype)
+
+    def _conditioned_input(self, side: str, h: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """`h` with the condition attached the configured way: concatenated as constant maps, or set on the FiLM
+        norms of `side` (then `h` passes unchanged)."""
+        embedded = self.embed(condition, h)
+        if self.config.injection == "concat":
+            return torch.cat([h, embedded[:, :, None, None].expand(-1, -1, *h.shape[2:])], dim=1)
+        for norm in self._film[side]:
+            norm.embedding = embedded
+        return h
 
     def encode(self, x: torch.Tensor, condition: torch.Tensor, return_dict: bool = True):
-        moments = self.quant_conv(self.encoder(torch.cat([x, self.condition_maps(condition, x)], dim=1)))
+        moments = self.quant_conv(self.encoder(self._conditioned_input("encoder", x, condition)))
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def decode(self, z: torch.Tensor, condition: torch.Tensor, return_dict: bool = True):
         h = self.post_quant_conv(z)
-        decoded = self.decoder(torch.cat([h, self.condition_maps(condition, h)], dim=1))
+        decoded = self.decoder(self._conditioned_input("decoder", h, condition))
         return DecoderOutput(sample=decoded) if return_dict else (decoded,)
 
     def forward(self, sample: torch.Tensor, condition: torch.Tensor, sample_posterior: bool = False,

@@ -25,6 +25,7 @@ ARCHITECTURE_DEFAULTS = {
 }
 INITS = ("random", "thumbnail", "pretrained")
 CONDITIONS = ("none", "class", "text")
+INJECTIONS = ("concat", "film")
 
 
 @dataclass
@@ -49,7 +50,11 @@ class ModelConfig:
     # none: diffusers' AutoencoderKL. class / text: a conditional codec (codec/conditional.py) whose encoder and
     # decoder both take the image's class label or its caption's pooled embedding (data.condition_column).
     condition: str = "none"
-    condition_channels: int = 16  # the condition's embedding width: extra input channels of encoder and decoder
+    condition_channels: int = 16  # the condition's embedding width
+    # film: a scale and shift after every GroupNorm of encoder and decoder. concat: the embedding as extra input
+    # channels of both. Measured for the same 3 minutes, FiLM reconstructed 3.8 dB better and its prior samples
+    # followed their captions more often (docs/generative-vae.md).
+    condition_injection: str = "film"
     text_encoder: str = "minilm"  # condition: text: `minilm` (bundled) or a local transformers folder
     text_max_length: int = 32
 
@@ -60,6 +65,7 @@ class ModelConfig:
             if self.init != "random":
                 raise ConfigError(f"model.condition: {self.condition} builds a new conditional network; it starts from "
                                   f"model.init: random, not {self.init!r}")
+            check_choice("model.condition_injection", self.condition_injection, INJECTIONS)
             if self.condition_channels < 1:
                 raise ConfigError(f"model.condition_channels must be >= 1, got {self.condition_channels}")
         if self.init != "pretrained":
@@ -82,6 +88,8 @@ class ModelConfig:
         network = {key: getattr(self, key) for key in ARCHITECTURE_DEFAULTS}
         if self.condition != "none":
             network.update(condition=self.condition, condition_channels=self.condition_channels)
+            if self.condition_injection != "concat":  # concat checkpoints written before the key still resume
+                network.update(condition_injection=self.condition_injection)
             if self.condition == "text":
                 network.update(text_encoder=self.text_encoder, text_max_length=self.text_max_length)
         return network

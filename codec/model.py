@@ -67,6 +67,7 @@ def build_codec(cfg: ModelConfig, class_names: list[str] | None = None, conditio
         class_names=class_names,
         condition_dim=condition_dim,
         condition_channels=cfg.condition_channels,
+        injection=cfg.condition_injection,
         text_encoder=cfg.text_encoder if cfg.condition == "text" else None,
         text_max_length=cfg.text_max_length,
         **_network_arguments(cfg),

@@ -169,8 +169,12 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
         numbers, samples = measure_codec(vae, images, conditions, prior_conditions, prior_captions, cfg.prior_samples)
         history = json.loads((final / "codec_training.json").read_text())
         loss = history["config"]["loss"]
-        numbers.update(name=run.name, beta=loss["kl_weight"], schedule=loss["kl_schedule"],
-                       condition=history["config"]["model"]["condition"], steps=history["steps"])
+        model = history["config"]["model"]
+        condition = model["condition"]
+        if condition != "none":  # runs recorded before the key were concatenations
+            condition = f"{condition} ({model.get('condition_injection', 'concat')})"
+        numbers.update(name=run.name, beta=loss["kl_weight"], schedule=loss["kl_schedule"], condition=condition,
+                       steps=history["steps"])
         save_png(_grid(samples[:16]), out / prior_file(run.name))
         results.append(numbers)
         print(f"  {run.name}: {_line(numbers)}", flush=True)

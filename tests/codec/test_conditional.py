@@ -3,6 +3,7 @@ a CVAE trains, saves, loads and resumes, and bad data is refused with one line."
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -23,10 +24,17 @@ TINY = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, latent_channe
             mid_block_add_attention=False)
 
 
-def _tiny(condition: str, **extra) -> ConditionalAutoencoderKL:
+def _tiny(condition: str, injection: str = "concat", **extra) -> ConditionalAutoencoderKL:
     torch.manual_seed(0)
-    cfg = ModelConfig(**TINY, condition=condition, condition_channels=4)
+    cfg = ModelConfig(**TINY, condition=condition, condition_channels=4, condition_injection=injection)
     return build_codec(cfg, class_names=["circle", "square", "star"] if condition == "class" else None, **extra).eval()
+
+
+def _trained_film(vae: ConditionalAutoencoderKL) -> ConditionalAutoencoderKL:
+    """FiLM maps start at zero; give them the nonzero weights training would."""
+    for norm in vae._film["encoder"] + vae._film["decoder"]:
+        torch.nn.init.normal_(norm.to_scale_shift.weight, std=0.3)
+    return vae
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +44,12 @@ def shapes64(tmp_path_factory):
                                 progress=False)
 
 
+@pytest.mark.parametrize("injection", ["concat", "film"])
 @pytest.mark.parametrize("condition", ["class", "text"])
-def test_the_condition_reaches_both_the_encoder_and_the_decoder(condition):
-    vae = _tiny(condition)
+def test_the_condition_reaches_both_the_encoder_and_the_decoder(condition, injection):
+    vae = _tiny(condition, injection)
+    if injection == "film":
+        vae = _trained_film(vae)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     z = torch.randn(2, 4, 4, 4)
     if condition == "class":
@@ -61,6 +72,22 @@ def test_the_condition_reaches_both_the_encoder_and_the_decoder(condition):
             assert grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0
     with pytest.raises(ValueError, match="conditional"):
         vae.decode(z, None)
+
+
+def test_an_untrained_film_codec_is_the_plain_autoencoder_whatever_the_condition():
+    vae = _tiny("class", "film")
+    plain = build_codec(ModelConfig(**TINY)).eval()
+    # The same weights minus the FiLM maps: the plain AutoencoderKL's state dict, key for key.
+    state = {re.sub(r"\.norm\.(weight|bias)$", r".\1", key): value for key, value in vae.state_dict().items()
+             if "to_scale_shift" not in key and not key.startswith("condition_embedding")}
+    plain.load_state_dict(state)
+    z, x = torch.randn(2, 4, 4, 4), torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        for label in ([0, 0], [1, 2]):
+            c = torch.tensor(label)
+            assert torch.allclose(vae.decode(z, c).sample, plain.decode(z).sample, atol=1e-6)
+            assert torch.allclose(vae.encode(x, c).latent_dist.mean, plain.encode(x).latent_dist.mean, atol=1e-6)
+    assert len(vae._film["encoder"]) > 0 and len(vae._film["decoder"]) > 0
 
 
 def test_beta_one_exact_loss_is_the_negative_elbo_computed_by_hand():
@@ -141,9 +168,11 @@ def test_a_text_cvae_trains_saves_loads_and_resumes(shapes64, tmp_path, monkeypa
 
 def test_a_class_cvae_reads_string_labels_and_samples_each_class(shapes64, tmp_path):
     reset_accelerate()
-    result = train_codec(_cvae_config(tmp_path, shapes64, "class", "data.condition_column=shape", "train.max_steps=2"))
+    result = train_codec(_cvae_config(tmp_path, shapes64, "class", "data.condition_column=shape", "train.max_steps=2",
+                                      "model.condition_injection=concat"))
     reset_accelerate()
     vae = load_codec(result.final, allow_conditional=True)
+    assert vae.config.injection == "concat"
     assert vae.config.class_names == ["circle", "square", "star", "triangle"]  # sorted
     assert condition_tensor(vae, label="star", count=3).tolist() == [2, 2, 2]
     assert condition_tensor(vae, label="1").tolist() == [1]
@@ -151,6 +180,25 @@ def test_a_class_cvae_reads_string_labels_and_samples_each_class(shapes64, tmp_p
         condition_tensor(vae, label="hexagon")
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert encode_posterior(vae, x, condition_tensor(vae, label=0)).mean.shape == (1, 4, 4, 4)
+
+
+def test_a_film_cvae_trains_its_scale_shift_maps_and_round_trips(shapes64, tmp_path):
+    reset_accelerate()
+    result = train_codec(_cvae_config(tmp_path, shapes64, "class", "data.condition_column=shape", "train.max_steps=2",
+                                      "model.condition_injection=film"))
+    reset_accelerate()
+    vae = load_codec(result.final, allow_conditional=True)
+    assert vae.config.injection == "film"
+    # Two steps move the maps off their zero start, so the condition now changes the decoder's output.
+    assert max(n.to_scale_shift.weight.abs().max().item() for n in vae._film["decoder"]) > 0
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        star, circle = (vae.decode(z, condition_tensor(vae, label=k)).sample for k in ("star", "circle"))
+    assert (star - circle).abs().max() > 0
+    again = ConditionalAutoencoderKL.from_pretrained(result.final)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    c = condition_tensor(vae, label="square")
+    assert torch.equal(reconstruct(vae, x, c), reconstruct(again.eval(), x, c))
 
 
 def test_a_text_codec_refuses_a_dataset_without_captions_in_one_line(tmp_path, bundled_dir):

@@ -55,7 +55,7 @@ def test_a_two_run_study_writes_its_table_plot_and_prior_grids(tmp_path):
                  {"name": "cvae", "overrides": ["model.condition=text", "model.condition_channels=4"]}]}))
     summary = run_study(load_study_config(study), ROOT)
     small, cvae = summary["runs"]
-    assert small["beta"] == 1e-6 and cvae["condition"] == "text" and small["steps"] == cvae["steps"] == 2
+    assert small["beta"] == 1e-6 and cvae["condition"] == "text (film)" and small["steps"] == cvae["steps"] == 2
     for r in (small, cvae):
         assert r["rate_bits"] > 0 and 0 <= r["active_channels"] <= 4 and r["psnr_db"] > 0
     assert "prior_adherence_percent" in cvae and "prior_adherence_percent" not in small
