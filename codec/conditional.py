@@ -31,9 +31,9 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import nn
 
 from codec.common.config import ConfigError
+from codec.config import INJECTIONS
 
 CONDITIONS = ("class", "text")
-INJECTIONS = ("concat", "film")
 
 
 class FiLMGroupNorm(nn.Module):
@@ -68,7 +68,7 @@ class FiLMGroupNorm(nn.Module):
 def _film_norms(network: nn.Module, condition_channels: int) -> list[FiLMGroupNorm]:
     """Replace every GroupNorm inside `network` by a FiLMGroupNorm around it (in place); return them in order."""
     replaced = []
-    for name, module in list(network.named_modules()):
+    for module in list(network.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.GroupNorm):
                 film = FiLMGroupNorm(child, condition_channels)

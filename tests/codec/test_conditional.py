@@ -166,13 +166,19 @@ def test_a_text_cvae_trains_saves_loads_and_resumes(shapes64, tmp_path, monkeypa
     reset_accelerate()
 
 
-def test_a_class_cvae_reads_string_labels_and_samples_each_class(shapes64, tmp_path):
+def _class_cvae_trained_two_steps(tmp_path, shapes64, injection: str):
+    """A CVAE conditioned on the shapes' `shape` column, trained for two steps: (its export folder, the codec)."""
     reset_accelerate()
     result = train_codec(_cvae_config(tmp_path, shapes64, "class", "data.condition_column=shape", "train.max_steps=2",
-                                      "model.condition_injection=concat"))
+                                      f"model.condition_injection={injection}"))
     reset_accelerate()
     vae = load_codec(result.final, allow_conditional=True)
-    assert vae.config.injection == "concat"
+    assert vae.config.injection == injection
+    return result.final, vae
+
+
+def test_a_class_cvae_reads_string_labels_and_samples_each_class(shapes64, tmp_path):
+    _, vae = _class_cvae_trained_two_steps(tmp_path, shapes64, "concat")
     assert vae.config.class_names == ["circle", "square", "star", "triangle"]  # sorted
     assert condition_tensor(vae, label="star", count=3).tolist() == [2, 2, 2]
     assert condition_tensor(vae, label="1").tolist() == [1]
@@ -183,19 +189,14 @@ def test_a_class_cvae_reads_string_labels_and_samples_each_class(shapes64, tmp_p
 
 
 def test_a_film_cvae_trains_its_scale_shift_maps_and_round_trips(shapes64, tmp_path):
-    reset_accelerate()
-    result = train_codec(_cvae_config(tmp_path, shapes64, "class", "data.condition_column=shape", "train.max_steps=2",
-                                      "model.condition_injection=film"))
-    reset_accelerate()
-    vae = load_codec(result.final, allow_conditional=True)
-    assert vae.config.injection == "film"
+    final, vae = _class_cvae_trained_two_steps(tmp_path, shapes64, "film")
     # Two steps move the maps off their zero start, so the condition now changes the decoder's output.
     assert max(n.to_scale_shift.weight.abs().max().item() for n in vae._film["decoder"]) > 0
     z = torch.randn(1, 4, 4, 4)
     with torch.no_grad():
         star, circle = (vae.decode(z, condition_tensor(vae, label=k)).sample for k in ("star", "circle"))
     assert (star - circle).abs().max() > 0
-    again = ConditionalAutoencoderKL.from_pretrained(result.final)
+    again = ConditionalAutoencoderKL.from_pretrained(final)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     c = condition_tensor(vae, label="square")
     assert torch.equal(reconstruct(vae, x, c), reconstruct(again.eval(), x, c))
