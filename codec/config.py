@@ -8,6 +8,7 @@ from pathlib import Path
 
 from codec.common.config import ConfigError, check_choice, check_loop_settings, load_config
 from codec.common.optim import OptimConfig
+from codec.equivariance import EQUIVARIANCE_KINDS, RESAMPLING
 
 __all__ = ["CodecConfig", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig", "load_codec_config"]
 
@@ -124,6 +125,15 @@ class LossConfig:
     disc_channels: int = 64
     disc_lr: float | None = None  # null: same as optim.lr
     adaptive_weight_max: float = 1.0e4
+    # Equivariance regulariser (codec/equivariance.py): + w · rec(D(τ(z)), τ(x)) each step, τ drawn per step, the
+    # same reconstruction terms as the plain one (the perceptual one when τ(x) is at least 64 px a side). 0: off.
+    # scale: a downscale by one of `equivariance_scales`; rotate: 1-3 quarter turns; both: one of each (EQ-VAE).
+    # The diffusability paper's form is `scale` with scales [0.5, 0.25]; EQ-VAE's is `both` with scales
+    # 0.25 ... 0.97 in steps of 1/32 and bilinear resampling, and half its steps on τ instead of adding it.
+    equivariance_weight: float = 0.0
+    equivariance: str = "scale"  # scale | rotate | both
+    equivariance_scales: list[float] = field(default_factory=lambda: [0.5, 0.25])
+    equivariance_resample: str = "area"  # area (anti-aliased) | bilinear (EQ-VAE's)
 
     def __post_init__(self) -> None:
         check_choice("loss.pixel", self.pixel, ("l1", "mse"))
@@ -137,6 +147,15 @@ class LossConfig:
                               f"loss.pixel_weight: 1 (got perceptual {self.perceptual!r}, pixel_weight {self.pixel_weight})")
         if self.kl_schedule == "cyclical" and self.kl_cycle_steps <= 0:
             raise ConfigError("loss.kl_cycle_steps must be > 0 with kl_schedule: cyclical")
+        check_choice("loss.equivariance", self.equivariance, EQUIVARIANCE_KINDS)
+        check_choice("loss.equivariance_resample", self.equivariance_resample, RESAMPLING)
+        if self.equivariance_weight < 0:
+            raise ConfigError(f"loss.equivariance_weight must be >= 0, got {self.equivariance_weight}")
+        if not self.equivariance_scales or any(not 0 < s <= 1 for s in self.equivariance_scales):
+            raise ConfigError(f"loss.equivariance_scales: give downscale factors in (0, 1], got {self.equivariance_scales}")
+        if self.equivariance_weight > 0 and self.nll == "exact":
+            raise ConfigError("loss.nll: exact is the ELBO; an equivariance term (loss.equivariance_weight > 0) would "
+                              "make the objective something else: use loss.nll: scaled with it")
 
 
 @dataclass

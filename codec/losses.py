@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -91,6 +91,7 @@ class VAELoss:
     perceptual: torch.Tensor  # mean perceptual term (for logs; 0 when off)
     kl: torch.Tensor  # KL summed per sample, batch mean (the field's unit)
     kl_weight: float  # the β it was weighted with
+    equivariance: torch.Tensor | None = None  # the equivariance term before its weight (for logs; None when off)
 
 
 @in_fp32
@@ -135,19 +136,45 @@ def vae_loss(
                    perceptual=p.mean().detach(), kl=kl.mean().detach(), kl_weight=kl_weight)
 
 
+# LPIPS's AlexNet pools its input down 32x before the last layer it reads: smaller images have no features there.
+PERCEPTUAL_MIN_SIDE = 64
+
+
+@in_fp32
+def equivariance_loss(target: torch.Tensor, transformed: torch.Tensor, nll_logvar: torch.Tensor, *, pixel: str = "l1",
+                      pixel_weight: float = 1.0, perceptual: "PerceptualLoss | None" = None,
+                      perceptual_weight: float = 1.0) -> torch.Tensor:
+    """The reconstruction term of `vae_loss` (scaled form) for τ(x) against D(τ(z)), without the constant s:
+    mean over elements of (w_pix · pixel + w_p · perceptual) / e^s. The perceptual term joins only when the
+    transformed images are at least PERCEPTUAL_MIN_SIDE a side. Weighted by 1 it counts as much as the plain
+    reconstruction of an image of that size."""
+    rec_map = pixel_weight * pixel_loss(target, transformed, pixel)
+    if perceptual is not None and perceptual_weight > 0 and min(target.shape[-2:]) >= PERCEPTUAL_MIN_SIDE:
+        rec_map = rec_map + perceptual_weight * perceptual(target, transformed).view(-1, 1, 1, 1)
+    return (rec_map / nll_logvar.exp()).mean()
+
+
 class CodecLoss:
     """`vae_loss` with the settings of `cfg.loss` bound once and β taken from its schedule at each step, so the
-    training loop's call names only what changes: the batch, its reconstruction, the posterior and the step."""
+    training loop's call names only what changes: the batch, its reconstruction, the posterior and the step.
+    With loss.equivariance_weight > 0, `equivariant` (D(τ(z)), τ(x)) adds w · `equivariance_loss` to the total."""
 
     def __init__(self, cfg: LossConfig, perceptual: "PerceptualLoss | None"):
         self.cfg, self.perceptual = cfg, perceptual
 
     def __call__(self, x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
-                 nll_logvar: torch.Tensor, step: int) -> VAELoss:
+                 nll_logvar: torch.Tensor, step: int,
+                 equivariant: tuple[torch.Tensor, torch.Tensor] | None = None) -> VAELoss:
         cfg = self.cfg
-        return vae_loss(x, recon, mean, logvar, nll_logvar, kl_weight_at(step, cfg), pixel=cfg.pixel,
-                        pixel_weight=cfg.pixel_weight, perceptual=self.perceptual, perceptual_weight=cfg.perceptual_weight,
-                        nll_form=cfg.nll)
+        parts = vae_loss(x, recon, mean, logvar, nll_logvar, kl_weight_at(step, cfg), pixel=cfg.pixel,
+                         pixel_weight=cfg.pixel_weight, perceptual=self.perceptual,
+                         perceptual_weight=cfg.perceptual_weight, nll_form=cfg.nll)
+        if equivariant is None or cfg.equivariance_weight == 0:
+            return parts
+        transformed, target = equivariant
+        term = equivariance_loss(target, transformed, nll_logvar, pixel=cfg.pixel, pixel_weight=cfg.pixel_weight,
+                                 perceptual=self.perceptual, perceptual_weight=cfg.perceptual_weight)
+        return replace(parts, total=parts.total + cfg.equivariance_weight * term, equivariance=term.detach())
 
 
 # ---------------------------------------------------------------------------------------------------------

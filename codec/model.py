@@ -20,6 +20,7 @@ from codec.common.draws import keyed_generator
 from codec.common.precision import in_fp32, run_in_fp32
 from codec.conditional import ConditionalAutoencoderKL
 from codec.config import ModelConfig
+from codec.equivariance import Transform, transform_image, transform_latent
 
 # Latent geometry is defined in diffusion/codec_io.py, the file exported pipeline folders carry so that stock
 # diffusers computes shapes exactly as we do; re-exported here, where the codec's users look for it.
@@ -129,9 +130,13 @@ class CodecForTraining(nn.Module):
         self.seed = seed  # with each example's draw number, keys its posterior noise
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
 
-    def forward(self, images: torch.Tensor, draws: torch.Tensor | None = None, condition: torch.Tensor | None = None):
+    def forward(self, images: torch.Tensor, draws: torch.Tensor | None = None, condition: torch.Tensor | None = None,
+                transform: Transform | None = None, resample: str = "area"):
         """draws: the examples' global draw numbers, to sample z ~ q(z|x); None decodes the posterior mean.
-        condition: each image's condition, for a conditional codec (both networks take it)."""
+        condition: each image's condition, for a conditional codec (both networks take it).
+
+        Returns (recon, mean, logvar); with a `transform` τ also (D(τ(z)), τ(x)), the equivariance regulariser's
+        pair, computed here so that DDP sees the second decode as part of the forward pass."""
         with torch.no_grad() if self.frozen_encoder else nullcontext():
             posterior = encode_posterior(self.vae, images, condition)
         if draws is None:
@@ -140,7 +145,11 @@ class CodecForTraining(nn.Module):
             noise = per_sample_noise(posterior.mean.shape, draws, self.seed, posterior.mean.device, posterior.mean.dtype)
             z = posterior.mean + posterior.std * noise
         recon = decode_latents(self.vae, z, condition)
-        return recon, posterior.mean, posterior.logvar
+        if transform is None:
+            return recon, posterior.mean, posterior.logvar
+        target = transform_image(images, transform, downsample_factor(self.vae), tuple(z.shape[-2:]), resample)
+        transformed = decode_latents(self.vae, transform_latent(z, transform, resample), condition)
+        return recon, posterior.mean, posterior.logvar, transformed, target
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from codec.common.optim import backward_and_step, learning_rate, set_learning_ra
 from codec.conditional import TextConditions, dataset_conditions
 from codec.config import CodecConfig, DataConfig, ModelConfig
 from codec.data import CenterCrops, TrainCrops, bundled_photos, load_image_dataset
+from codec.equivariance import draw_transform
 from codec.evaluate import evaluate_reconstructions, save_png, validation_grid
 from codec.losses import CodecLoss, PatchDiscriminator, adaptive_gan_weight, build_perceptual, discriminator_loss, generator_gan_loss
 from codec.model import (CodecForTraining, build_codec, codec_identity, compression_ratio, encoder_identity,
@@ -307,10 +308,19 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         draws = batch["draw"] if cfg.loss.sample_posterior else None
         condition = batch.get("condition")  # a conditional codec's labels or caption embeddings
 
+        # The equivariance regulariser's τ for this step, the same on every process (codec/equivariance.py).
+        tau = (draw_transform(cfg.loss.equivariance, cfg.loss.equivariance_scales, cfg.train.seed, step)
+               if cfg.loss.equivariance_weight > 0 else None)
+
         with accelerator.accumulate(*( [model, disc] if use_gan else [model] )):
             with accelerator.autocast():
-                recon, mean, logvar = model(images, draws, condition)
-                parts = criterion(images, recon, mean, logvar, inner.logvar, step)
+                if tau is None:
+                    recon, mean, logvar = model(images, draws, condition)
+                    equivariant = None
+                else:
+                    recon, mean, logvar, *equivariant = model(images, draws, condition, tau,
+                                                              cfg.loss.equivariance_resample)
+                parts = criterion(images, recon, mean, logvar, inner.logvar, step, equivariant)
                 loss = parts.total
                 g_loss = gan_weight = torch.zeros((), device=images.device)
                 if gan_on:
@@ -344,6 +354,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
             logs = {
                 "loss/total": loss.item(), "loss/rec": parts.rec.item(), "loss/perceptual": parts.perceptual.item(),
                 "loss/kl": parts.kl.item(), "loss/nll_logvar": inner.logvar.item(), "loss/kl_weight": parts.kl_weight,
+                **({} if parts.equivariance is None else {"loss/equivariance": parts.equivariance.item()}),
                 "loss/g": g_loss.item(), "loss/gan_weight": float(gan_weight), "loss/d": d_loss.item(),
                 "lr": lr, "images_per_s": images_since / max(elapsed, 1e-9),
             }

@@ -101,3 +101,13 @@ def launch_env(site: Path | None = None, **extra: str) -> dict:
     if site is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ is not a package), so a test calls its main(argv) in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 
 import pytest
@@ -17,7 +16,7 @@ from codec.losses import ms_ssim_scales
 from codec.metrics import InceptionUnavailable, fid_inception, ms_ssim, psnr, to_uint8_range
 from codec.model import build_autoencoder, reconstruct
 from codec.quality import encode_jpeg, jpeg_at_budget, latent_budgets, thumbnail_baseline, thumbnail_image, thumbnail_numbers
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, load_script
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +93,7 @@ def test_rfid_without_a_usable_inception_file_is_an_error_not_a_missing_number(t
 
 
 def test_evaluate_script_writes_codec_and_reference_lines(tiny_vae, bundled_dir, tmp_path):
-    spec = importlib.util.spec_from_file_location("evaluate_codec_script", ROOT / "scripts" / "evaluate_codec.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("evaluate_codec")
     tiny_vae.save_pretrained(tmp_path / "codec", safe_serialization=True)
     out = tmp_path / "report"
     missing = tmp_path / "no-alexnet.pth"
