@@ -128,6 +128,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     validate_every: int = 500  # eval loss on fixed noise + a sample grid decoded by the codec; 0 disables
     eval_items: int = 16  # latents (with fixed draw-keyed noise and timesteps) in the eval loss
+    # Held-out latent shards of the same codec for the eval loss (encoded like the training shards, from images the
+    # U-Net never trains on); null: the first eval_items records of the training shards.
+    eval_shards: str | None = None
+    # Timesteps at which the eval loss is also reported one by one (val/denoising_loss_t<T>, each on the same
+    # eval_items latents and noise); empty: eval_items timesteps spread evenly over the schedule, one per latent.
+    eval_timesteps: list[int] = field(default_factory=list)
+    validate_samples: bool = True  # false: validation measures the loss only, no sample grid (for frequent evals)
     log_every: int = 10
     output_dir: str = "runs/unet"
     num_workers: int = 0  # shards are memory-mapped; workers rarely pay off
@@ -144,6 +151,8 @@ class TrainConfig:
         check_loop_settings(self)
         if self.eval_items < 1:
             raise ConfigError(f"train.eval_items must be >= 1, got {self.eval_items}")
+        if len(set(self.eval_timesteps)) != len(self.eval_timesteps):
+            raise ConfigError(f"train.eval_timesteps: each timestep once, got {self.eval_timesteps}")
 
 
 @dataclass
@@ -155,6 +164,12 @@ class UNetTrainingConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        steps = self.diffusion.num_train_timesteps
+        outside = [t for t in self.train.eval_timesteps if not 0 <= t < steps]
+        if outside:
+            raise ConfigError(f"train.eval_timesteps: {outside} outside the schedule's 0..{steps - 1}")
 
 
 def load_unet_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> UNetTrainingConfig:

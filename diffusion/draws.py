@@ -82,10 +82,20 @@ class EvalSet:
     captions: list[str]
 
 
-def eval_set(shards: LatentShards, count: int, num_train_timesteps: int, seed: int) -> EvalSet:
+def eval_set(shards: LatentShards, count: int, num_train_timesteps: int, seed: int,
+             timesteps: list[int] | None = None, scale: LatentShards | None = None) -> EvalSet:
+    """`count` records of `shards` (cycled when it holds fewer), scaled like `scale`'s latents (default: their own
+    manifest's factor; held-out shards take the training shards', the space the U-Net learned). With `timesteps`,
+    every record at each of them (count x len(timesteps) items, the same noise for a record at every t)."""
+    scale = shards if scale is None else scale
     indices = [k % len(shards) for k in range(count)]
-    latents = torch.stack([shards.latents(i, sample=False) for i in indices])
+    latents = torch.stack([scale.scale(shards[i]["mean"]) for i in indices])
     noise = torch.stack([torch.randn(latents.shape[1:], generator=keyed_generator("eval", seed, k)) for k in range(count)])
-    timesteps = ((torch.arange(count, dtype=torch.float64) + 0.5) * num_train_timesteps / count).long()
     captions = shard_captions(shards)
-    return EvalSet(latents, noise, timesteps, [captions[i] for i in indices])
+    captions = [captions[i] for i in indices]
+    if not timesteps:
+        spread = ((torch.arange(count, dtype=torch.float64) + 0.5) * num_train_timesteps / count).long()
+        return EvalSet(latents, noise, spread, captions)
+    repeat = len(timesteps)
+    at = torch.tensor(timesteps, dtype=torch.long).repeat_interleave(count)
+    return EvalSet(latents.repeat(repeat, 1, 1, 1), noise.repeat(repeat, 1, 1, 1), at, captions * repeat)

@@ -63,9 +63,14 @@ def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torc
     raise ValueError(f"prediction_type {kind!r} is not epsilon or v_prediction")
 
 
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The MSE of each sample of the batch, in fp32."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of (per-sample weight x per-sample MSE); weights None means plain MSE."""
-    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    per_sample = per_sample_mse(prediction, target)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample)
     return per_sample.mean()

@@ -44,7 +44,7 @@ from codec.model import codec_identity, compression_ratio, encoder_identity, loa
 from diffusion.config import UNetTrainingConfig
 from diffusion.draws import EvalSet, TrainingDraws, eval_set, shard_captions
 from diffusion.pipeline import LatentDiffusionPipeline, make_sampler
-from diffusion.schedule import build_noise_scheduler, diffusion_loss, training_loss, training_target
+from diffusion.schedule import build_noise_scheduler, per_sample_mse, training_loss, training_target
 from diffusion.shards import LatentShards, read_manifest
 from diffusion.text_encoder import CaptionEmbeddings, hidden_width, load_text_encoder
 from diffusion.unet import build_unet
@@ -94,17 +94,31 @@ def codec_for_shards(codec_dir: str, shards_dir: str) -> tuple[AutoencoderKL, La
 
 
 @torch.no_grad()
-def denoising_loss(unet: UNet2DConditionModel, scheduler, data: EvalSet, text: torch.Tensor, batch_size: int = 16) -> float:
-    """Unweighted MSE of the U-Net's prediction on fixed examples, in its own target space (epsilon or v)."""
+def denoising_losses(unet: UNet2DConditionModel, scheduler, data: EvalSet, text: torch.Tensor,
+                     batch_size: int = 16) -> torch.Tensor:
+    """Unweighted MSE of the U-Net's prediction on each fixed example, in its own target space (epsilon or v)."""
     device = next(unet.parameters()).device
-    total = 0.0
+    losses = []
     for start in range(0, len(data.captions), batch_size):
         part = slice(start, start + batch_size)
         latents, noise, t = data.latents[part].to(device), data.noise[part].to(device), data.timesteps[part].to(device)
         noisy = scheduler.add_noise(latents, noise, t)
         prediction = unet(noisy, t, encoder_hidden_states=text[part].to(device)).sample
-        total += diffusion_loss(prediction, training_target(scheduler, latents, noise, t)).item() * latents.shape[0]
-    return total / len(data.captions)
+        losses.append(per_sample_mse(prediction, training_target(scheduler, latents, noise, t)).cpu())
+    return torch.cat(losses)
+
+
+def denoising_loss(unet: UNet2DConditionModel, scheduler, data: EvalSet, text: torch.Tensor, batch_size: int = 16) -> float:
+    """The mean of `denoising_losses`: the eval loss validation reports."""
+    return float(denoising_losses(unet, scheduler, data, text, batch_size).mean())
+
+
+def eval_metrics(losses: torch.Tensor, data: EvalSet, timesteps: list[int]) -> dict:
+    """val/denoising_loss over every eval example, and val/denoising_loss_t<T> at each of `timesteps`."""
+    metrics = {"val/denoising_loss": float(losses.mean())}
+    for t in timesteps:
+        metrics[f"val/denoising_loss_t{t}"] = float(losses[data.timesteps == t].mean())
+    return metrics
 
 
 def sample_grid(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, guidance: float, seed: int) -> np.ndarray:
@@ -161,7 +175,11 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         num_workers=cfg.train.num_workers,
         persistent_workers=cfg.train.num_workers > 0,
     )
-    held = eval_set(shards, cfg.train.eval_items, cfg.diffusion.num_train_timesteps, cfg.train.seed)
+    # The eval loss's examples: held-out shards of the same codec when given, else the training shards' first records.
+    held_shards = shards if cfg.train.eval_shards is None else LatentShards(
+        cfg.train.eval_shards, verify_codec=codec_identity(vae), verify_encoder=encoder_identity(vae))
+    held = eval_set(held_shards, cfg.train.eval_items, cfg.diffusion.num_train_timesteps, cfg.train.seed,
+                    cfg.train.eval_timesteps, scale=shards)
     held_text = embeddings(held.captions)
     prompts = cfg.train.sample_prompts or list(dict.fromkeys(held.captions))[:4]
 
@@ -220,11 +238,15 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         metrics = {}
         if main:
             with ema_weights(ema, inner):
-                metrics = {"val/denoising_loss": denoising_loss(inner, noise_scheduler, held, held_text)}
-                grid = sample_grid(pipe, prompts, cfg.train.sample_steps, cfg.train.sample_guidance, cfg.train.seed)
-            save_png(Image.fromarray(grid), output_dir / "samples" / f"step_{at_step:08d}.png")
-            accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", grid, at_step, dataformats="HWC")
+                losses = denoising_losses(inner, noise_scheduler, held, held_text)
+                metrics = eval_metrics(losses, held, cfg.train.eval_timesteps)
+                if cfg.train.validate_samples:
+                    grid = sample_grid(pipe, prompts, cfg.train.sample_steps, cfg.train.sample_guidance, cfg.train.seed)
+            if cfg.train.validate_samples:
+                save_png(Image.fromarray(grid), output_dir / "samples" / f"step_{at_step:08d}.png")
+                accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", grid, at_step, dataformats="HWC")
             accelerator.log(metrics, step=at_step)
+            append_history(output_dir, {"step": at_step, **metrics})  # the eval curve survives a resume
             history.append((at_step, metrics))
             log.info("step %d validation: denoising loss %.5f", at_step, metrics["val/denoising_loss"])
         accelerator.wait_for_everyone()

@@ -181,3 +181,44 @@ def test_v_prediction_with_zero_terminal_snr_trains_and_every_sampler_stays_fini
         # The first step is t = 999, where SNR is exactly 0: pure noise in, -x0 out for a v model.
         assert pipe.scheduler.timesteps[0] == 999
         assert torch.isfinite(out.latents).all() and torch.isfinite(out.images).all(), sampler
+
+
+@pytest.fixture(scope="module")
+def held_out_shards(tiny_codec_dir, caption_images, tmp_path_factory):
+    """Three of the captioned photos encoded on their own: their manifest's scale is not the training shards'."""
+    from diffusion.shards.encode import encode_dataset
+
+    out = tmp_path_factory.mktemp("held") / "shards"
+    encode_dataset(tiny_codec_dir, caption_images, out, resolution=64, batch_size=4, num_workers=0, progress=False,
+                   limit=3)
+    reset_accelerate()
+    return out
+
+
+def test_an_eval_set_at_fixed_timesteps_takes_the_training_shards_scale(tiny_shards, held_out_shards):
+    train, held = LatentShards(tiny_shards), LatentShards(held_out_shards)
+    assert train.scaling_factor != pytest.approx(held.scaling_factor)
+    data = eval_set(held, 2, 1000, seed=0, timesteps=[100, 500, 900], scale=train)
+    assert data.timesteps.tolist() == [100, 100, 500, 500, 900, 900]
+    torch.testing.assert_close(data.latents[0], held[0]["mean"] * train.scaling_factor)
+    torch.testing.assert_close(data.latents[4], data.latents[0])  # the same record and noise at every t
+    torch.testing.assert_close(data.noise[5], data.noise[1])
+    assert data.captions[2:4] == data.captions[:2]
+
+
+def test_validation_on_held_out_shards_reports_the_loss_at_each_timestep(
+        tiny_shards, held_out_shards, tiny_codec_dir, tmp_path, fresh_accelerate_state):
+    from codec.common.logs import read_history
+
+    cfg = _config(tiny_shards, tiny_codec_dir, tmp_path / "run", "train.max_steps=4", "train.validate_every=2",
+                  f"train.eval_shards={held_out_shards}", "train.eval_timesteps=[100,500,900]", "train.eval_items=3",
+                  "train.validate_samples=false")
+    train_unet(cfg)
+    evals = [h for h in read_history(tmp_path / "run") if "val/denoising_loss" in h]
+    assert [h["step"] for h in evals] == [0, 2, 4]
+    for h in evals:  # three records at each of three timesteps: the overall loss is the mean of the three
+        per_t = [h[f"val/denoising_loss_t{t}"] for t in (100, 500, 900)]
+        assert h["val/denoising_loss"] == pytest.approx(sum(per_t) / 3, rel=1e-6)
+    assert not (tmp_path / "run" / "samples").exists()
+    with pytest.raises(ConfigError, match="eval_timesteps"):
+        _config(tiny_shards, tiny_codec_dir, tmp_path / "x", "train.eval_timesteps=[1000]")
