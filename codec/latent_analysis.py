@@ -169,6 +169,15 @@ def plot_spectra(analyses: dict[str, dict], out: str | Path, title: str = "Radia
     return out
 
 
+def named_codec(value: str) -> tuple[str, str]:
+    """A command line's NAME=FOLDER, or FOLDER (named after the folder, or its parent when it is a run's `final`)."""
+    if "=" in value:
+        name, folder = value.split("=", 1)
+        return name, folder
+    path = Path(value)
+    return (path.parent.name if path.name == "final" else path.name) or value, value
+
+
 def analysis_table(analyses: dict[str, dict]) -> str:
     """One Markdown row per codec: reconstruction, high-frequency share, equivariance PSNR per τ."""
     names = list(next(iter(analyses.values()))["equivariance_psnr"])
@@ -223,5 +232,5 @@ def analyze_codecs(codecs: dict[str, str], images: torch.Tensor, out_dir: str | 
     return analyses
 
 
-__all__ = ["analysis_table", "analyze_codec", "analyze_codecs", "load_images", "high_frequency_share", "plot_spectra", "power_spectrum_2d", "radial_profile",
+__all__ = ["analysis_table", "analyze_codec", "analyze_codecs", "load_images", "named_codec", "high_frequency_share", "plot_spectra", "power_spectrum_2d", "radial_profile",
            "radius_grid", "HALF_NYQUIST"]

@@ -20,20 +20,12 @@ import sys
 from pathlib import Path
 
 from codec.equivariance import RESAMPLING
-
-
-def named(value: str) -> tuple[str, str]:
-    """NAME=FOLDER, or FOLDER (named after the folder, or its parent when the folder is a run's `final`)."""
-    if "=" in value:
-        name, folder = value.split("=", 1)
-        return name, folder
-    path = Path(value)
-    return (path.parent.name if path.name == "final" else path.name) or value, value
+from codec.latent_analysis import named_codec
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--codec", action="append", required=True, type=named, help="a diffusers AutoencoderKL folder, "
+    p.add_argument("--codec", action="append", required=True, type=named_codec, help="a diffusers AutoencoderKL folder, "
                    "optionally NAME=FOLDER; repeat to compare codecs on the same images")
     p.add_argument("--data", required=True, help="an image folder, a save_to_disk directory, .parquet/.arrow files, "
                    "or `bundled` (the held-out bundled photos)")
