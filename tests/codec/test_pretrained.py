@@ -315,3 +315,20 @@ def test_decoder_only_with_two_ddp_processes_keeps_the_encoder(parent, bundled_d
     new = AutoencoderKL.from_pretrained(out / "final").state_dict()
     assert all(torch.equal(old[k], new[k]) for k in old if k.startswith(ENCODER_PREFIXES))
     assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+
+
+@pytest.mark.parametrize("trainable", ["decoder", "all"])
+def test_an_equivariance_fine_tune_of_a_pretrained_codec(tiny_config, parent, fresh_accelerate_state, trainable):
+    # EQ-VAE's recipe is a fine-tune of a codec a user already has: the term must train from a pretrained start,
+    # decoder-only (the encoder, so every shard, stays the parent's) or the whole codec.
+    from codec.common.logs import read_history
+
+    cfg = _pretrained(tiny_config, parent, f"train.trainable={trainable}", "train.max_steps=4", "optim.lr=1e-3",
+                      "optim.warmup_steps=1", "train.log_every=1", "loss.equivariance_weight=1.0",
+                      "loss.equivariance=both", "loss.equivariance_resample=bilinear")
+    result = train_codec(cfg)
+    terms = [h["loss/equivariance"] for h in read_history(result.final.parent) if "loss/equivariance" in h]
+    assert len(terms) == 4 and all(t > 0 for t in terms)
+    before, after = AutoencoderKL.from_pretrained(parent), AutoencoderKL.from_pretrained(result.final)
+    assert (encoder_identity(after) == encoder_identity(before)) == (trainable == "decoder")
+    assert codec_identity(after) != codec_identity(before)
