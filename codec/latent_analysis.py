@@ -158,7 +158,7 @@ def plot_spectra(analyses: dict[str, dict], out: str | Path, title: str = "Radia
     ax.axvline(HALF_NYQUIST, color="gray", lw=0.8, ls=":")
     ax.set_yscale("log")
     ax.set_xlabel("frequency (cycles per latent sample; Nyquist = 0.5)")
-    ax.set_ylabel("share of power per ring")
+    ax.set_ylabel("mean power per ring (rings sum to 1)")
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
