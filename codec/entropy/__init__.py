@@ -9,4 +9,6 @@ step Δ (y = round(z / Δ)) and range-coded with `constriction` under a learned 
     symbols.py     integer symbols <-> range-coded words, and the bits the model assigns them
     bitstream.py   the file: versioned header, payload, CRC32; every way a file is refused
     coder.py       image -> file and file -> image (padding, tiling, rate control) (`scripts/compress.py`)
+    rate_distortion.py  bpp of real files vs PSNR / MS-SSIM over Δ, beside JPEG and WebP over quality; the KL rate
+                   (`scripts/rate_distortion.py`)
 """
