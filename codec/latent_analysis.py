@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from codec.common.atomic import write_atomically
+from codec.common.atomic import save_figure
 from codec.common.precision import in_fp32
 from codec.equivariance import Transform, analysis_transforms, resize, transform_image, transform_latent
 from codec.metrics import psnr, ssim
@@ -162,11 +162,7 @@ def plot_spectra(analyses: dict[str, dict], out: str | Path, title: str = "Radia
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 def named_codec(value: str) -> tuple[str, str]:

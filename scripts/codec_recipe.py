@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from codec.common.atomic import save_figure
 from codec.common.logs import read_history
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/ and data/ paths are relative to it
@@ -101,9 +102,7 @@ def plot(series: dict[str, list[tuple[float, float]]], reference: dict[str, floa
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def history_curve(run_dir: Path) -> list[tuple[float, float]]:

@@ -41,6 +41,18 @@ def write_bytes_atomically(path: str | os.PathLike, payload: bytes, fsync: bool 
     write_atomically(path, lambda tmp: tmp.write_bytes(payload), fsync=fsync)
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int) -> Path:
+    """A matplotlib figure as a PNG at `path` (its folder created), written atomically; the figure is closed, so a
+    long study that plots many does not keep them all in memory."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    plt.close(fig)
+    return path
+
+
 def folder_temp_name(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from codec.common.atomic import write_atomically, write_bytes_atomically, write_text_atomically
+from codec.common.atomic import save_figure, write_bytes_atomically, write_text_atomically
 from codec.data import pil_to_tensor, tensor_to_pil
 from codec.entropy.bitstream import OVERHEAD_BYTES
 from codec.entropy.coder import compress_image, decompress_image, read_compressed
@@ -338,11 +338,7 @@ def plot_rate_distortion(result: dict, out: str | Path, max_bpp: float = 1.0) ->
     height, width = result["resolution"]
     fig.suptitle(f"Rate-distortion on {result['images']} images at {height}x{width}")
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 def _margin(value: float | None, digits: int, unit: str) -> str:

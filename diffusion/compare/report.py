@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from codec.common.atomic import write_atomically
+from codec.common.atomic import save_figure
 
 MEAN = "val/denoising_loss"
 
@@ -67,10 +67,7 @@ def plot_losses(curves: dict[str, dict[str, list[tuple[int, float]]]], keys: lis
     axes[0][0].set_ylabel("denoising MSE (held-out, fixed noise)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    write_atomically(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=110)
 
 
 def _cell(value, digits: int = 4, pct: bool = False) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from codec.common.atomic import write_text_atomically
+from codec.common.atomic import save_figure, write_text_atomically
 from codec.common.config import ConfigError, load_config
 
 ATTRIBUTES = ("color", "position", "shape", "background")
@@ -224,9 +224,7 @@ def plot_rate_distortion(results: list[dict], path: Path) -> Path:
            title="β trade-off on the shapes world (o constant, ^ annealed/cyclical, s conditional)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:

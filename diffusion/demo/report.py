@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from codec.common.atomic import write_text_atomically  # noqa: E402
+from codec.common.atomic import save_figure, write_text_atomically  # noqa: E402
 from codec.evaluate import save_png  # noqa: E402
 from codec.model import compression_ratio, latent_shape  # noqa: E402
 from codec.common.logs import read_history  # noqa: E402
@@ -104,9 +104,7 @@ def plot_curves(codec_run: Path, unet_run: Path, out: Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=90)
 
 
 def shape_table(vae: AutoencoderKL, size: int) -> str:

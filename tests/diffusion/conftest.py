@@ -51,17 +51,23 @@ def caption_images(bundled_dir) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_codec_dir(tmp_path_factory) -> Path:
-    """The tiny codec preset with fixed random weights, saved as a diffusers folder (f8, 4 latent channels)."""
+def save_tiny_codec(folder: Path, seed: int) -> Path:
+    """The tiny codec preset with random weights drawn from `seed`, saved as a diffusers folder (f8, 4 latent
+    channels) at folder/final; another seed is another codec, with another identity."""
     from codec.config import load_codec_config
     from codec.model import build_autoencoder
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vae = build_autoencoder(load_codec_config(CONFIGS / "codec" / "tiny.yaml").model)
-    path = tmp_path_factory.mktemp("codec") / "final"
+    path = folder / "final"
     vae.save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_codec_dir(tmp_path_factory) -> Path:
+    """The tiny codec preset with fixed random weights (seed 0)."""
+    return save_tiny_codec(tmp_path_factory.mktemp("codec"), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import CONFIGS
-from tests.diffusion.conftest import caption_images, one_torch_thread, tiny_codec_dir, tiny_shards  # noqa: F401
+from tests.diffusion.conftest import (caption_images, one_torch_thread, save_tiny_codec, tiny_codec_dir,  # noqa: F401
+                                      tiny_shards)
 
 KINDS = ("factorized", "context")
 
@@ -18,14 +18,7 @@ KINDS = ("factorized", "context")
 @pytest.fixture(scope="session")
 def other_codec_dir(tmp_path_factory) -> Path:
     """The tiny preset with other random weights: another codec, another identity."""
-    from codec.config import load_codec_config
-    from codec.model import build_autoencoder
-
-    torch.manual_seed(1)
-    vae = build_autoencoder(load_codec_config(CONFIGS / "codec" / "tiny.yaml").model)
-    path = tmp_path_factory.mktemp("other_codec") / "final"
-    vae.save_pretrained(path, safe_serialization=True)
-    return path
+    return save_tiny_codec(tmp_path_factory.mktemp("other_codec"), seed=1)
 
 
 @pytest.fixture(scope="session")
