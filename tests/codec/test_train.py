@@ -159,8 +159,12 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(bundled_
         weights[name] = max((a[k] - b[k]).abs().max().item() for k in a)
     # Only the order of floating-point sums differs (batch mean vs gloo all-reduce). Measured: 9e-7 after 5
     # steps without the GAN; with it, each rank weighting the GAN by the λ of its own half-batch moved the codec by
-    # 9e-3, while 1 process with batch 2 (half the global batch) differs from batch 4 by 1e-2.
-    assert max(weights.values()) < 1e-4, weights
+    # 9e-3, while 1 process with batch 2 (half the global batch) differs from batch 4 by 1e-2. With the packages a
+    # fresh install resolved on 2026-12-05 (diffusers 0.42.1, huggingface-hub 2.x; the same at the commit before
+    # this one) the two runs still agree to 1.2e-6 after step 4, and step 5 moves them 2.7e-4 apart at once, with
+    # the same λ to 6 digits (a jump, not a drift: most likely a hinge of the patch-GAN flipping on a last bit). The bound
+    # sits between that float noise and the 9e-3 of the rank-local λ it is here to catch.
+    assert max(weights.values()) < 1e-3, weights
     gan_weights = [[row["loss/gan_weight"] for row in read_history(tmp_path / run) if "loss/gan_weight" in row]
                    for run in ("one", "two")]
     assert gan_weights[0][:2] == [0.0, 0.0] and min(gan_weights[0][2:]) > 0  # on from step 2, at the last layer
