@@ -42,13 +42,18 @@ class Compressed:
         return 8 * len(self.data)
 
 
+def pad_to_factor(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Images (N, C, H, W) padded right and down to multiples of `factor`, edge pixels repeated."""
+    height, width = x.shape[-2:]
+    return F.pad(x, (0, -width % factor, 0, -height % factor), mode="replicate")
+
+
 @torch.no_grad()
 def encode_latent(vae, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
     """(posterior mean (C, h, w) float64 on the CPU, not normalised; (height, width)) of any-sized image."""
     x = pil_to_tensor(to_rgb(image))[None].to(vae.device, vae.dtype)
-    f = downsample_factor(vae)
     height, width = x.shape[-2:]
-    x = F.pad(x, (0, -width % f, 0, -height % f), mode="replicate")
+    x = pad_to_factor(x, downsample_factor(vae))
     if max(x.shape[-2:]) > ENCODE_TILE:
         mean = tiled_encode(vae, x, ENCODE_TILE, ENCODE_OVERLAP).mean
     else:

@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from codec.common.atomic import save_figure, write_bytes_atomically, write_text_atomically
 from codec.data import pil_to_tensor, tensor_to_pil
 from codec.entropy.bitstream import OVERHEAD_BYTES
-from codec.entropy.coder import compress_image, decompress_image, read_compressed
+from codec.entropy.coder import compress_image, decompress_image, pad_to_factor, read_compressed
 from codec.entropy.models import ProbabilityModel
 from codec.evaluate import _cell
 from codec.latent_analysis import _finite_mean
@@ -170,7 +169,7 @@ def kl_bits_per_pixel(vae, images: torch.Tensor) -> float:
     bits = []
     for x in images:
         height, width = x.shape[-2:]
-        x = F.pad(x[None].to(vae.device, vae.dtype), (0, -width % f, 0, -height % f), mode="replicate")
+        x = pad_to_factor(x[None].to(vae.device, vae.dtype), f)
         posterior = encode_posterior(vae, x)
         nats = kl_divergence(posterior.mean.double(), posterior.logvar.double())[0]
         bits.append(float(nats) / math.log(2) / (height * width))
