@@ -31,6 +31,12 @@ LUMA = (0.299, 0.587, 0.114)
 FITTED = Path(__file__).with_name("linear_codec_f8c4.json")
 
 
+def fitted_path(levels: int) -> Path:
+    """The shipped fit for a codec with `levels` down-sampling levels (factor 2**levels): f8 for the diffusion
+    codecs, f4 for configs/codec/compress-f4.yaml."""
+    return Path(__file__).with_name(f"linear_codec_f{2 ** levels}c{RGB + 1}.json")
+
+
 @dataclass
 class LinearCodec:
     enc_in: torch.Tensor  # (S, 3, 3, 3)
@@ -70,6 +76,8 @@ class LinearCodec:
 
     @classmethod
     def load(cls, path: str | Path = FITTED) -> LinearCodec:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no fitted linear codec here; make it with scripts/fit_warm_start.py")
         data = json.loads(Path(path).read_text())
         return cls(**{name: torch.tensor(data[name], dtype=torch.float32) for name in cls.__dataclass_fields__})
 
@@ -102,10 +110,11 @@ def initial(levels: int = 3) -> LinearCodec:
     )
 
 
-def fit(images: torch.Tensor, steps: int = 1500, lr: float = 1e-2, start: LinearCodec | None = None) -> LinearCodec:
+def fit(images: torch.Tensor, steps: int = 1500, lr: float = 1e-2, start: LinearCodec | None = None,
+        levels: int = 3) -> LinearCodec:
     """Least-squares fit (Adam on the MSE) of the decoder and of the fourth channel's encoder filters to
     `images` ([-1, 1], N x 3 x H x W). Channels 0-2 stay the exact box thumbnail."""
-    codec = start or initial()
+    codec = start or initial(levels)
     params = {name: t.clone().requires_grad_(True) for name, t in codec.tensors().items()}
     fixed_rows = slice(0, RGB)
     optimizer = torch.optim.Adam(params.values(), lr=lr)

@@ -28,7 +28,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from codec.linear_codec import LinearCodec
+from codec.linear_codec import LinearCodec, fitted_path
 
 
 @dataclass
@@ -206,11 +206,11 @@ def thumbnail_init(vae: AutoencoderKL, linear: LinearCodec | None = None, anchor
                    logvar: float = -12.0) -> AutoencoderKL:
     """Overwrite the main path of `vae` in place so it computes `linear` (default: the shipped fit, see the
     module docstring) and return it."""
-    linear = linear or LinearCodec.load()
-    signals = linear.signals
     enc, dec = vae.encoder, vae.decoder
     downsamplers = [d for block in enc.down_blocks for d in block.downsamplers or []]
     upsamplers = [u for block in dec.up_blocks for u in block.upsamplers or []]
+    linear = linear or LinearCodec.load(fitted_path(len(downsamplers)))
+    signals = linear.signals
     if vae.config.latent_channels != signals or len(downsamplers) != linear.levels or len(upsamplers) != linear.levels:
         raise ValueError(f"thumbnail warm start: the fitted linear codec is f{2 ** linear.levels}/c{signals}; this "
                          f"codec has {len(downsamplers)} down-sampling levels and {vae.config.latent_channels} latent "

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from codec.data import CenterCrops, bundled_photos, load_image_dataset
-from codec.linear_codec import FITTED, fit, initial
+from codec.linear_codec import fit, fitted_path, initial
 from codec.metrics import psnr, quantise
 from codec.quality import thumbnail_baseline
 
@@ -41,24 +41,28 @@ def main(argv=None) -> int:
     p.add_argument("--bundled-dir", default="data/bundled_photos", help="where the bundled photos are written")
     p.add_argument("--size", type=int, default=256, help="shorter side resize + centre crop of each image")
     p.add_argument("--steps", type=int, default=1500, help="Adam steps of the least-squares fit")
-    p.add_argument("--out", default=str(FITTED), help="JSON file to write")
+    p.add_argument("--factor", type=int, choices=(4, 8), default=8,
+                   help="down-sampling factor of the codec it starts: 8 (the diffusion codecs) or 4 (compress-f4.yaml)")
+    p.add_argument("--out", default=None, help="JSON file to write (default: the shipped codec/linear_codec_f<factor>c4.json)")
     args = p.parse_args(argv)
     train_dir, val_dir = bundled_photos(ROOT / args.bundled_dir)
     train = crops(str(train_dir) if args.data == "bundled" else args.data, args.size)
     val = crops(str(val_dir), args.size)
+    levels = args.factor.bit_length() - 1
+    out = args.out or str(fitted_path(levels))
     started = time.perf_counter()
-    codec = fit(train, steps=args.steps)
+    codec = fit(train, steps=args.steps, levels=levels)
     seconds = time.perf_counter() - started
-    codec.save(args.out)
+    codec.save(out)
     with torch.no_grad():
-        start, fitted = initial(), codec
+        start, fitted = initial(levels), codec
         rows = {
-            "thumbnail (box + bicubic)": held_out_psnr(thumbnail_baseline(val, 8), val),
+            "thumbnail (box + bicubic)": held_out_psnr(thumbnail_baseline(val, args.factor), val),
             "initial (box RGB + shifted luma)": held_out_psnr(start.decode(start.encode(val)), val),
             "fitted": held_out_psnr(fitted.decode(fitted.encode(val)), val),
             "fitted, on its training images": held_out_psnr(fitted.decode(fitted.encode(train)), train),
         }
-    print(f"fitted on {len(train)} images at {args.size}² in {seconds:.0f} s -> {args.out}")
+    print(f"fitted on {len(train)} images at {args.size}² in {seconds:.0f} s -> {out}")
     for name, value in rows.items():
         print(f"  {name}: {value:.2f} dB")
     return 0

@@ -25,8 +25,7 @@ from codec.model import decode_latents, downsample_factor, encode_posterior
 from codec.tiling import tiled_decode, tiled_encode
 from diffusion.codec_io import pil_to_tensor, tensor_to_pil, to_rgb
 
-ENCODE_TILE, ENCODE_OVERLAP = 512, 64  # pixels: images with a side above the tile are encoded in tiles
-DECODE_TILE, DECODE_OVERLAP = 64, 8  # latent pixels, likewise for decoding
+TILE, OVERLAP = 512, 64  # pixels: images with a side above the tile are encoded and decoded in tiles
 LADDER_STEPS_PER_OCTAVE = 8
 
 
@@ -54,8 +53,8 @@ def encode_latent(vae, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int
     x = pil_to_tensor(to_rgb(image))[None].to(vae.device, vae.dtype)
     height, width = x.shape[-2:]
     x = pad_to_factor(x, downsample_factor(vae))
-    if max(x.shape[-2:]) > ENCODE_TILE:
-        mean = tiled_encode(vae, x, ENCODE_TILE, ENCODE_OVERLAP).mean
+    if max(x.shape[-2:]) > TILE:
+        mean = tiled_encode(vae, x, TILE, OVERLAP).mean
     else:
         mean = encode_posterior(vae, x).mean
     return mean[0].double().cpu(), (height, width)
@@ -65,8 +64,9 @@ def encode_latent(vae, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int
 def decode_latent(vae, z: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     """Decode an unnormalised latent (C, h, w) and crop the padding off: the image of `size` (height, width)."""
     z = z[None].to(vae.device, vae.dtype)
-    if max(z.shape[-2:]) > DECODE_TILE:
-        pixels = tiled_decode(vae, z, DECODE_TILE, DECODE_OVERLAP)
+    factor = downsample_factor(vae)  # the same tiles in pixels whatever the codec's factor
+    if max(z.shape[-2:]) > TILE // factor:
+        pixels = tiled_decode(vae, z, TILE // factor, OVERLAP // factor)
     else:
         pixels = decode_latents(vae, z)
     return tensor_to_pil(pixels[0, :, : size[0], : size[1]])
@@ -161,7 +161,8 @@ def read_compressed(data: bytes, source: str, model: ProbabilityModel, codec_ide
         raise BitstreamError(f"{source}: compressed with probability model {header.model_identity} ({header.kind}), "
                              f"but --model {model.path} is model {model.identity} ({model.kind}); pass the model "
                              f"it was compressed with")
-    expected = (model.metadata["latent_channels"], math.ceil(header.height / factor), math.ceil(header.width / factor))
+    expected = model.coded_shape((model.metadata["latent_channels"], math.ceil(header.height / factor),
+                                  math.ceil(header.width / factor)))
     if header.latent_shape != expected or not header.low <= header.high or not header.step > 0:
         raise BitstreamError(f"{source}: inconsistent header (latent {header.latent_shape} for a "
                              f"{header.height}x{header.width} image, where this codec makes {expected}; symbol range "

@@ -71,3 +71,13 @@ def test_exit_status_is_2_with_one_line_for_a_config_error(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "train.max_steps" in err and err.count("\n") == 1
     assert exit_status(lambda: 0) == 0
+
+
+def test_the_compression_preset_is_f4_and_starts_from_the_f4_warm_start():
+    from codec.model import build_autoencoder, latent_shape
+    from codec.warm_start import thumbnail_init
+
+    cfg = load_codec_config(CONFIGS / "codec" / "compress-f4.yaml")
+    assert cfg.model.init == "thumbnail" and not cfg.model.mid_block_add_attention
+    vae = thumbnail_init(build_autoencoder(cfg.model))
+    assert latent_shape(vae, 512, 512) == (4, 128, 128)  # 12x fewer numbers: the latent of a compression codec

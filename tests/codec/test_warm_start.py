@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from codec.config import ModelConfig
 from codec.data import CenterCrops, bundled_photos, load_image_dataset
-from codec.linear_codec import LinearCodec, fit, initial
+from codec.linear_codec import LinearCodec, fit, fitted_path, initial
 from codec.metrics import psnr, quantise
 from codec.model import build_autoencoder, encode_posterior, reconstruct
 from codec.quality import thumbnail_baseline
@@ -39,6 +39,25 @@ def test_thumbnail_init_computes_the_fitted_linear_codec(cfg):
     # The decoder is the linear upsampler, whatever the random free channels hold (pair-trick error < 1%).
     torch.testing.assert_close(out, linear.decode(q.mean), atol=2e-2, rtol=0)
     torch.testing.assert_close(reconstruct(vae, x), out)
+
+
+def test_an_f4_codec_starts_as_the_shipped_f4_linear_codec():
+    # configs/codec/compress-f4.yaml's shape: thumbnail_init picks the fit by the network's factor.
+    cfg = ModelConfig(block_out_channels=[32, 64, 128], layers_per_block=1, norm_num_groups=8,
+                      mid_block_add_attention=False)
+    torch.manual_seed(0)
+    vae = thumbnail_init(build_autoencoder(cfg)).eval()
+    linear = LinearCodec.load(fitted_path(2))
+    assert linear.levels == 2
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        q = encode_posterior(vae, x)
+        torch.testing.assert_close(q.mean[:, :3], F.avg_pool2d(x, 4), atol=2e-3, rtol=0)
+        torch.testing.assert_close(vae.decode(q.mean).sample, linear.decode(q.mean), atol=2e-2, rtol=0)
+    # An f2 network has no shipped fit: refused with the file it looked for.
+    f2 = ModelConfig(block_out_channels=[32, 32], layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False)
+    with pytest.raises(FileNotFoundError, match="linear_codec_f2c4.json"):
+        thumbnail_init(build_autoencoder(f2))
 
 
 def test_warm_start_begins_no_worse_than_the_thumbnail_baseline(bundled_dir):
@@ -83,5 +102,6 @@ def test_layout_needs_four_channels_per_group_and_the_fitted_shape():
     assert len(layout.plus) == 4 and all(abs(layout.anchors[c]) == 10.0 for c in layout.anchors)
     with pytest.raises(ValueError, match="norm_num_groups"):
         thumbnail_init(build_autoencoder(ModelConfig(block_out_channels=[32, 64, 128, 128], layers_per_block=1)))
-    with pytest.raises(ValueError, match="f8/c4"):
-        thumbnail_init(build_autoencoder(ModelConfig(block_out_channels=[16, 16, 16], layers_per_block=1, norm_num_groups=1)))
+    with pytest.raises(ValueError, match="f8/c4"):  # 16 latent channels: no fit holds them
+        thumbnail_init(build_autoencoder(ModelConfig(block_out_channels=[64, 64, 64, 64], layers_per_block=1,
+                                                     norm_num_groups=1, latent_channels=16)))
