@@ -134,10 +134,21 @@ class LossConfig:
     equivariance: str = "scale"  # scale | rotate | both
     equivariance_scales: list[float] = field(default_factory=lambda: [0.5, 0.25])
     equivariance_resample: str = "area"  # area (anti-aliased) | bilinear (EQ-VAE's)
+    # [Δ_min, Δ_max]: decode the posterior mean plus uniform noise of width Δ, Δ drawn log-uniformly per example, in
+    # the units a compressed file quantises (z · scaling_factor): the standard training proxy for quantisation
+    # (Ballé et al. 2017), so the decoder learns the latents scripts/compress.py sends. null: off.
+    quantisation_noise: list[float] | None = None
 
     def __post_init__(self) -> None:
         check_choice("loss.pixel", self.pixel, ("l1", "mse"))
         check_choice("loss.perceptual", self.perceptual, ("lpips", "ms_ssim", "none"))
+        if self.quantisation_noise is not None:
+            noise = self.quantisation_noise
+            if len(noise) != 2 or not 0 < noise[0] <= noise[1]:
+                raise ConfigError(f"loss.quantisation_noise: expected [Δ_min, Δ_max] with 0 < Δ_min <= Δ_max, got {noise}")
+            if self.sample_posterior:
+                raise ConfigError("loss.quantisation_noise decodes the posterior mean plus quantisation noise, not a "
+                                  "posterior sample: set loss.sample_posterior: false")
         check_choice("loss.lpips_net", self.lpips_net, ("alex", "vgg", "squeeze"))
         check_choice("loss.if_lpips_missing", self.if_lpips_missing, ("error", "ms_ssim", "none"))
         check_choice("loss.kl_schedule", self.kl_schedule, ("constant", "linear", "cyclical"))
@@ -248,6 +259,10 @@ class CodecConfig:
             # Encoder and decoder share the condition's embedding: neither half can change without the other.
             raise ConfigError(f"model.condition: {self.model.condition} trains the whole codec; train.trainable must "
                               f"be all, not {self.train.trainable}")
+        if self.loss.quantisation_noise is not None and self.model.init != "pretrained":
+            # Δ is in the units of the parent's measured scaling_factor; a new codec has none until it is exported.
+            raise ConfigError("loss.quantisation_noise needs a parent codec (model.init: pretrained): Δ is in the units "
+                              "of its scaling_factor, which a new codec has not measured yet")
         if self.train.trainable == "encoder" and self.loss.gan_weight > 0:
             # The adaptive GAN weight takes gradients at the decoder's last layer, which is frozen here.
             raise ConfigError("train.trainable: encoder freezes the decoder, so loss.gan_weight must be 0")

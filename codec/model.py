@@ -112,13 +112,25 @@ def per_sample_noise(shape: tuple[int, ...], draws: torch.Tensor, seed: int, dev
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
+def quantisation_noise(shape: tuple[int, ...], draws: torch.Tensor, seed: int, low: float, high: float, device,
+                       dtype) -> torch.Tensor:
+    """Uniform noise U(-Δ/2, Δ/2) of `shape`, with one Δ per row drawn log-uniformly from [low, high]; row i
+    depends only on (seed, draws[i]), as per_sample_noise's rows do."""
+    rows = []
+    for draw in draws.tolist():
+        generator = keyed_generator("quantisation", seed, draw)
+        step = low * (high / low) ** torch.rand((), generator=generator, dtype=torch.float64).item()
+        rows.append((torch.rand(shape[1:], generator=generator) - 0.5) * step)
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
 class CodecForTraining(nn.Module):
     """The VAE's full training forward pass in one module, so accelerate's DDP wrapper sees encode and decode
     (calling them on the unwrapped model bypasses gradient averaging, a bug of the public training script).
     Also holds the learned scalar output log-variance of the NLL, so its gradient is averaged too."""
 
     def __init__(self, vae: AutoencoderKL, learn_logvar: bool = False, logvar_init: float = 0.0, seed: int = 0,
-                 frozen_encoder: bool = False):
+                 frozen_encoder: bool = False, noise_steps: tuple[float, float] | None = None):
         super().__init__()
         self.vae = vae
         # A frozen encoder (train.trainable: decoder) runs without autograd: no activations kept for a backward
@@ -128,11 +140,14 @@ class CodecForTraining(nn.Module):
         # weight is where the adaptive GAN weight takes its gradients (see run_in_fp32).
         run_in_fp32(vae.decoder.conv_out)
         self.seed = seed  # with each example's draw number, keys its posterior noise
+        # loss.quantisation_noise: decode mean + U(-Δ/2, Δ/2) / scaling_factor, what a file at step Δ decodes
+        self.noise_steps = noise_steps
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
 
     def forward(self, images: torch.Tensor, draws: torch.Tensor | None = None, condition: torch.Tensor | None = None,
                 transform: Transform | None = None, resample: str = "area"):
-        """draws: the examples' global draw numbers, to sample z ~ q(z|x); None decodes the posterior mean.
+        """draws: the examples' global draw numbers, to sample z ~ q(z|x) (or, with noise_steps, the mean plus
+        quantisation noise); None decodes the posterior mean.
         condition: each image's condition, for a conditional codec (both networks take it).
 
         Returns (recon, mean, logvar); with a `transform` τ also (D(τ(z)), τ(x)), the equivariance regulariser's
@@ -141,6 +156,10 @@ class CodecForTraining(nn.Module):
             posterior = encode_posterior(self.vae, images, condition)
         if draws is None:
             z = posterior.mode()
+        elif self.noise_steps is not None:
+            noise = quantisation_noise(posterior.mean.shape, draws, self.seed, *self.noise_steps,
+                                       posterior.mean.device, posterior.mean.dtype)
+            z = posterior.mean + noise / self.vae.config.scaling_factor
         else:
             noise = per_sample_noise(posterior.mean.shape, draws, self.seed, posterior.mean.device, posterior.mean.dtype)
             z = posterior.mean + posterior.std * noise

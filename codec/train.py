@@ -211,7 +211,8 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     if cfg.train.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
     model = CodecForTraining(vae, cfg.loss.learn_logvar, cfg.loss.logvar_init, seed=cfg.train.seed,
-                             frozen_encoder=cfg.train.trainable == "decoder")
+                             frozen_encoder=cfg.train.trainable == "decoder",
+                             noise_steps=tuple(cfg.loss.quantisation_noise) if cfg.loss.quantisation_noise else None)
     perceptual, perceptual_used = build_perceptual(cfg.loss)
     if perceptual is not None:
         perceptual.to(accelerator.device)
@@ -305,7 +306,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         images = batch["pixels"]
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        draws = batch["draw"] if cfg.loss.sample_posterior else None
+        draws = batch["draw"] if cfg.loss.sample_posterior or cfg.loss.quantisation_noise else None
         condition = batch.get("condition")  # a conditional codec's labels or caption embeddings
 
         # The equivariance regulariser's τ for this step, the same on every process (codec/equivariance.py).
