@@ -5,6 +5,9 @@ Each step draws a batch of records, normalises their posterior means as the shar
 every Δ of that range), quantises y = round(z / Δ) and minimises the mean of -log2 p(y) over the latent elements:
 the rate a file would pay, which is the discretised likelihood of the data. The context model sees the other
 symbols exactly as the decoder will (teacher forcing: ẑ = yΔ of the decoded passes), all passes in one forward.
+
+With a transform (transform.py) the model is fit on, and codes, the coefficients: the channel basis is measured
+first on up to BASIS_RECORDS records of the shards, then every batch is transformed before it is quantised.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ import torch
 from codec.common.config import ConfigError, check_choice
 from codec.entropy.discrete import bits
 from codec.entropy.models import KINDS, build_network, save_model
+from codec.entropy.transform import LatentTransform, fit_channel_basis
 from diffusion.shards.reader import LatentShards
+
+
+BASIS_RECORDS = 4096  # enough for a C x C covariance; bounded so a large dataset is not read twice
+CHANNEL_BASES = ("identity", "klt")
 
 
 @dataclass
@@ -34,11 +42,16 @@ class FitSettings:
     components: int = 3  # factorized: logistics per channel
     groups: int = 4  # context: channel groups (at most the latent channels)
     hidden: int = 32  # context: width of each pass's network
+    channel_basis: str = "identity"  # identity | klt: code the channels as they are, or rotated to their KLT basis
+    haar_levels: int = 0  # orthonormal 2x2 Haar splits of every band before coding (0: none)
     seed: int = 0
     log_every: int = 100
 
     def check(self) -> None:
         check_choice("--kind", self.kind, KINDS)
+        check_choice("--channel-basis", self.channel_basis, CHANNEL_BASES)
+        if not 0 <= self.haar_levels <= 4:
+            raise ConfigError(f"--haar-levels: expected 0 to 4, got {self.haar_levels}")
         if not 0 < self.step_min <= self.step_max:
             raise ConfigError(f"step range: need 0 < --step-min <= --step-max, got {self.step_min}, {self.step_max}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -52,10 +65,26 @@ def network_for(settings: FitSettings, channels: int):
                                      "hidden": settings.hidden})
 
 
-def draw_batch(shards: LatentShards, settings: FitSettings, generator: torch.Generator):
-    """(y, Δ): quantised normalised posterior means of a random batch, each at its own random step."""
+def latent_transform(shards: LatentShards, settings: FitSettings, generator: torch.Generator) -> LatentTransform | None:
+    """The transform the settings ask for, its channel basis measured on the shards; None for none."""
+    if settings.channel_basis == "identity" and settings.haar_levels == 0:
+        return None
+    channels = int(shards.manifest["latent_shape"][0])
+    if settings.channel_basis == "identity":
+        return LatentTransform(torch.eye(channels, dtype=torch.float64), settings.haar_levels)
+    rows = torch.randperm(len(shards), generator=generator)[:BASIS_RECORDS].tolist()
+    z = torch.stack([shards.scale(shards[i]["mean"]).double() for i in sorted(rows)])
+    return LatentTransform(fit_channel_basis(z), settings.haar_levels)
+
+
+def draw_batch(shards: LatentShards, settings: FitSettings, generator: torch.Generator,
+               transform: LatentTransform | None = None):
+    """(y, Δ): quantised normalised posterior means of a random batch (through `transform` when given), each at
+    its own random step."""
     rows = torch.randint(len(shards), (settings.batch_size,), generator=generator).tolist()
     z = torch.stack([shards.scale(shards[i]["mean"]) for i in rows])
+    if transform is not None:
+        z = transform.forward(z).float()
     low, high = math.log(settings.step_min), math.log(settings.step_max)
     step = torch.exp(low + (high - low) * torch.rand(len(rows), 1, 1, 1, generator=generator))
     return torch.round(z / step), step
@@ -69,14 +98,20 @@ def fit_entropy_model(shards_dir: str | os.PathLike, out: str | os.PathLike, set
     if len(shards) == 0:
         raise ConfigError(f"--shards {shards_dir}: holds no records")
     torch.manual_seed(settings.seed)
-    network = network_for(settings, int(shards.manifest["latent_shape"][0])).train()
-    optimizer = torch.optim.Adam(network.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
+    transform = latent_transform(shards, settings, generator)
+    latent_shape = tuple(int(n) for n in shards.manifest["latent_shape"])
+    coded = latent_shape if transform is None else transform.coded_shape(latent_shape)
+    if transform is not None:
+        log(f"coding through a {settings.channel_basis} channel basis and {settings.haar_levels} Haar levels: "
+            f"latents {latent_shape} -> coefficients {coded}")
+    network = network_for(settings, coded[0]).train()
+    optimizer = torch.optim.Adam(network.parameters(), lr=settings.lr)
     recent = []
     for step in range(settings.steps):
         for group in optimizer.param_groups:  # cosine decay to a tenth: the last steps settle instead of jitter
             group["lr"] = settings.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / settings.steps)))
-        y, delta = draw_batch(shards, settings, generator)
+        y, delta = draw_batch(shards, settings, generator, transform)
         loss = bits(network.bin_probability(y, delta)).mean()  # bits per latent element
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,4 +123,5 @@ def fit_entropy_model(shards_dir: str | os.PathLike, out: str | os.PathLike, set
     fit = {**dataclasses.asdict(settings), "step_range": [settings.step_min, settings.step_max],
            "shards": str(shards_dir), "records": len(shards), "final_bits_per_element": sum(recent) / len(recent)}
     return save_model(network.eval(), out, codec_identity=codec["identity"],
-                      encoder_identity=codec.get("encoder_identity"), scaling_factor=shards.scaling_factor, fit=fit)
+                      encoder_identity=codec.get("encoder_identity"), scaling_factor=shards.scaling_factor, fit=fit,
+                      transform=transform)

@@ -12,9 +12,13 @@ model serves every Δ:
   decoded (earlier groups everywhere, this group's anchors in the second pass) and log Δ, and predicts a Gaussian
   (mean, scale) for every symbol of the pass. A pass is one vectorised coder call, not one call per symbol.
 
-The file is safetensors: the network's tensors (float32) and one metadata key, "entropy_model", a JSON string with
-the format, kind, network config, the codec it was fit for (identity and encoder identity), the latent
-normalisation of the shards and the fit settings. One key because safetensors writes a metadata map in varying
+Either model may code the latent through an orthonormal transform (transform.py: a channel basis and Haar splits);
+its symbols are then the transform's coefficients, and the network has one channel per coefficient band.
+
+The file is safetensors: the network's tensors (float32), the transform's channel basis (float64, when there is
+one), and one metadata key, "entropy_model", a JSON string with the format, kind, network config, the codec it was
+fit for (identity and encoder identity), the latent normalisation of the shards, the transform's levels and the fit
+settings. One key because safetensors writes a metadata map in varying
 order, and the file's bytes should not vary. The model's identity, which every compressed file records, is a hash
 of that JSON and the tensors.
 """
@@ -36,10 +40,12 @@ from torch import nn
 from codec.common.atomic import write_bytes_atomically
 from codec.common.config import ConfigError
 from codec.entropy.discrete import gaussian_bin_probability, logistic_mixture_bin_probability
+from codec.entropy.transform import LatentTransform
 from diffusion.shards.reader import codec_mismatch
 
 FORMAT = "entropy-model/1"
 METADATA_KEY = "entropy_model"
+BASIS_KEY = "transform.channel_basis"  # the tensor that is the transform's, not the network's
 KINDS = ("factorized", "context")
 # The scale a network may predict, in normalised latent units: below 1e-4 a bin's mass is 0 or 1 at any useful Δ.
 LOG_SCALE_RANGE = (math.log(1e-4), math.log(1e3))
@@ -199,6 +205,7 @@ class ProbabilityModel:
     metadata: dict
     identity: str
     path: str
+    transform: LatentTransform | None = None
 
     @property
     def kind(self) -> str:
@@ -213,11 +220,19 @@ class ProbabilityModel:
         return tuple(self.metadata["fit"]["step_range"])
 
     def normalise(self, z: torch.Tensor) -> torch.Tensor:
-        """Codec latent -> the unit-variance space the model was fit in (what LatentShards.scale returns)."""
-        return z * self.scaling_factor
+        """Codec latent (C, h, w) -> what the model codes: the unit-variance latent the model was fit on (what
+        LatentShards.scale returns), through the model's transform when it has one."""
+        z = z * self.scaling_factor
+        return z if self.transform is None else self.transform.forward(z)
 
-    def denormalise(self, z: torch.Tensor) -> torch.Tensor:
+    def denormalise(self, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of normalise (a transformed latent comes back padded to the transform's multiple)."""
+        z = t if self.transform is None else self.transform.inverse(t)
         return z / self.scaling_factor
+
+    def coded_shape(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The shape of the symbols for a codec latent of `latent_shape` (channels, height, width)."""
+        return tuple(latent_shape) if self.transform is None else self.transform.coded_shape(latent_shape)
 
 
 def model_identity(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
@@ -226,23 +241,27 @@ def model_identity(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
     h.update(json.dumps(metadata, sort_keys=True).encode())
     for name in sorted(tensors):
         h.update(name.encode())
-        h.update(tensors[name].detach().cpu().contiguous().float().numpy().tobytes())
+        h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())  # as stored: float32, the basis float64
     return h.hexdigest()[:16]
 
 
 def save_model(network: nn.Module, path: str | os.PathLike, *, codec_identity: str, encoder_identity: str | None,
-               scaling_factor: float, fit: dict) -> str:
+               scaling_factor: float, fit: dict, transform: LatentTransform | None = None) -> str:
     """Write the model file atomically; returns its identity."""
+    latent_channels = network.config["channels"] if transform is None else transform.channel_basis.shape[0]
     metadata = {
         "format": FORMAT,
         "kind": network.kind,
         "config": network.config,
         "codec": {"identity": codec_identity, "encoder_identity": encoder_identity},
-        "latent_channels": network.config["channels"],
+        "latent_channels": latent_channels,
         "normalisation": {"scaling_factor": float(scaling_factor)},
         "fit": fit,
     }
     tensors = {name: t.detach().cpu().float().contiguous() for name, t in network.state_dict().items()}
+    if transform is not None:
+        metadata["transform"] = {"levels": transform.levels}
+        tensors[BASIS_KEY] = transform.channel_basis.cpu().double().contiguous()
     payload = safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     write_bytes_atomically(path, payload)
     return model_identity(metadata, tensors)
@@ -268,13 +287,23 @@ def load_model(path: str | os.PathLike) -> ProbabilityModel:
         raise EntropyModelError(f"--model {path}: not an entropy model file of format {FORMAT} (no "
                                 f"'{METADATA_KEY}' metadata); fit one with scripts/fit_entropy_model.py")
     network = build_network(metadata["kind"], metadata["config"])
+    weights = {name: t for name, t in tensors.items() if name != BASIS_KEY}
+    transform = None
     try:
-        network.load_state_dict(tensors)
-    except RuntimeError as exc:
+        network.load_state_dict(weights)
+        if "transform" in metadata:
+            transform = LatentTransform(tensors[BASIS_KEY], int(metadata["transform"]["levels"]))
+            channels = metadata["latent_channels"]
+            if (transform.channel_basis.shape[0] != channels
+                    or transform.coded_shape((channels, 1, 1))[0] != metadata["config"]["channels"]):
+                raise ValueError(f"a {tuple(transform.channel_basis.shape)} channel basis at {transform.levels} "
+                                 f"levels for {channels} latent channels and a network of "
+                                 f"{metadata['config']['channels']}")
+    except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise EntropyModelError(f"--model {path}: its tensors do not fit its own config ({first})") from None
     return ProbabilityModel(network.double().eval().requires_grad_(False), metadata, model_identity(metadata, tensors),
-                            str(path))
+                            str(path), transform)
 
 
 def check_model_codec(model: ProbabilityModel, codec_identity: str, encoder_identity: str | None) -> None:

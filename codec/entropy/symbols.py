@@ -21,7 +21,7 @@ import constriction
 import numpy as np
 import torch
 
-from codec.entropy.discrete import gaussian_bin_probability, normal_cdf
+from codec.entropy.discrete import gaussian_bin_probability
 from codec.entropy.models import ProbabilityModel
 
 SYMBOL_LIMIT = 32767  # the header stores the range as int16
@@ -133,7 +133,11 @@ def symbol_bits(model: ProbabilityModel, y: torch.Tensor, step: float, low: int,
     for index, coding_pass in _context_passes(model, y.shape):
         mean, std = (torch.from_numpy(a) for a in pass_gaussians(model, index, coding_pass, zhat, step))
         symbols = y[coding_pass.target].double()
-        inside = 1.0 - normal_cdf((low - 0.5 - mean) / std) - normal_cdf((mean - high - 0.5) / std)
-        p = gaussian_bin_probability(symbols, 0.5, mean, std) / inside
+        # The alphabet's mass, as one wide bin: 1 - Φ(a) - Φ(b) cancelled to nothing (or below) for a mean 30σ past
+        # the alphabet, and the bits came out negative. Past ~38σ it still underflows to 0/0: the coder then gives
+        # such a symbol its floor probability, and so does the floor below.
+        inside = gaussian_bin_probability(torch.tensor((low + high) / 2, dtype=torch.float64), (high - low + 1) / 2,
+                                          mean, std)
+        p = gaussian_bin_probability(symbols, 0.5, mean, std) / inside.clamp_min(torch.finfo(torch.float64).tiny)
         total += float(-torch.log2(p.clamp_min(CODER_FLOOR)).sum())  # a symbol past ~38σ underflows to 0 in float64
     return total

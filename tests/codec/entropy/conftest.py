@@ -13,6 +13,8 @@ from tests.diffusion.conftest import (caption_images, one_torch_thread, save_tin
                                       tiny_shards)
 
 KINDS = ("factorized", "context")
+# Every model file the fixtures fit: each kind, and a context model coding through a KLT basis and one Haar split.
+MODELS = (*KINDS, "context-klt-h1")
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +25,7 @@ def other_codec_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_files(tiny_shards, tmp_path_factory) -> dict[str, Path]:
-    """{kind: model file} fit for 40 steps on the tiny shards: enough to be a model, not a good one."""
+    """{name: model file} fit for 40 steps on the tiny shards: enough to be a model, not a good one."""
     from codec.entropy.fit import FitSettings, fit_entropy_model
 
     root = tmp_path_factory.mktemp("entropy_models")
@@ -31,10 +33,12 @@ def model_files(tiny_shards, tmp_path_factory) -> dict[str, Path]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # session fixtures run before one_torch_thread; 2 busy threads made this 100x slower
     try:
-        for kind in KINDS:
-            files[kind] = root / f"{kind}.safetensors"
-            settings = FitSettings(kind=kind, steps=40, batch_size=4, hidden=8, step_min=0.05, step_max=2.0)
-            fit_entropy_model(tiny_shards, files[kind], settings, log=lambda line: None)
+        for name in MODELS:
+            files[name] = root / f"{name}.safetensors"
+            transform = {"channel_basis": "klt", "haar_levels": 1} if name.endswith("klt-h1") else {}
+            settings = FitSettings(kind=name.split("-")[0], steps=40, batch_size=4, hidden=8, step_min=0.05,
+                                   step_max=2.0, **transform)
+            fit_entropy_model(tiny_shards, files[name], settings, log=lambda line: None)
     finally:
         torch.set_num_threads(threads)
     return files

@@ -13,7 +13,7 @@ from codec.entropy.coder import compress_latent, decode_latent, encode_latent, s
 from codec.entropy.models import FactorizedModel, load_model, save_model
 from codec.entropy.symbols import dequantize, quantize
 from codec.model import codec_identity, encoder_identity, load_codec
-from tests.codec.entropy.conftest import KINDS
+from tests.codec.entropy.conftest import KINDS, MODELS
 from tests.conftest import load_script
 
 
@@ -50,7 +50,7 @@ def nothing_in(folder) -> bool:
     return not folder.exists() or not any(folder.iterdir())
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", MODELS)
 def test_any_size_image_round_trips_to_the_encoders_latent(compress_main, images, tmp_path, model_files,
                                                           tiny_codec_dir, capsys, kind):
     packed, decoded = tmp_path / "packed", tmp_path / "decoded"

@@ -148,12 +148,38 @@ def test_fitting_lowers_the_bits_and_records_the_shards(model_files, tiny_shards
     z = torch.stack([shards.scale(shards[i]["mean"]) for i in range(len(shards))]).double()
     step = torch.full((len(shards), 1, 1, 1), 0.3, dtype=torch.float64)
     y = torch.round(z / step)
-    for kind, path in model_files.items():
+    for name, path in model_files.items():
         fitted = load_model(path)
         assert fitted.metadata["codec"]["identity"] == shards.manifest["codec"]["identity"]
         assert fitted.scaling_factor == shards.scaling_factor
-        untrained = (FactorizedModel(4) if kind == "factorized" else ContextModel(4, 4, 8)).double()
+        symbols = y if fitted.transform is None else torch.round(fitted.transform.forward(z) / step)
+        channels = symbols.shape[1]
+        untrained = (FactorizedModel(channels) if fitted.kind == "factorized" else ContextModel(channels, 4, 8)).double()
         with torch.no_grad():
-            before = -torch.log2(untrained.bin_probability(y, step)).mean()
-            after = -torch.log2(fitted.network.bin_probability(y, step)).mean()
-        assert after < before
+            before = -torch.log2(untrained.bin_probability(symbols, step)).mean()
+            after = -torch.log2(fitted.network.bin_probability(symbols, step)).mean()
+        assert after < before, name
+
+
+def test_a_transformed_model_keeps_its_basis_and_refuses_one_that_does_not_fit(model_files, tmp_path):
+    from safetensors import safe_open
+
+    model = load_model(model_files["context-klt-h1"])
+    assert model.transform.levels == 1 and model.metadata["latent_channels"] == 4
+    assert model.network.config["channels"] == 16 and model.coded_shape((4, 7, 5)) == (16, 4, 3)
+    basis = model.transform.channel_basis
+    assert basis.dtype == torch.float64
+    torch.testing.assert_close(basis @ basis.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
+    with safe_open(str(model_files["context-klt-h1"]), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        metadata = handle.metadata()
+    # Another basis is another model: files made with one are refused by the other.
+    swapped = tmp_path / "swapped.safetensors"
+    save_file({**tensors, "transform.channel_basis": basis.flip(0).contiguous()}, str(swapped), metadata=metadata)
+    assert load_model(swapped).identity != model.identity
+    # A basis of 3 channels for a network of 16 bands is not this model.
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({**tensors, "transform.channel_basis": torch.eye(3, dtype=torch.float64)}, str(wrong), metadata=metadata)
+    with pytest.raises(EntropyModelError) as exc:
+        load_model(wrong)
+    assert str(wrong) in one_line(exc)
