@@ -80,16 +80,18 @@ def interpolate_psnr_at(curve: list[dict], bpp: float) -> float | None:
 def above_at_every_rate(ours: list[dict], reference: list[dict], max_bpp: float, metric: str = "psnr") -> dict:
     """Does our curve lie above the reference at every rate up to `max_bpp`?
 
-    Compared at each of our points with bpp <= max_bpp, and at each reference point within our range and below
-    max_bpp: two piecewise-linear curves that are ordered at every vertex of both are ordered everywhere between
-    them. margin = ours - reference (dB for PSNR); None where the reference has no point that low (or that high):
+    Compared at each of our points with bpp <= max_bpp, at each reference point within our range and below
+    max_bpp, and at max_bpp itself when our curve reaches past it: two piecewise-linear curves that are ordered at
+    every vertex of both are ordered everywhere between them, and max_bpp closes the last interval. margin = ours - reference (dB for PSNR); None where the reference has no point that low (or that high):
     "not comparable", which is never counted as a win. holds: True (every rate compared, every margin > 0),
     False (some margin <= 0), None (not established: a rate not comparable, or no point of ours <= max_bpp)."""
     mine = [p["bpp"] for p in ours if p["bpp"] <= max_bpp]
     low, high = (min(p["bpp"] for p in ours), max(p["bpp"] for p in ours)) if ours else (0.0, -1.0)
     theirs = [p["bpp"] for p in reference if low <= p["bpp"] <= min(high, max_bpp) and p["bpp"] not in mine]
+    # The curves may cross between the last vertex below max_bpp and max_bpp: compare at the end too.
+    end = [max_bpp] if low <= max_bpp <= high and max_bpp not in mine + theirs else []
     rows = []
-    for bpp, at in sorted([(b, "ours") for b in mine] + [(b, "reference") for b in theirs]):
+    for bpp, at in sorted([(b, "ours") for b in mine] + [(b, "reference") for b in theirs] + [(b, "end") for b in end]):
         value, other = interpolate(ours, "bpp", metric, bpp), interpolate(reference, "bpp", metric, bpp)
         rows.append({"bpp": bpp, "at": at, "ours": value, "reference": other,
                      "margin": None if other is None else value - other})

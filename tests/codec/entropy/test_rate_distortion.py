@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def test_a_rate_below_the_references_lowest_is_not_comparable_and_not_a_win():
 def test_above_holds_only_when_every_rate_is_compared_and_won():
     ours = curve((0.2, 30.0), (0.3, 32.0))
     won = above_at_every_rate(ours, curve((0.1, 20.0), (0.4, 26.0)), 0.25)
-    assert won["holds"] is True and [r["margin"] for r in won["points"]] == pytest.approx([30.0 - 22.0])
+    assert won["holds"] is True and [r["margin"] for r in won["points"]] == pytest.approx([30.0 - 22.0, 31.0 - 23.0])
     lost = above_at_every_rate(ours, curve((0.1, 29.0), (0.4, 35.0)), 0.25)
     assert lost["holds"] is False and lost["points"][0]["margin"] == pytest.approx(-1.0)
     assert "0.2000" in lost["verdict"]
@@ -85,6 +86,17 @@ def test_above_holds_only_when_every_rate_is_compared_and_won():
     ms_ssim = above_at_every_rate([{"bpp": 0.2, "ms_ssim": 0.9}], [{"bpp": 0.1, "ms_ssim": 0.7},
                                                                    {"bpp": 0.3, "ms_ssim": 0.95}], 0.25, "ms_ssim")
     assert ms_ssim["holds"] is True and ms_ssim["points"][0]["margin"] == pytest.approx(0.9 - 0.825)
+
+
+def test_a_crossing_between_the_last_vertex_and_the_target_rate_is_a_loss():
+    # Ahead at every vertex up to 0.25 bpp (0.1, 0.2), behind at 0.25 itself (25.75 against 26.25 dB): the
+    # reference's next vertex, 0.3, lies past the target. The old check compared vertices only and said yes.
+    ours = curve((0.1, 25.0), (0.3, 26.0))
+    reference = curve((0.1, 24.0), (0.2, 24.5), (0.3, 28.0))
+    check = above_at_every_rate(ours, reference, 0.25)
+    assert [(r["bpp"], r["at"]) for r in check["points"]] == [(0.1, "ours"), (0.2, "reference"), (0.25, "end")]
+    assert check["points"][-1]["margin"] == pytest.approx(25.75 - 26.25)
+    assert check["holds"] is False and "0.2500" in check["verdict"]
 
 
 def test_bits_saving_at_equal_psnr_over_the_common_range():
@@ -229,3 +241,35 @@ def test_the_script_refuses_two_unnamed_models_of_one_kind_and_unreadable_data(r
     refused(rd_main, [*common, "--model", model, "--data", junk], capsys, junk)
     refused(rd_main, [*common, "--model", model, "--jpeg-qualities", 0], capsys, "--jpeg-qualities")
     assert not out.exists()
+
+
+def test_plot_rd_overlays_the_codec_curves_of_sweeps_of_the_same_images(tmp_path, capsys):
+    main = load_script("plot_rd").main
+
+    def sweep(name: str, **changes) -> Path:
+        result = {"images": 2, "resolution": [64, 64], "data": "bundled", "target_bpp": 0.25,
+                  "curves": {"context": curve((0.1, 20.0), (0.3, 25.0)), "jpeg": curve((0.2, 21.0), (0.4, 26.0))},
+                  "kinds": {"context": "context", "jpeg": "jpeg"}, **changes}
+        for points in result["curves"].values():
+            for p in points:
+                p["ms_ssim"] = p["psnr"] / 30
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(result))
+        return path
+
+    plain, noisy = sweep("plain"), sweep("noisy")
+    merged = load_script("plot_rd").merge([("plain", json.loads(plain.read_text())),
+                                           ("noisy", json.loads(noisy.read_text()))])
+    assert list(merged["curves"]) == ["plain: context", "jpeg", "noisy: context"]  # JPEG once, from the first
+    assert main([f"plain={plain}", f"noisy={noisy}", "--out", str(tmp_path / "both.png")]) == 0
+    with Image.open(tmp_path / "both.png") as plot:
+        assert plot.format == "PNG"
+    capsys.readouterr()
+    # Sweeps of other images do not share an axis: refused in one line naming the label.
+    other = sweep("other", resolution=[128, 128])
+    assert main([f"plain={plain}", f"big={other}", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: big: swept resolution") and "\n" not in err
+    assert not (tmp_path / "x.png").exists()
+    assert main([f"plain={tmp_path / 'missing.json'}", "--out", str(tmp_path / "x.png")]) == 2
+    assert "missing.json" in capsys.readouterr().err
