@@ -11,11 +11,13 @@ possible (-log2 of each symbol's probability). `factorized`: one mixture of logi
 network from what is already decoded (fewer bits on latents with spatial or cross-channel structure). The file
 (safetensors) records the codec that made the shards; compress.py refuses it for latents of another codec.
 
---channel-basis klt --haar-levels L code the latent through an orthonormal transform (codec/entropy/transform.py):
-the channels rotated to their decorrelated basis, then L Haar splits. Same squared error at a step Δ, far fewer
-bits on a correlated latent (docs/rate-distortion.md):
+--channel-basis klt --spatial dct --levels L code the latent through an orthonormal transform
+(codec/entropy/transform.py): the channels rotated to their decorrelated basis, then the DCT of 2^L x 2^L blocks
+of positions (or L Haar splits). Same squared error at a step Δ, far fewer bits on a correlated latent
+(docs/rate-distortion.md):
 
-    python scripts/fit_entropy_model.py --shards shards/ --out context-klt-h2.safetensors --channel-basis klt --haar-levels 2
+    python scripts/fit_entropy_model.py --shards shards/ --kind factorized --out klt-dct4.safetensors \
+        --channel-basis klt --spatial dct --levels 2
 """
 
 from __future__ import annotations
@@ -50,10 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channel-basis", choices=("identity", "klt"), default=d.channel_basis,
                    help="code the latent's channels as they are, or rotated to their Karhunen-Loève basis measured "
                         f"on the shards (decorrelated, largest variance first) (default {d.channel_basis})")
-    p.add_argument("--haar-levels", type=int, default=d.haar_levels,
-                   help="orthonormal 2x2 Haar splits of every band before coding, 0-4: fewer bits for a smooth, "
-                        "correlated latent such as configs/codec/compress-f4.yaml's; images are then padded to "
-                        f"the codec's factor x 2^levels (default {d.haar_levels})")
+    p.add_argument("--spatial", choices=("haar", "dct"), default=d.spatial,
+                   help="the spatial transform of 2^levels x 2^levels blocks of latent positions: the DCT "
+                        f"(JPEG's) or Haar splits (default {d.spatial})")
+    p.add_argument("--levels", type=int, default=d.levels,
+                   help="0-4: blocks of 2^levels x 2^levels positions; 0 codes the positions as they are. "
+                        "Fewer bits for a smooth, correlated latent such as configs/codec/compress-f4.yaml's; "
+                        f"images are then padded to the codec's factor x 2^levels (default {d.levels})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initial weights and the batches "
                    f"(default {d.seed})")
     p.add_argument("--log-every", type=int, default=d.log_every, help=f"print the mean bits every N steps "
@@ -66,7 +71,7 @@ def main(argv=None) -> int:
     settings = FitSettings(kind=args.kind, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            step_min=args.step_min, step_max=args.step_max, components=args.components,
                            groups=args.groups, hidden=args.hidden, channel_basis=args.channel_basis,
-                           haar_levels=args.haar_levels, seed=args.seed, log_every=args.log_every)
+                           spatial=args.spatial, levels=args.levels, seed=args.seed, log_every=args.log_every)
     try:
         identity = fit_entropy_model(args.shards, args.out, settings)
     except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError: bad settings, unreadable shards

@@ -23,7 +23,7 @@ import torch
 from codec.common.config import ConfigError, check_choice
 from codec.entropy.discrete import bits
 from codec.entropy.models import KINDS, build_network, save_model
-from codec.entropy.transform import LatentTransform, fit_channel_basis
+from codec.entropy.transform import SPATIAL, LatentTransform, fit_channel_basis
 from diffusion.shards.reader import LatentShards
 
 
@@ -43,15 +43,17 @@ class FitSettings:
     groups: int = 4  # context: channel groups (at most the latent channels)
     hidden: int = 32  # context: width of each pass's network
     channel_basis: str = "identity"  # identity | klt: code the channels as they are, or rotated to their KLT basis
-    haar_levels: int = 0  # orthonormal 2x2 Haar splits of every band before coding (0: none)
+    spatial: str = "dct"  # haar | dct: the orthonormal transform of 2^levels x 2^levels blocks
+    levels: int = 0  # block size 2^levels of the spatial transform (0: none)
     seed: int = 0
     log_every: int = 100
 
     def check(self) -> None:
         check_choice("--kind", self.kind, KINDS)
         check_choice("--channel-basis", self.channel_basis, CHANNEL_BASES)
-        if not 0 <= self.haar_levels <= 4:
-            raise ConfigError(f"--haar-levels: expected 0 to 4, got {self.haar_levels}")
+        check_choice("--spatial", self.spatial, SPATIAL)
+        if not 0 <= self.levels <= 4:
+            raise ConfigError(f"--levels: expected 0 to 4, got {self.levels}")
         if not 0 < self.step_min <= self.step_max:
             raise ConfigError(f"step range: need 0 < --step-min <= --step-max, got {self.step_min}, {self.step_max}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -67,14 +69,14 @@ def network_for(settings: FitSettings, channels: int):
 
 def latent_transform(shards: LatentShards, settings: FitSettings, generator: torch.Generator) -> LatentTransform | None:
     """The transform the settings ask for, its channel basis measured on the shards; None for none."""
-    if settings.channel_basis == "identity" and settings.haar_levels == 0:
+    if settings.channel_basis == "identity" and settings.levels == 0:
         return None
     channels = int(shards.manifest["latent_shape"][0])
     if settings.channel_basis == "identity":
-        return LatentTransform(torch.eye(channels, dtype=torch.float64), settings.haar_levels)
+        return LatentTransform(torch.eye(channels, dtype=torch.float64), settings.levels, settings.spatial)
     rows = torch.randperm(len(shards), generator=generator)[:BASIS_RECORDS].tolist()
     z = torch.stack([shards.scale(shards[i]["mean"]).double() for i in sorted(rows)])
-    return LatentTransform(fit_channel_basis(z), settings.haar_levels)
+    return LatentTransform(fit_channel_basis(z), settings.levels, settings.spatial)
 
 
 def draw_batch(shards: LatentShards, settings: FitSettings, generator: torch.Generator,
@@ -103,7 +105,8 @@ def fit_entropy_model(shards_dir: str | os.PathLike, out: str | os.PathLike, set
     latent_shape = tuple(int(n) for n in shards.manifest["latent_shape"])
     coded = latent_shape if transform is None else transform.coded_shape(latent_shape)
     if transform is not None:
-        log(f"coding through a {settings.channel_basis} channel basis and {settings.haar_levels} Haar levels: "
+        log(f"coding through a {settings.channel_basis} channel basis and a {settings.spatial} of "
+            f"{2 ** settings.levels}x{2 ** settings.levels} blocks: "
             f"latents {latent_shape} -> coefficients {coded}")
     network = network_for(settings, coded[0]).train()
     optimizer = torch.optim.Adam(network.parameters(), lr=settings.lr)

@@ -260,7 +260,7 @@ def save_model(network: nn.Module, path: str | os.PathLike, *, codec_identity: s
     }
     tensors = {name: t.detach().cpu().float().contiguous() for name, t in network.state_dict().items()}
     if transform is not None:
-        metadata["transform"] = {"levels": transform.levels}
+        metadata["transform"] = {"levels": transform.levels, "spatial": transform.spatial}
         tensors[BASIS_KEY] = transform.channel_basis.cpu().double().contiguous()
     payload = safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     write_bytes_atomically(path, payload)
@@ -292,7 +292,8 @@ def load_model(path: str | os.PathLike) -> ProbabilityModel:
     try:
         network.load_state_dict(weights)
         if "transform" in metadata:
-            transform = LatentTransform(tensors[BASIS_KEY], int(metadata["transform"]["levels"]))
+            transform = LatentTransform(tensors[BASIS_KEY], int(metadata["transform"]["levels"]),
+                                        metadata["transform"]["spatial"])
             channels = metadata["latent_channels"]
             if (transform.channel_basis.shape[0] != channels
                     or transform.coded_shape((channels, 1, 1))[0] != metadata["config"]["channels"]):

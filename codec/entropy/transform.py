@@ -8,9 +8,12 @@ nothing. That is what JPEG's DCT and JPEG 2000's wavelets do; here the rotation 
 
 1. across channels, the Karhunen-Loève basis of the shards' latents (the eigenvectors of their channel covariance,
    largest variance first);
-2. over space, `levels` orthonormal 2x2 Haar splits of every band (a full wavelet packet): (C, h, w) ->
-   (C·4^levels, h / 2^levels, w / 2^levels), the lowest band's C channels first, so the context model's first
-   channel group codes the coarse image.
+2. over space, on blocks of 2^levels x 2^levels positions: (C, h, w) -> (C·4^levels, h / 2^levels, w / 2^levels),
+   the lowest band's C channels first, so the context model's first channel group codes the coarse image. Either
+   `haar`, `levels` orthonormal 2x2 Haar splits of every band (a full wavelet packet, the Walsh-Hadamard transform
+   of the block), or `dct`, the orthonormal 2D DCT-II of the block (JPEG's transform), bands in order of
+   frequency. On the f4 codec's latents at 512² the DCT of 4x4 blocks takes 6% fewer bits than two Haar levels at
+   a 0.2 dB higher PSNR (docs/rate-distortion.md): its basis fits smooth signals better.
 
 Both are orthonormal, so a uniform step Δ on the coefficients is a uniform step on the latent: the squared error a
 step adds to the latent is the same as without the transform, and only the bits change. The inverse is exact up to
@@ -19,8 +22,12 @@ float64 rounding; encoder and decoder only need to agree on the quantised coeffi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+SPATIAL = ("haar", "dct")
 
 
 def fit_channel_basis(z: torch.Tensor) -> torch.Tensor:
@@ -55,17 +62,59 @@ def haar_merge(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([top, bottom], -2).flatten(-3, -2)  # interleave rows
 
 
-class LatentTransform:
-    """Channel basis then `levels` Haar splits; `forward` pads a latent's sides with edge values to multiples of
-    2^levels first (the decoder crops the padded pixels off, as it crops the image's own padding)."""
+def dct_matrix(n: int) -> torch.Tensor:
+    """(n, n) orthonormal DCT-II: row k is the k-th cosine, sampled at the n positions' centres."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None]
+    m = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2 / n)
+    m[0] /= math.sqrt(2)
+    return m
 
-    def __init__(self, channel_basis: torch.Tensor, levels: int):
+
+def frequency_order(n: int) -> list[tuple[int, int]]:
+    """The (vertical, horizontal) frequencies of an n x n block, lowest first (by k + l, then k)."""
+    return sorted(((k, l) for k in range(n) for l in range(n)), key=lambda kl: (kl[0] + kl[1], kl[0]))
+
+
+def block_dct(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, C, h, w) -> (N, n²C, h/n, w/n): the 2D DCT of each n x n block; band (k, l) of channel c at channel
+    index rank(k, l)·C + c, ranks in frequency_order."""
+    batch, channels, h, w = x.shape
+    d = dct_matrix(n).to(x.device)
+    blocks = x.reshape(batch, channels, h // n, n, w // n, n)
+    coefficients = torch.einsum("ki,ncaibj,lj->nklcab", d, blocks, d)  # n, k, l, c, block row, block column
+    order = frequency_order(n)
+    return torch.stack([coefficients[:, k, l] for k, l in order], 1).reshape(batch, n * n * channels, h // n, w // n)
+
+
+def block_idct(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of block_dct."""
+    batch, bands, a, b = t.shape
+    channels = bands // (n * n)
+    d = dct_matrix(n).to(t.device)
+    grouped = t.reshape(batch, n * n, channels, a, b)
+    coefficients = torch.zeros(batch, n, n, channels, a, b, dtype=t.dtype, device=t.device)
+    for rank, (k, l) in enumerate(frequency_order(n)):
+        coefficients[:, k, l] = grouped[:, rank]
+    blocks = torch.einsum("ki,nklcab,lj->ncaibj", d, coefficients, d)
+    return blocks.reshape(batch, channels, a * n, b * n)
+
+
+class LatentTransform:
+    """Channel basis then a spatial transform of 2^levels blocks; `forward` pads a latent's sides with edge values
+    to multiples of 2^levels first (the decoder crops the padded pixels off, as it crops the image's own
+    padding)."""
+
+    def __init__(self, channel_basis: torch.Tensor, levels: int, spatial: str = "haar"):
         if channel_basis.dim() != 2 or channel_basis.shape[0] != channel_basis.shape[1]:
             raise ValueError(f"channel basis must be square, got {tuple(channel_basis.shape)}")
         if levels < 0:
-            raise ValueError(f"Haar levels must be >= 0, got {levels}")
+            raise ValueError(f"spatial levels must be >= 0, got {levels}")
+        if spatial not in SPATIAL:
+            raise ValueError(f"spatial transform {spatial!r}: expected one of {', '.join(SPATIAL)}")
         self.channel_basis = channel_basis.double()
         self.levels = levels
+        self.spatial = spatial
 
     @property
     def multiple(self) -> int:
@@ -86,15 +135,21 @@ class LatentTransform:
         if h % m or w % m:
             t = F.pad(t, (0, -w % m, 0, -h % m), mode="replicate")
         t = torch.einsum("dc,nchw->ndhw", self.channel_basis.to(t.device), t.double())
-        for _ in range(self.levels):
-            t = haar_split(t)
+        if self.spatial == "dct":
+            t = block_dct(t, m)
+        else:
+            for _ in range(self.levels):
+                t = haar_split(t)
         return t[0] if single else t
 
     def inverse(self, t: torch.Tensor) -> torch.Tensor:
         """Coefficients -> normalised latents (padded to multiples of 2^levels), float64."""
         single = t.dim() == 3
         z = (t[None] if single else t).double()
-        for _ in range(self.levels):
-            z = haar_merge(z)
+        if self.spatial == "dct":
+            z = block_idct(z, self.multiple)
+        else:
+            for _ in range(self.levels):
+                z = haar_merge(z)
         z = torch.einsum("dc,ndhw->nchw", self.channel_basis.to(z.device), z)
         return z[0] if single else z

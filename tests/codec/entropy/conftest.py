@@ -13,8 +13,8 @@ from tests.diffusion.conftest import (caption_images, one_torch_thread, save_tin
                                       tiny_shards)
 
 KINDS = ("factorized", "context")
-# Every model file the fixtures fit: each kind, and a context model coding through a KLT basis and one Haar split.
-MODELS = (*KINDS, "context-klt-h1")
+# Every model file the fixtures fit: each kind, and models coding through a KLT basis and 2x2 blocks (Haar, DCT).
+MODELS = (*KINDS, "context-klt-haar1", "factorized-klt-dct1")
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,8 @@ def model_files(tiny_shards, tmp_path_factory) -> dict[str, Path]:
     try:
         for name in MODELS:
             files[name] = root / f"{name}.safetensors"
-            transform = {"channel_basis": "klt", "haar_levels": 1} if name.endswith("klt-h1") else {}
+            spatial = name.split("-")[-1][:-1] if "-klt-" in name else None
+            transform = {"channel_basis": "klt", "spatial": spatial, "levels": 1} if spatial else {}
             settings = FitSettings(kind=name.split("-")[0], steps=40, batch_size=4, hidden=8, step_min=0.05,
                                    step_max=2.0, **transform)
             fit_entropy_model(tiny_shards, files[name], settings, log=lambda line: None)

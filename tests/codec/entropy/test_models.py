@@ -164,13 +164,13 @@ def test_fitting_lowers_the_bits_and_records_the_shards(model_files, tiny_shards
 def test_a_transformed_model_keeps_its_basis_and_refuses_one_that_does_not_fit(model_files, tmp_path):
     from safetensors import safe_open
 
-    model = load_model(model_files["context-klt-h1"])
+    model = load_model(model_files["context-klt-haar1"])
     assert model.transform.levels == 1 and model.metadata["latent_channels"] == 4
     assert model.network.config["channels"] == 16 and model.coded_shape((4, 7, 5)) == (16, 4, 3)
     basis = model.transform.channel_basis
     assert basis.dtype == torch.float64
     torch.testing.assert_close(basis @ basis.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
-    with safe_open(str(model_files["context-klt-h1"]), framework="pt") as handle:
+    with safe_open(str(model_files["context-klt-haar1"]), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         metadata = handle.metadata()
     # Another basis is another model: files made with one are refused by the other.

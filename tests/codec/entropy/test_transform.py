@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from codec.entropy.transform import LatentTransform, fit_channel_basis, haar_merge, haar_split
+from codec.entropy.transform import (LatentTransform, block_dct, block_idct, dct_matrix, fit_channel_basis,
+                                     haar_merge, haar_split)
 
 
 def test_haar_split_is_orthonormal_and_merge_inverts_it():
@@ -36,11 +37,27 @@ def test_the_channel_basis_decorrelates_and_sorts_by_variance():
     assert abs((rotated[:, 0] * rotated[:, 1]).mean().item()) < 1e-10  # uncorrelated
 
 
-@pytest.mark.parametrize("levels", [0, 1, 2])
-def test_the_transform_round_trips_any_size_and_keeps_squared_error(levels):
+def test_the_block_dct_is_orthonormal_and_puts_a_constant_block_into_its_first_band():
+    d = dct_matrix(4)
+    torch.testing.assert_close(d @ d.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    t = block_dct(x, 4)
+    assert t.shape == (2, 48, 2, 3)
+    torch.testing.assert_close(block_idct(t, 4), x, rtol=0, atol=1e-12)
+    assert t.pow(2).sum().item() == pytest.approx(x.pow(2).sum().item(), rel=1e-12)
+    # A constant 4x4 block of 5: all in band 0 (the DC), 5 x 4 (sixteen values, orthonormal).
+    flat = block_dct(torch.full((1, 1, 4, 4), 5.0, dtype=torch.float64), 4)
+    assert flat[0, 0, 0, 0].item() == pytest.approx(20.0) and flat[0, 1:].abs().max() < 1e-12
+    # A horizontal ramp: the first horizontal frequency (band 1, order (0,0), (0,1), ...) holds most of the rest.
+    ramp = block_dct(torch.arange(4.0, dtype=torch.float64).expand(1, 1, 4, 4).contiguous(), 4)
+    assert ramp[0, 1].abs().item() > 10 * ramp[0, 2:].abs().max().item()
+
+
+@pytest.mark.parametrize("levels, spatial", [(0, "haar"), (1, "haar"), (2, "haar"), (2, "dct"), (3, "dct")])
+def test_the_transform_round_trips_any_size_and_keeps_squared_error(levels, spatial):
     g = torch.Generator().manual_seed(1)
     basis = fit_channel_basis(torch.randn(4, 4, 6, 6, generator=g, dtype=torch.float64))
-    transform = LatentTransform(basis, levels)
+    transform = LatentTransform(basis, levels, spatial)
     z = torch.randn(4, 13, 10, generator=g, dtype=torch.float64)  # sides not multiples of 2^levels
     t = transform.forward(z)
     m = 2 ** levels
