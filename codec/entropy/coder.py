@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from codec.entropy.bitstream import BitstreamError, Header, pack, unpack
 from codec.entropy.models import ProbabilityModel
 from codec.entropy.symbols import (SYMBOL_LIMIT, decode_symbols, dequantize, encode_symbols, quantize, symbol_bits,
                                    symbols_hash)
+from codec.entropy.transform import pad_to_factor
 from codec.model import decode_latents, downsample_factor, encode_posterior
 from codec.tiling import tiled_decode, tiled_encode
 from diffusion.codec_io import pil_to_tensor, tensor_to_pil, to_rgb
@@ -39,12 +39,6 @@ class Compressed:
     @property
     def bits(self) -> int:
         return 8 * len(self.data)
-
-
-def pad_to_factor(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Images (N, C, H, W) padded right and down to multiples of `factor`, edge pixels repeated."""
-    height, width = x.shape[-2:]
-    return F.pad(x, (0, -width % factor, 0, -height % factor), mode="replicate")
 
 
 @torch.no_grad()

@@ -24,8 +24,9 @@ from PIL import Image
 from codec.common.atomic import save_figure, write_bytes_atomically, write_text_atomically
 from codec.data import pil_to_tensor, tensor_to_pil
 from codec.entropy.bitstream import OVERHEAD_BYTES
-from codec.entropy.coder import compress_image, decompress_image, pad_to_factor, read_compressed
+from codec.entropy.coder import compress_image, decompress_image, read_compressed
 from codec.entropy.models import ProbabilityModel
+from codec.entropy.transform import pad_to_factor
 from codec.evaluate import _cell
 from codec.latent_analysis import _finite_mean
 from codec.losses import kl_divergence, ms_ssim_scales

@@ -30,6 +30,13 @@ import torch.nn.functional as F
 SPATIAL = ("haar", "dct")
 
 
+def pad_to_factor(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(N, C, H, W) padded right and down to multiples of `factor`, edge values repeated: images to the codec's
+    factor before encoding, latents to the transform's block before it."""
+    height, width = x.shape[-2:]
+    return F.pad(x, (0, -width % factor, 0, -height % factor), mode="replicate")
+
+
 def fit_channel_basis(z: torch.Tensor) -> torch.Tensor:
     """(C, C) orthonormal rows: the principal directions of the channels of latents (N, C, h, w), largest variance
     first, each signed so that its largest component is positive (one answer for one data set)."""
@@ -76,15 +83,19 @@ def frequency_order(n: int) -> list[tuple[int, int]]:
     return sorted(((k, l) for k in range(n) for l in range(n)), key=lambda kl: (kl[0] + kl[1], kl[0]))
 
 
+def band_order(n: int) -> torch.Tensor:
+    """Index k·n + l of each band (k, l) of an n x n block, in frequency_order."""
+    return torch.tensor([k * n + l for k, l in frequency_order(n)])
+
+
 def block_dct(x: torch.Tensor, n: int) -> torch.Tensor:
     """(N, C, h, w) -> (N, n²C, h/n, w/n): the 2D DCT of each n x n block; band (k, l) of channel c at channel
     index rank(k, l)·C + c, ranks in frequency_order."""
     batch, channels, h, w = x.shape
     d = dct_matrix(n).to(x.device)
     blocks = x.reshape(batch, channels, h // n, n, w // n, n)
-    coefficients = torch.einsum("ki,ncaibj,lj->nklcab", d, blocks, d)  # n, k, l, c, block row, block column
-    order = frequency_order(n)
-    return torch.stack([coefficients[:, k, l] for k, l in order], 1).reshape(batch, n * n * channels, h // n, w // n)
+    coefficients = torch.einsum("ki,ncaibj,lj->nklcab", d, blocks, d).reshape(batch, n * n, channels, h // n, w // n)
+    return coefficients[:, band_order(n).to(x.device)].reshape(batch, n * n * channels, h // n, w // n)
 
 
 def block_idct(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -92,11 +103,8 @@ def block_idct(t: torch.Tensor, n: int) -> torch.Tensor:
     batch, bands, a, b = t.shape
     channels = bands // (n * n)
     d = dct_matrix(n).to(t.device)
-    grouped = t.reshape(batch, n * n, channels, a, b)
-    coefficients = torch.zeros(batch, n, n, channels, a, b, dtype=t.dtype, device=t.device)
-    for rank, (k, l) in enumerate(frequency_order(n)):
-        coefficients[:, k, l] = grouped[:, rank]
-    blocks = torch.einsum("ki,nklcab,lj->ncaibj", d, coefficients, d)
+    coefficients = t.reshape(batch, n * n, channels, a, b)[:, torch.argsort(band_order(n)).to(t.device)]
+    blocks = torch.einsum("ki,nklcab,lj->ncaibj", d, coefficients.reshape(batch, n, n, channels, a, b), d)
     return blocks.reshape(batch, channels, a * n, b * n)
 
 
@@ -131,10 +139,7 @@ class LatentTransform:
         single = z.dim() == 3
         t = z[None] if single else z
         m = self.multiple
-        h, w = t.shape[-2:]
-        if h % m or w % m:
-            t = F.pad(t, (0, -w % m, 0, -h % m), mode="replicate")
-        t = torch.einsum("dc,nchw->ndhw", self.channel_basis.to(t.device), t.double())
+        t = torch.einsum("dc,nchw->ndhw", self.channel_basis.to(t.device), pad_to_factor(t, m).double())
         if self.spatial == "dct":
             t = block_dct(t, m)
         else:
