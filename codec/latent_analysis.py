@@ -24,7 +24,7 @@ import torch
 from codec.common.atomic import save_figure
 from codec.common.precision import in_fp32
 from codec.equivariance import Transform, analysis_transforms, resize, transform_image, transform_latent
-from codec.metrics import psnr, ssim
+from codec.metrics import mean_psnr, psnr, ssim
 from codec.model import decode_latents, downsample_factor, encode_posterior
 
 HALF_NYQUIST = 0.25  # cycles per sample: half of the highest frequency a sampled map holds
@@ -111,7 +111,7 @@ def analyze_codec(vae, batches, transforms: list[Transform] | None = None, resam
     freqs, latent_profile = radial_profile(latent_power)
     _, image_profile = radial_profile(image_power)
     plain = torch.cat(rec_psnr)
-    equivariance = {name: _finite_mean(torch.cat(values)) for name, values in tau_psnr.items()}
+    equivariance = {name: mean_psnr(torch.cat(values)) for name, values in tau_psnr.items()}
     return {
         "images": int(z.shape[0]),
         "latent_shape": list(z.shape[1:]),
@@ -131,13 +131,8 @@ def analyze_codec(vae, batches, transforms: list[Transform] | None = None, resam
         "equivariance_psnr": equivariance,
         "equivariance_psnr_mean": sum(equivariance.values()) / len(equivariance) if equivariance else None,
         "equivariance_resample": resample,
-        "reconstruction": {"psnr": _finite_mean(plain), "ssim": float(torch.cat(rec_ssim).mean())},
+        "reconstruction": {"psnr": mean_psnr(plain), "ssim": float(torch.cat(rec_ssim).mean())},
     }
-
-
-def _finite_mean(values: torch.Tensor) -> float:
-    """Mean PSNR with identical pairs (+inf) counted at 100 dB, so one perfect image does not make the mean inf."""
-    return float(values.clamp(max=100.0).mean())
 
 
 def plot_spectra(analyses: dict[str, dict], out: str | Path, title: str = "Radially averaged power spectrum") -> Path:

@@ -22,6 +22,12 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(255.0**2 / mse)
 
 
+def mean_psnr(values: torch.Tensor) -> float:
+    """Mean of per-image PSNRs with identical pairs (+inf) counted at 100 dB, so one perfect image does not make the
+    mean inf."""
+    return float(values.clamp(max=100.0).mean())
+
+
 @in_fp32
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """SSIM per image (Gaussian window 11, σ 1.5, the standard constants) on uint8-quantised RGB."""

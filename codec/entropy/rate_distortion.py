@@ -28,9 +28,8 @@ from codec.entropy.coder import compress_image, decompress_image, read_compresse
 from codec.entropy.models import ProbabilityModel
 from codec.entropy.transform import pad_to_factor
 from codec.evaluate import _cell
-from codec.latent_analysis import _finite_mean
 from codec.losses import kl_divergence, ms_ssim_scales
-from codec.metrics import ms_ssim, psnr
+from codec.metrics import mean_psnr, ms_ssim, psnr
 from codec.model import downsample_factor, encode_posterior
 from codec.quality import encode_jpeg, encode_webp
 
@@ -191,7 +190,7 @@ def _point(method: str, setting: dict, originals: torch.Tensor, decoded: list[Im
     return {
         "method": method, **setting,
         "bpp": sum(bits_per_pixel(size, height, width) for size in sizes) / n,
-        "psnr": _finite_mean(psnr(originals.float(), candidates)),  # identical images count as 100 dB, not inf
+        "psnr": mean_psnr(psnr(originals.float(), candidates)),  # identical images count as 100 dB, not inf
         "ms_ssim": float(ms_ssim(originals.float(), candidates).mean()),
         "encode_seconds": sum(encode_seconds) / n, "decode_seconds": sum(decode_seconds) / n,
         "bytes": sizes, **extra,
