@@ -174,3 +174,23 @@ def test_adaptive_gan_weight_reduces_gradients_before_their_norms():
     alone = adaptive_gan_weight(*losses([0]), w)
     torch.testing.assert_close(both, whole)
     assert abs(alone.item() - whole.item()) > 1e-2 * whole.item()
+
+
+def test_in_fp32_keeps_float64_inputs_in_float64():
+    """KL of a posterior barely off the prior, μ = 0 and log σ² = s = 2⁻¹² (exact in float32): ½(e^s − 1 − s) per
+    element is 1.5e-8, below float32's resolution of e^s ≈ 1, so the float32 sum is 0. rate_bits and
+    kl_bits_per_pixel pass float64 to get the exact value; in_fp32 must not cast it back down."""
+    import math
+
+    from diffusion.demo.beta_study import rate_bits
+
+    mean = torch.zeros(1, 4, 8, 8, dtype=torch.float64)
+    logvar = torch.full_like(mean, 2**-12)
+    exact = mean[0].numel() * 0.5 * (math.expm1(2**-12) - 2**-12)  # closed form, 3.815e-06 nats
+    got = kl_divergence(mean, logvar)
+    assert got.item() == pytest.approx(exact, rel=1e-9)  # cast to float32 it was 0.0
+    assert got.dtype == torch.float64
+    assert rate_bits(mean.float(), logvar.float()).item() == pytest.approx(exact / math.log(2), rel=1e-9)
+    with bf16():  # a bf16 tensor is still upcast to float32, and float64 stays float64 under autocast too
+        assert kl_divergence(mean.bfloat16(), logvar.bfloat16()).dtype == torch.float32
+        assert kl_divergence(mean, logvar).item() == pytest.approx(exact, rel=1e-9)
