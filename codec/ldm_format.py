@@ -55,7 +55,7 @@ def to_ldm_state_dict(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
             tensor = tensor[:, :, None, None]
         if ldm in out:
             raise ValueError(f"two codec weights map to the LDM key {ldm!r}; this architecture has no LDM layout")
-        out[ldm] = tensor.detach().cpu().contiguous()
+        out[ldm] = tensor.detach() if tensor.is_meta else tensor.detach().cpu().contiguous()  # meta: shapes only
     return out
 
 
@@ -171,6 +171,64 @@ def load_ldm_vae(path: str | os.PathLike, config_dir: str | os.PathLike | None =
     return vae.eval()
 
 
+# SD's fixed VAE network, the only one ComfyUI's and AUTOMATIC1111's VAE loaders build (ComfyUI: comfy/sd.py, class
+# VAE; AUTOMATIC1111: the ddconfig of SD's v1 yaml): width 128 times these multipliers, 2 res blocks per level, 32
+# GroupNorm groups, mid-block attention. Of the file they read only the latent channels.
+SD_WIDTH = 128
+SD_LAYERS_PER_BLOCK = 2
+
+
+def sd_fixed_network_config(tensors: dict[str, torch.Tensor]) -> dict:
+    """AutoencoderKL arguments for the network ComfyUI builds to load `tensors` (LDM key names): multipliers
+    [1, 2, 4, 4], or [1, 2, 4] when the file has neither a third downsample nor a fourth up level (SD's x4
+    upscaler VAE); latent channels from decoder.conv_in; quant convs when the file has post_quant_conv (without
+    them ComfyUI builds Flux's and SD3's engine, which has none)."""
+    three = ("encoder.down.2.downsample.conv.weight" not in tensors
+             and "decoder.up.3.upsample.conv.weight" not in tensors)
+    widths = [SD_WIDTH * m for m in ([1, 2, 4] if three else [1, 2, 4, 4])]
+    quant = "post_quant_conv.weight" in tensors
+    return {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * len(widths),
+            "up_block_types": ["UpDecoderBlock2D"] * len(widths), "block_out_channels": widths,
+            "layers_per_block": SD_LAYERS_PER_BLOCK, "latent_channels": int(tensors["decoder.conv_in.weight"].shape[1]),
+            "norm_num_groups": DEFAULT_NORM_GROUPS, "use_quant_conv": quant, "use_post_quant_conv": quant}
+
+
+def sd_fixed_network_mismatches(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Why SD's fixed network (sd_fixed_network_config) cannot take `tensors`: each key it lacks, has in excess or
+    holds in another shape, as one readable line; empty when ComfyUI's loader would load the file."""
+    config = sd_fixed_network_config(tensors)
+    with torch.device("meta"):  # shapes only: no 84 MB of weights allocated to compare against
+        network = AutoencoderKL(**config)
+    wanted = to_ldm_state_dict(network)
+    # Shapes first: ComfyUI loads with strict=False, so a size mismatch is what stops it (missing weights it logs
+    # and leaves at their random initialisation, which decodes noise).
+    problems = [f"{key} is {tuple(tensors[key].shape)}, SD's network has {tuple(wanted[key].shape)}"
+                for key in sorted(set(wanted) & set(tensors)) if tensors[key].shape != wanted[key].shape]
+    problems += [f"{key} missing" for key in sorted(set(wanted) - set(tensors))]
+    problems += [f"{key} unexpected" for key in sorted(set(tensors) - set(wanted))]
+    return problems
+
+
+def tools_that_load(tensors: dict[str, torch.Tensor]) -> tuple[list[str], str | None]:
+    """(the tools that load this LDM VAE file, why the others do not). diffusers reads any architecture through
+    from_single_file with the codec's folder as config; ComfyUI needs SD's fixed network, with any latent channel
+    count (4 and 16 are what its models pair with); AUTOMATIC1111 also needs 4 latent channels and SD's four levels
+    with quant convs (its v1 and XL configs)."""
+    problems = sd_fixed_network_mismatches(tensors)
+    if problems:
+        widths = "-".join(str(SD_WIDTH * m) for m in (1, 2, 4, 4))
+        return ["diffusers"], (f"ComfyUI and AUTOMATIC1111 build SD's fixed network (widths {widths}, "
+                               f"{SD_LAYERS_PER_BLOCK} res blocks per level, {DEFAULT_NORM_GROUPS} groups) and cannot "
+                               f"load this one ({len(problems)} keys differ, e.g. {problems[0]})")
+    config = sd_fixed_network_config(tensors)
+    if config["latent_channels"] == 4 and len(config["block_out_channels"]) == 4 and config["use_quant_conv"]:
+        return ["diffusers", "ComfyUI", "AUTOMATIC1111"], None
+    return ["diffusers", "ComfyUI"], (f"AUTOMATIC1111 builds SD 1.x/XL's VAE (4 latent channels, four levels, quant "
+                                      f"convs); this one has {config['latent_channels']} latent channels, "
+                                      f"{len(config['block_out_channels'])} levels"
+                                      f"{'' if config['use_quant_conv'] else ', no quant convs'}")
+
+
 def export_for_tools(codec_dir: str | os.PathLike, out: str | os.PathLike, name: str = "vae",
                      dtype: torch.dtype | None = torch.float16) -> dict:
     """From a codec folder (a diffusers AutoencoderKL folder, or a pipeline folder's vae/), write into `out`:
@@ -202,5 +260,7 @@ def export_for_tools(codec_dir: str | os.PathLike, out: str | os.PathLike, name:
     if not difference <= tolerance:
         raise RuntimeError(f"{path}: read back by diffusers' from_single_file it decodes {difference:.3g} away from "
                            f"{source} (allowed {tolerance}); the file is not a faithful copy, do not use it")
+    loaders, not_loaded_because = tools_that_load(to_ldm_state_dict(vae))
     return {"diffusers": out / "diffusers", "single_file": path, "round_trip_max_difference": difference,
-            "scaling_factor": float(vae.config.scaling_factor), "latent_channels": int(vae.config.latent_channels)}
+            "scaling_factor": float(vae.config.scaling_factor), "latent_channels": int(vae.config.latent_channels),
+            "loaders": loaders, "not_loaded_because": not_loaded_because}

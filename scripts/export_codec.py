@@ -5,8 +5,11 @@
     python scripts/export_codec.py --codec runs/unet/pipeline --out exports/my-vae --dtype fp32
 
 Writes <out>/diffusers/ (AutoencoderKL.from_pretrained, or a pipeline's vae=) and <out>/<name>.safetensors with the
-key names ComfyUI's "Load VAE" and AUTOMATIC1111's SD VAE setting read (put it in ComfyUI's models/vae/ or
-AUTOMATIC1111's models/VAE/); diffusers loads it with AutoencoderKL.from_single_file(file, config=<out>/diffusers).
+key names ComfyUI's "Load VAE" and AUTOMATIC1111's SD VAE setting read; diffusers loads it with
+AutoencoderKL.from_single_file(file, config=<out>/diffusers). ComfyUI and AUTOMATIC1111 build SD's fixed network
+(widths 128-256-512-512, 2 res blocks per level; ComfyUI any latent channel count, AUTOMATIC1111 only 4): the kl-f8
+and f8c16 presets and fine-tunes of SD-family VAEs fit it, the small, tiny and compress-f4 presets do not. The
+command prints which tools load what it wrote, and warns, naming them, when some cannot.
 The file is read back by from_single_file and compared with the folder before the export is reported.
 Those tools take the latent scaling factor from the model they pair the VAE with (SD 1.x: 0.18215): a codec with
 another factor (printed here) needs a U-Net trained on its latents, such as scripts/train_unet.py's.
@@ -40,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"single file ({args.dtype}, LDM key names): {result['single_file']} (read back by from_single_file: "
           f"largest output difference {result['round_trip_max_difference']:.2g})")
     print(f"latent channels {result['latent_channels']}, scaling factor {result['scaling_factor']:.5g}")
+    print(f"loads in: {', '.join(result['loaders'])}")
+    if result["not_loaded_because"]:
+        print(f"warning: {result['not_loaded_because']}; load it in diffusers with AutoencoderKL.from_single_file("
+              f"file, config={result['diffusers']}) or use the folder", file=sys.stderr)
     return 0
 
 

@@ -113,6 +113,10 @@ def test_export_command_writes_both_forms_and_checks_the_round_trip(tmp_path):
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "latent channels 16" in proc.stdout
+    # Widths 8-16-16: not SD's network, so the two tools that build it are named, and only diffusers is promised.
+    assert "loads in: diffusers\n" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "ComfyUI and AUTOMATIC1111 build SD's fixed network" in warnings[0], proc.stderr
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     folder = AutoencoderKL.from_pretrained(tmp_path / "out" / "diffusers")
     assert torch.equal(_outputs(folder, x), _outputs(vae, x))
@@ -125,3 +129,55 @@ def test_export_command_writes_both_forms_and_checks_the_round_trip(tmp_path):
                           str(tmp_path / "out2")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
     assert not (tmp_path / "out2").exists()
+
+
+def _preset_on_meta(name: str) -> AutoencoderKL:
+    from codec.config import load_codec_config
+
+    with torch.device("meta"):  # the architecture only: kl-f8's 84 MB of weights are not needed to read its keys
+        return build_autoencoder(load_codec_config(f"configs/codec/{name}.yaml").model)
+
+
+@pytest.mark.parametrize("preset,loaders", [
+    ("kl-f8", ["diffusers", "ComfyUI", "AUTOMATIC1111"]),
+    ("f8c16", ["diffusers", "ComfyUI"]),  # 16 latent channels: SD3/Flux-shaped, which AUTOMATIC1111's SD configs are not
+    ("small", ["diffusers"]), ("tiny", ["diffusers"]), ("compress-f4", ["diffusers"]), ("beta-study", ["diffusers"]),
+])
+def test_the_export_names_the_tools_that_load_each_preset(preset, loaders):
+    from codec.ldm_format import tools_that_load
+
+    have, because = tools_that_load(to_ldm_state_dict(_preset_on_meta(preset)))
+    assert have == loaders
+    if "ComfyUI" not in loaders:
+        assert "ComfyUI and AUTOMATIC1111" in because and "128-256-512-512" in because and "keys differ, e.g. " in because and "SD's network has" in because
+    elif "AUTOMATIC1111" not in loaders:
+        assert because.startswith("AUTOMATIC1111") and "16 latent channels" in because
+    else:
+        assert because is None
+
+
+def test_sd_fixed_network_loads_an_sd_shaped_file_and_refuses_the_small_preset():
+    """The check against the network ComfyUI builds agrees with a real load into that network: an SD-shaped codec
+    (kl-f8's architecture, random weights) loads and decodes exactly; the small preset's weights hit a size mismatch
+    even with strict=False, as they do in ComfyUI."""
+    from codec.config import load_codec_config
+    from codec.ldm_format import sd_fixed_network_config, sd_fixed_network_mismatches
+
+    torch.manual_seed(0)
+    sd_shaped = build_autoencoder(load_codec_config("configs/codec/kl-f8.yaml").model).eval()
+    tensors = to_ldm_state_dict(sd_shaped)
+    assert sd_fixed_network_mismatches(tensors) == []
+    fixed = AutoencoderKL(**sd_fixed_network_config(tensors))
+    names = {k: v for k, v in zip(to_ldm_state_dict(fixed), fixed.state_dict())}
+    fixed.load_state_dict({names[k]: (v[:, :, 0, 0] if ".attn_1." in k and v.ndim == 4 else v)
+                           for k, v in tensors.items()}, strict=True)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(_outputs(fixed.eval(), x), _outputs(sd_shaped, x))
+
+    small = to_ldm_state_dict(build_autoencoder(load_codec_config("configs/codec/small.yaml").model))
+    problems = sd_fixed_network_mismatches(small)
+    assert problems[0] == "decoder.conv_in.bias is (128,), SD's network has (512,)"
+    fixed = AutoencoderKL(**sd_fixed_network_config(small))
+    names = dict(zip(to_ldm_state_dict(fixed), fixed.state_dict()))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fixed.load_state_dict({names[k]: v for k, v in small.items() if k in names}, strict=False)
