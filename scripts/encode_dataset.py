@@ -7,7 +7,7 @@
 
 Each process encodes a disjoint set of shards (shard k goes to process k mod processes). Re-running into the
 same --out after an interruption skips complete shards and yields the same files as an uninterrupted run; an
---out made with another codec, resolution, crop, seed or shard size is refused. Writes
+--out made with another codec, resolution, crop, flip policy, seed or shard size is refused. Writes
 <out>/shard-NNNNN.safetensors, <out>/manifest.json and <out>/rejects.jsonl (unreadable images with reasons).
 `verify` exits 1 when any shard's checksum or record count disagrees with the manifest, or, with --codec, when
 the shards were made by another codec.
@@ -35,7 +35,12 @@ def encode_parser() -> argparse.ArgumentParser:
                    "holds indices k*N .. (k+1)*N-1 minus rejected images")
     p.add_argument("--batch-size", type=int, default=16, help="images per encoder call (default 16)")
     p.add_argument("--crop", choices=("center", "random"), default="center", help="center crop, or a random crop "
-                   "with a random left-right flip drawn per image from --seed (recorded in each record)")
+                   "with a random left-right flip drawn per image from --seed (recorded in each record; see --flip)")
+    p.add_argument("--flip", choices=("swap-left-right", "uncaptioned-only", "none"), help="with --crop random, what "
+                   "a drawn flip does: swap-left-right (default) mirrors the image and swaps left/right words in its "
+                   "caption ('top left' -> 'top right'), so the stored caption describes the stored pixels; "
+                   "uncaptioned-only mirrors only images without a caption (for captions whose 'left' or 'right' is "
+                   "no side, or with mirrored text in the image); none never mirrors. Recorded in the manifest")
     p.add_argument("--seed", type=int, default=0, help="seed of the random crops (default 0)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader processes per encoding process that decode "
                    "and crop images while the encoder runs (default 2; 0 decodes in the encoding process)")
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         encode_dataset(args.codec, args.data, args.out, resolution=args.resolution, caption_column=args.caption_column,
                        image_column=args.image_column, shard_size=args.shard_size, batch_size=args.batch_size,
-                       crop=args.crop, seed=args.seed, num_workers=args.num_workers,
+                       crop=args.crop, flip=args.flip, seed=args.seed, num_workers=args.num_workers,
                        write_scaling_factor=args.write_scaling_factor, limit=args.limit, precision=args.precision,
                        process_group_timeout_minutes=args.process_group_timeout_minutes)
     except (ValueError, FileNotFoundError) as exc:

@@ -5,10 +5,10 @@
     python scripts/make_shapes.py --out data/shapes-64 --count 2000 --size 64 --preview shapes.png
 
 The output is a save_to_disk dataset (columns image, text, color, shape, position, background, cx, cy, radius) that
-scripts/encode_dataset.py --data reads directly, taking captions from its 'text' column. Encode it with the
-default --crop center: a random crop flips images left-right, which would make every 'left'/'right' caption
-wrong. Running again with the same --count, --seed and --size reuses the folder; a folder written with other
-values is refused.
+scripts/encode_dataset.py --data reads directly, taking captions from its 'text' column. With --crop random
+the encoder mirrors about half the images and, by default (--flip swap-left-right), swaps 'left' and 'right' in
+their captions, so 'a red circle at the top left' stays true of its mirrored picture. Running again with the same
+--count, --seed and --size reuses the folder; a folder written with other values is refused.
 """
 
 from __future__ import annotations

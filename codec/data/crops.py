@@ -2,11 +2,15 @@
 
 What a run sees is a pure function of (seed, draw number), which makes training reproducible, resumable
 mid-epoch, and independent of how many processes share the work (codec/common/draws.py).
+
+A left-right mirror turns "a red circle on the left" into a picture of one on the right, so a captioned crop is
+mirrored together with its caption (`mirror_caption`), never alone.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import datasets
@@ -18,6 +22,27 @@ from codec.common.draws import keyed_generator
 from codec.data.images import UnreadableImage, decode_image, pil_to_tensor, resize_shorter_side
 
 logger = logging.getLogger(__name__)
+
+# Whole words that name a side: "left"/"right" and the forms built on them ("leftmost", "left-hand", "left-handed",
+# "leftward(s)", "top-left"). Only these: "east"/"west" or "clockwise" need the scene's orientation to be mirrored
+# correctly, and "right" meaning "correct" or "left" meaning "gone" ("left behind") are rewritten wrongly, which is
+# why a caller may refuse to mirror captioned images instead (diffusion/shards/encode.py --flip uncaptioned-only).
+_SIDE_WORD = re.compile(r"\b(left|right)(?=(?:most|wards?)?\b)", re.IGNORECASE)  # '-' ends a word: left-hand
+_OPPOSITE_SIDE = {"left": "right", "right": "left"}
+
+
+def _in_case_of(word: str, replacement: str) -> str:
+    if word.isupper():
+        return replacement.upper()
+    return replacement.capitalize() if word[0].isupper() else replacement
+
+
+def mirror_caption(text: str) -> str:
+    """The caption of `text`'s image mirrored left-right: every side word swapped for its opposite, case kept.
+
+    'A red circle at the top left' -> 'A red circle at the top right'; 'LEFTMOST' -> 'RIGHTMOST'; 'leftover' and
+    'bright' are not side words and stay. Applying it twice gives `text` back."""
+    return _SIDE_WORD.sub(lambda m: _in_case_of(m.group(1), _OPPOSITE_SIDE[m.group(1).lower()]), text)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from codec.common import distributed
 from codec.common.atomic import write_text_atomically
 from codec.common.draws import keyed_generator
 from codec.data import UnreadableImage, decode_image, load_image_dataset, pil_to_tensor, resize_shorter_side
+from codec.data.crops import mirror_caption
 from codec.fast import prepare_for_inference
 from codec.model import codec_identity, encode_posterior, encoder_identity, latent_shape, load_codec, write_latent_stats
 from diffusion.shards.format import (
@@ -55,12 +56,17 @@ from diffusion.shards.format import (
 
 REJECTS = "rejects.jsonl"
 CROPS = ("center", "random")
+# What a random crop's drawn mirror does to a record (see `mirrored_record`); a center crop never mirrors ("none").
+FLIPS = ("swap-left-right", "uncaptioned-only", "none")
+# What random crops did before --flip existed: mirror half the records and keep their captions unchanged, so
+# "on the left" could label a shape on the right. Only ever read from old shards, to refuse resuming into them.
+LEGACY_FLIP = "keep-captions"
 # Column names taken as captions when --caption-column is not given (the imagefolder/metadata.jsonl convention).
 DEFAULT_CAPTION_COLUMNS = ("text", "caption")
 # Settings that decide a shard's contents: a resumed run must match all of them. `precision` is one: bf16 moves
 # the means by ~1.6% (relative RMS, tests/diffusion/shards/test_encode_scale.py), so a resume in another
 # precision would mix two encodings of one dataset.
-SETTING_KEYS = ("codec_identity", "resolution", "crop", "seed", "shard_size", "num_images", "caption_source",
+SETTING_KEYS = ("codec_identity", "resolution", "crop", "flip", "seed", "shard_size", "num_images", "caption_source",
                 "latent_shape", "precision")
 # What shards written before a key existed were made with: every encode before --precision ran in fp32.
 SETTING_DEFAULTS = {"precision": "fp32"}
@@ -112,7 +118,8 @@ def caption_source(dataset: datasets.Dataset, data: str, caption_column: str | N
 
 def crop_position(resized_w: int, resized_h: int, resolution: int, crop: str, seed: int, index: int) -> tuple[int, int, bool]:
     """(left, top, flip) of the resolution x resolution crop. Random crops draw from a generator keyed by
-    (seed, dataset index), so a record's crop is the same whichever process, worker or run encodes it."""
+    (seed, dataset index), so a record's crop is the same whichever process, worker or run encodes it. `flip` is
+    the drawn mirror, drawn whatever the --flip policy; `mirrored_record` decides whether it is applied."""
     if crop == "center":
         return (resized_w - resolution) // 2, (resized_h - resolution) // 2, False
     generator = keyed_generator("encode-crop", seed, index)
@@ -122,6 +129,29 @@ def crop_position(resized_w: int, resized_h: int, resolution: int, crop: str, se
     return left, top, flip
 
 
+def flip_policy(crop: str, flip: str | None) -> str:
+    """The --flip policy a run records: None means swap-left-right for random crops; center crops never mirror."""
+    if flip is not None and flip not in FLIPS:
+        raise ValueError(f"--flip {flip!r}: expected one of {FLIPS}")
+    if crop == "center":
+        if flip not in (None, "none"):
+            raise ValueError(f"--flip {flip!r} needs --crop random: a center crop is never mirrored")
+        return "none"
+    return FLIPS[0] if flip is None else flip
+
+
+def mirrored_record(drawn: bool, caption: str, policy: str) -> tuple[bool, str]:
+    """(mirror the pixels?, the caption to store with them) for a record whose crop drew `drawn`.
+
+    A mirror is applied only where the stored caption can stay true: "swap-left-right" mirrors the caption's side
+    words with the pixels (mirror_caption), "uncaptioned-only" mirrors only records without a caption, "none"
+    never mirrors. Unlike keeping the caption (what random crops did before --flip), none of these lets "a red
+    circle at the top left" label a circle at the top right."""
+    if not drawn or policy == "none" or (policy == "uncaptioned-only" and caption.strip()):
+        return False, caption
+    return True, mirror_caption(caption)
+
+
 class ShardImages(torch.utils.data.Dataset):
     """Dataset index -> one record ready to encode, or a reject with its reason (decided here, in the worker).
 
@@ -129,7 +159,7 @@ class ShardImages(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: datasets.Dataset, image_column: str, data: str, resolution: int, crop: str,
-                 seed: int, captions: str):
+                 seed: int, captions: str, flip: str = FLIPS[0]):
         self.dataset = dataset
         self.image_column = image_column
         self.root = Path(data).resolve() if os.path.isdir(data) else None
@@ -137,6 +167,7 @@ class ShardImages(torch.utils.data.Dataset):
         self.crop = crop
         self.seed = seed
         self.captions = captions
+        self.flip = flip
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -175,14 +206,16 @@ class ShardImages(torch.utils.data.Dataset):
         width, height = img.size
         resized = resize_shorter_side(img, self.resolution)
         rw, rh = resized.size
-        left, top, flip = crop_position(rw, rh, self.resolution, self.crop, self.seed, index)
+        left, top, drawn = crop_position(rw, rh, self.resolution, self.crop, self.seed, index)
         pixels = pil_to_tensor(resized.crop((left, top, left + self.resolution, top + self.resolution)))
         caption = self._caption(row, path)
+        flip, stored = mirrored_record(drawn, "" if caption is None else caption, self.flip)
         return dict(
             record,
             pixels=pixels.flip(-1) if flip else pixels,
-            caption="" if caption is None else caption,
+            caption=stored,
             caption_missing=caption is None,
+            caption_mirrored=caption is not None and stored != caption,
             original_size=(height, width),
             resized_size=(rh, rw),
             crop_box=(left, top, left + self.resolution, top + self.resolution),
@@ -250,9 +283,16 @@ class ShardBuilder:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _recorded_setting(found: dict, key: str) -> Any:
+    """A setting as shards record it; shards written before the key existed get what they were made with."""
+    if key == "flip" and key not in found:
+        return LEGACY_FLIP if found.get("crop") == "random" else "none"
+    return found.get(key, SETTING_DEFAULTS.get(key))
+
+
 def _mismatch(found: dict, settings: dict, where: str, out: Path) -> None:
     for key in SETTING_KEYS:
-        value = found.get(key, SETTING_DEFAULTS.get(key))
+        value = _recorded_setting(found, key)
         if value != settings[key]:
             raise ValueError(
                 f"--out {out} already holds shards made with {key}={value!r} ({where}), but this run "
@@ -387,6 +427,7 @@ def _encode_my_shards(vae, images: ShardImages, pending: list[int], settings: di
             "indices": [k * size, min((k + 1) * size, n)],
             "rejects": shard.rejects,
             "captions_missing": sum(bool(r["caption_missing"]) for r in shard.records),
+            "captions_mirrored": sum(bool(r["caption_mirrored"]) for r in shard.records),
             "sums": latent_sums(records.mean, records.logvar),
         }
         hashes[k] = write_shard(out / shard_filename(k), records, info)
@@ -411,7 +452,7 @@ def _finalize(out: Path, settings: dict, vae, codec_dir: str, data: str, image_c
     `hashes` holds every shard's sha256, computed by the process that wrote or found it; only headers are read
     here. Returns the manifest and the number of images read by this run (shards not in `started`)."""
     num_shards = math.ceil(settings["num_images"] / settings["shard_size"])
-    entries, sums, rejects, captions_missing, new_images = [], [], [], 0, 0
+    entries, sums, rejects, captions_missing, captions_mirrored, new_images = [], [], [], 0, 0, 0
     for k in range(num_shards):
         path = out / shard_filename(k)
         header = read_shard_header(path)
@@ -422,6 +463,7 @@ def _finalize(out: Path, settings: dict, vae, codec_dir: str, data: str, image_c
         sums.append(info["sums"])
         rejects.extend(info["rejects"])
         captions_missing += info["captions_missing"]
+        captions_mirrored += info.get("captions_mirrored", 0)  # absent only in center-crop shards: none mirrored
         if k not in started:
             new_images += info["indices"][1] - info["indices"][0]
     stats = stats_from_sums(sums)
@@ -431,9 +473,10 @@ def _finalize(out: Path, settings: dict, vae, codec_dir: str, data: str, image_c
         "codec": {"identity": settings["codec_identity"], ENCODER_KEY: settings[ENCODER_KEY], "path": str(codec_dir),
                   "config": json.loads(vae.to_json_string())},
         "data": {"source": str(data), "image_column": image_column, "captions": settings["caption_source"],
-                 "captions_missing": captions_missing},
+                 "captions_missing": captions_missing, "captions_mirrored": captions_mirrored},
         "resolution": settings["resolution"],
         "crop": settings["crop"],
+        "flip": settings["flip"],
         "seed": settings["seed"],
         "shard_size": settings["shard_size"],
         "latent_shape": settings["latent_shape"],
@@ -469,6 +512,7 @@ def encode_dataset(
     shard_size: int = 1000,
     batch_size: int = 16,
     crop: str = "center",
+    flip: str | None = None,
     seed: int = 0,
     num_workers: int = 2,
     write_scaling_factor: bool = False,
@@ -484,10 +528,14 @@ def encode_dataset(
     encode loop (first batch requested to last shard written), waiting inside that loop for the data workers,
     and in finalising (manifest), for benchmarks.
 
+    `flip` is what a random crop's drawn mirror does to a captioned record (FLIPS, `mirrored_record`; None:
+    swap-left-right); the manifest records it.
+
     `precision` (fp32 | bf16 | fp16) is the encoder's autocast; images whose latents overflow in it are
     re-encoded in fp32 (encode_batch). `process_group_timeout_minutes` bounds every wait for the slowest process.
     """
     _validate(resolution, shard_size, batch_size, crop, num_workers, limit, precision)
+    flip = flip_policy(crop, flip)
     started_at = time.perf_counter()
     state = process_state(process_group_timeout_minutes)
     codec_dir, data, out = os.fspath(codec_dir), os.fspath(data), Path(out)
@@ -499,7 +547,7 @@ def encode_dataset(
     num_images = len(dataset) if limit is None else min(limit, len(dataset))
     settings = {
         "codec_identity": codec_identity(vae), ENCODER_KEY: encoder_identity(vae),
-        "resolution": resolution, "crop": crop, "seed": seed,
+        "resolution": resolution, "crop": crop, "flip": flip, "seed": seed,
         "shard_size": shard_size, "num_images": num_images,
         "caption_source": caption_source(dataset, data, caption_column), "latent_shape": list(latent),
         "precision": precision,
@@ -512,7 +560,7 @@ def encode_dataset(
     state.wait_for_everyone()  # every process has seen the same complete shards before any writes a new one
     num_shards = math.ceil(num_images / shard_size)
     mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index and k not in done]
-    images = ShardImages(dataset, column, data, resolution, crop, seed, settings["caption_source"])
+    images = ShardImages(dataset, column, data, resolution, crop, seed, settings["caption_source"], flip)
     bar = tqdm(total=sum(len(shard_indices(k, shard_size, num_images)) for k in mine), unit="img",
                desc=f"encode (process 0 of {state.num_processes})", disable=not (progress and state.is_main_process),
                dynamic_ncols=True)

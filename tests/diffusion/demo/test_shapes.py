@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from codec.data import decode_image, load_image_dataset
-from diffusion.demo.shapes import (BACKGROUND_COLORS, GRADIENT_STRENGTH, OBJECT_COLORS, STAR_INNER, ShapeScene, caption,
-                              render, scenes, write_shapes_dataset)
+from codec.data.crops import mirror_caption
+from diffusion.demo.adherence import detect
+from diffusion.demo.shapes import (BACKGROUND_COLORS, GRADIENT_STRENGTH, OBJECT_COLORS, POSITIONS, STAR_INNER,
+                                   ShapeScene, caption, render, scenes, write_shapes_dataset)
 from tests.conftest import ROOT
 
 
@@ -64,6 +66,18 @@ def test_caption_grammar():
         "a red star on the left on a dark gray background")
     assert caption(replace(base, position="bottom", cx=0.5, cy=0.75, color="white")) == (
         "a white circle at the bottom on a navy background")
+
+
+def test_a_mirrored_scene_is_captioned_by_the_mirrored_caption():
+    # What lets random crops mirror the shapes world (diffusion/shards/encode.py --flip swap-left-right): every word
+    # of the grammar either names a side and is swapped, or names no side and is kept.
+    many = scenes(63, seed=4)
+    assert len({s.position for s in many}) == 9
+    for scene in many:
+        row, column = divmod(POSITIONS.index(scene.position), 3)
+        mirrored = replace(scene, position=POSITIONS[3 * row + 2 - column], cx=1.0 - scene.cx)
+        assert mirror_caption(caption(scene)) == caption(mirrored)
+        assert detect(np.fliplr(np.asarray(render(scene, 32)))).position == mirrored.position
 
 
 def test_scene_rejects_unknown_words_and_shapes_off_the_image():

@@ -296,7 +296,7 @@ def test_cli_help_explains_every_flag(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--codec", "--data", "--out", "--resolution", "--caption-column", "--shard-size", "--batch-size",
-                 "--crop", "--seed", "--num-workers", "--write-scaling-factor", "--limit", "verify"):
+                 "--crop", "--flip", "--seed", "--num-workers", "--write-scaling-factor", "--limit", "verify"):
         assert flag in out, flag
     with pytest.raises(SystemExit):
         script.main(["verify", "--help"])
