@@ -28,9 +28,11 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from codec.common.config import ConfigError
+from codec.common.precision import sample_gaussian
 from codec.config import INJECTIONS
 
 CONDITIONS = ("class", "text")
@@ -187,7 +189,12 @@ class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
     def forward(self, sample: torch.Tensor, condition: torch.Tensor, sample_posterior: bool = False,
                 generator: torch.Generator | None = None, return_dict: bool = True):
         posterior = self.encode(sample, condition).latent_dist
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        if sample_posterior:  # diffusers' posterior.sample() adds σ·ε in μ's dtype, bf16 under autocast
+            noise = randn_tensor(posterior.mean.shape, generator=generator, device=posterior.mean.device,
+                                 dtype=torch.float32)
+            z = sample_gaussian(posterior.mean, posterior.logvar, noise).to(self.dtype)
+        else:
+            z = posterior.mode()
         return self.decode(z, condition, return_dict=return_dict)
 
 

@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from codec.common.draws import keyed_generator
-from codec.common.precision import in_fp32, run_in_fp32
+from codec.common.precision import in_fp32, run_in_fp32, sample_gaussian
 from codec.conditional import ConditionalAutoencoderKL
 from codec.config import ModelConfig
 from codec.equivariance import Transform, transform_image, transform_latent
@@ -161,8 +161,8 @@ class CodecForTraining(nn.Module):
                                        posterior.mean.device, posterior.mean.dtype)
             z = posterior.mean + noise / self.vae.config.scaling_factor
         else:
-            noise = per_sample_noise(posterior.mean.shape, draws, self.seed, posterior.mean.device, posterior.mean.dtype)
-            z = posterior.mean + posterior.std * noise
+            noise = per_sample_noise(posterior.mean.shape, draws, self.seed, posterior.mean.device, torch.float32)
+            z = sample_gaussian(posterior.mean, posterior.logvar, noise)
         recon = decode_latents(self.vae, z, condition)
         if transform is None:
             return recon, posterior.mean, posterior.logvar

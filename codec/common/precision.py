@@ -82,3 +82,13 @@ def _forward_in_fp32(self: nn.Module, *args, **kwargs):
 
 def runs_in_fp32(module: nn.Module) -> bool:
     return getattr(module.forward, "__func__", None) is _forward_in_fp32
+
+
+@in_fp32
+def sample_gaussian(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """z = μ + exp(½ log σ²)·ε, in float32 whatever autocast made of μ and log σ².
+
+    Under bf16 autocast the encoder's μ and log σ² are bf16, and bf16's step near a raw latent of 4 is 1/64: with
+    log σ² = -10 (σ = 0.0067), 75% of bf16 samples rounded back to μ, so sample_posterior silently decoded the mean
+    while the KL's gradient to log σ² assumed noise was added. The decoder may still run in bf16 after."""
+    return mean + torch.exp(0.5 * logvar) * noise

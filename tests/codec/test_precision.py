@@ -2,6 +2,7 @@
 fp16 autocast for CUDA fp16. Each must give what it gives in fp32, within the stated tolerance."""
 
 import copy
+import math
 
 import lpips
 import pytest
@@ -12,7 +13,7 @@ from codec.common.precision import autocast_off, in_fp32, runs_in_fp32
 from codec.config import ModelConfig
 from codec.losses import PerceptualLoss, adaptive_gan_weight, generator_gan_loss, kl_divergence, ms_ssim_distance, vae_loss
 from codec.metrics import ssim
-from codec.model import CodecForTraining, build_autoencoder, latent_statistics
+from codec.model import CodecForTraining, build_autoencoder, latent_statistics, per_sample_noise
 
 TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False)
 
@@ -194,3 +195,65 @@ def test_in_fp32_keeps_float64_inputs_in_float64():
     with bf16():  # a bf16 tensor is still upcast to float32, and float64 stays float64 under autocast too
         assert kl_divergence(mean.bfloat16(), logvar.bfloat16()).dtype == torch.float32
         assert kl_divergence(mean, logvar).item() == pytest.approx(exact, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The posterior sample z = μ + σ·ε under mixed precision
+# ---------------------------------------------------------------------------------------------------------------
+
+POSTERIOR_MEAN, POSTERIOR_LOGVAR = 3.9, -10.0  # raw latent magnitudes of a trained codec, a confident encoder
+
+
+def _posterior_fixed(vae) -> None:
+    """quant_conv outputs μ = 3.9, log σ² = -10 everywhere, whatever the image. bf16's step at 3.9 is 1/64: a σ of
+    e⁻⁵ = 0.0067 is below half of it, so in bf16 most of μ + σ·ε rounds back to μ."""
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight.zero_()
+        vae.quant_conv.bias.copy_(torch.tensor([POSTERIOR_MEAN] * c + [POSTERIOR_LOGVAR] * c))
+
+
+def _latents_decoded(vae) -> list[torch.Tensor]:
+    """Records each z that reaches the decoder (post_quant_conv's input)."""
+    seen = []
+    vae.post_quant_conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    return seen
+
+
+def _check_sample(z: torch.Tensor, mean: torch.Tensor, noise: torch.Tensor | None) -> None:
+    sigma = math.exp(POSTERIOR_LOGVAR / 2)
+    on_mean = (z == mean).double().mean().item()
+    assert on_mean < 0.01, f"{on_mean:.1%} of the sampled latents equal the posterior mean"
+    spread = ((z.double() - mean.double()) / sigma).std().item()
+    assert spread == pytest.approx(1.0, abs=0.05), spread  # std of (z − μ) / σ
+    if noise is not None:  # exactly the keyed noise, scaled by σ
+        torch.testing.assert_close((z - mean).double(), sigma * noise.double(), rtol=1e-2, atol=1e-5)
+
+
+def test_training_forward_samples_the_posterior_in_fp32_under_bf16():
+    torch.manual_seed(0)
+    vae = build_autoencoder(TINY)
+    _posterior_fixed(vae)
+    model, seen = CodecForTraining(vae, seed=3), _latents_decoded(vae)
+    draws = torch.tensor([5, 9])
+    with bf16():
+        _, mean, logvar = model(torch.rand(2, 3, 128, 128) * 2 - 1, draws)
+    assert mean.dtype == torch.bfloat16 and logvar.dtype == torch.bfloat16  # the encoder did run in bf16
+    noise = per_sample_noise(tuple(mean.shape), draws, 3, "cpu", torch.float32)
+    _check_sample(seen[0], mean, noise)
+
+
+def test_conditional_codec_forward_samples_the_posterior_in_fp32_under_bf16():
+    from codec.model import build_codec
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,
+                      mid_block_add_attention=False, condition="class", condition_channels=4)
+    vae = build_codec(cfg, class_names=["circle", "square"])
+    _posterior_fixed(vae)
+    seen = _latents_decoded(vae)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    with bf16():
+        mean = vae.encode(x, torch.tensor([0, 1])).latent_dist.mean
+        vae(x, torch.tensor([0, 1]), sample_posterior=True, generator=torch.Generator().manual_seed(0))
+    _check_sample(seen[0], mean, None)
