@@ -2,9 +2,10 @@
 
 The coder is constriction's range coder (a queue: symbols come out in the order they went in, pass after pass). Its
 alphabet is the image's own symbol range [low, high] (both in the file's header): every symbol of the image is in
-it, each gets at least the coder's smallest probability, so nothing is ever clipped, and the model's mass outside
-the range is renormalised away (constriction's QuantizedGaussian does this itself; the factorized tables do it
-here), which the bit counts below do alike.
+it, each gets at least the coder's smallest probability, 2^-24, so nothing is ever clipped. The model's mass
+outside the range is not renormalised away: the coder gives it to the two edge symbols (coder_probability). The
+bit counts below use the coder's own 24-bit probabilities; counting a renormalised Gaussian instead under-reported
+the file by 5-20% for a model predicting wider than the latent.
 
 Encoder and decoder must give the coder bit-identical probabilities. Everything is computed in float64 on the CPU
 from ẑ = yΔ of symbols both sides have, and the context model's means and scales are then rounded to a grid of
@@ -21,15 +22,15 @@ import constriction
 import numpy as np
 import torch
 
-from codec.entropy.discrete import gaussian_bin_probability
+from codec.entropy.discrete import normal_cdf
 from codec.entropy.models import ProbabilityModel
 
 SYMBOL_LIMIT = 32767  # the header stores the range as int16
 MEAN_SCALE_GRID = 2.0**-16  # in symbol units
 SCALE_BOUNDS = (0.11, 2.0**14)  # symbol units; below 0.11 a bin already holds all but ~5e-6 of the mass
 TABLE_GRID = 2.0**-32
-TABLE_FLOOR = 2.0**-20  # well above constriction's own floor, so the bits counted here are the bits paid
-CODER_FLOOR = 2.0**-24  # the least probability constriction's range coder gives any symbol of the alphabet
+TABLE_FLOOR = 2.0**-20  # well above constriction's own floor of 2^-24
+CODER_PRECISION = 24  # constriction's default models: probabilities are integers over 2^24
 
 
 def quantize(z_norm: torch.Tensor, step: float) -> torch.Tensor:
@@ -118,26 +119,54 @@ def decode_symbols(model: ProbabilityModel, words: np.ndarray, shape: tuple[int,
     return y
 
 
+def coder_probability(left_cdf: torch.Tensor, right_cdf: torch.Tensor, index: torch.Tensor,
+                      alphabet_size: int) -> torch.Tensor:
+    """The probability constriction's coder gives the symbol `index` (0 for `low`) of an alphabet of K symbols whose
+    model CDF is left_cdf at its bin's left edge and right_cdf at its right edge. Its models are integers over
+    2^24: each symbol 1 unit plus the units floor((2^24 - K) · CDF) it spans, the first symbol's left edge pinned
+    at 0 and the last's right edge at 2^24, so the edge symbols take the tails beyond the alphabet
+    (LeakyQuantizer in its quantize.rs, and Categorical with perfect=False alike). Computed from the same float64
+    CDFs, these are the coder's integers, not an average of them: near 8σ the float CDF already reads 1, and the
+    coder's floor then gives some symbol twice its one unit."""
+    total = 2.0**CODER_PRECISION
+    free = total - alphabet_size
+    left = torch.where(index == 0, 0.0, torch.floor(free * left_cdf) + index)
+    right = torch.where(index == alphabet_size - 1, total, torch.floor(free * right_cdf) + index + 1)
+    return (right - left) / total
+
+
+def categorical_probability(tables: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The coder's probability (Categorical(table, perfect=False)) of alphabet positions index (C, n) under the
+    tables (C, K) of factorized_tables: their CDFs summed in order, as Categorical sums them."""
+    right = torch.cumsum(tables, -1)
+    right = right / right[:, -1:]
+    left = torch.nn.functional.pad(right[:, :-1], (1, 0))
+    return coder_probability(left.gather(1, index), right.gather(1, index), index, tables.shape[-1])
+
+
+def gaussian_probability(symbols: torch.Tensor, low: int, high: int, mean: torch.Tensor,
+                         std: torch.Tensor) -> torch.Tensor:
+    """The coder's probability (QuantizedGaussian(low, high)) of symbols under N(mean, std²), all in symbol units.
+    The plain CDF, as the coder evaluates it, not the bin mass folded to the small side (discrete.py): the coder's
+    integers come from these very floats."""
+    return coder_probability(normal_cdf((symbols - 0.5 - mean) / std), normal_cdf((symbols + 0.5 - mean) / std),
+                             symbols - low, high - low + 1)
+
+
 @torch.no_grad()
 def symbol_bits(model: ProbabilityModel, y: torch.Tensor, step: float, low: int, high: int) -> float:
-    """The model's cross-entropy of y: Σ -log2 p(y) with the very probabilities the coder is given (the alphabet
-    [low, high], renormalised). A range coder pays this plus a few bytes."""
+    """The model's cross-entropy of y: Σ -log2 p(y) with the very probabilities the coder uses (coder_probability
+    over the alphabet [low, high]). A range coder pays this plus a few bytes."""
     if low == high:
         return 0.0
     if model.kind == "factorized":
         tables = torch.from_numpy(factorized_tables(model, step, low, high))
-        p = torch.gather(tables, 1, (y.reshape(y.shape[0], -1) - low))
+        p = categorical_probability(tables, y.reshape(y.shape[0], -1) - low)
         return float(-torch.log2(p).sum())
     total = 0.0
     zhat = dequantize(y, step)
     for index, coding_pass in _context_passes(model, y.shape):
         mean, std = (torch.from_numpy(a) for a in pass_gaussians(model, index, coding_pass, zhat, step))
-        symbols = y[coding_pass.target].double()
-        # The alphabet's mass, as one wide bin: 1 - Φ(a) - Φ(b) cancelled to nothing (or below) for a mean 30σ past
-        # the alphabet, and the bits came out negative. Past ~38σ it still underflows to 0/0: the coder then gives
-        # such a symbol its floor probability, and so does the floor below.
-        inside = gaussian_bin_probability(torch.tensor((low + high) / 2, dtype=torch.float64), (high - low + 1) / 2,
-                                          mean, std)
-        p = gaussian_bin_probability(symbols, 0.5, mean, std) / inside.clamp_min(torch.finfo(torch.float64).tiny)
-        total += float(-torch.log2(p.clamp_min(CODER_FLOOR)).sum())  # a symbol past ~38σ underflows to 0 in float64
+        p = gaussian_probability(y[coding_pass.target].double(), low, high, mean, std)
+        total += float(-torch.log2(p).sum())
     return total

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import constriction
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,8 @@ import torch
 from codec.entropy.bitstream import OVERHEAD_BYTES, BitstreamError, Header, pack, unpack
 from codec.entropy.coder import compress_latent, decompress_symbols, encode_latent, read_compressed
 from codec.entropy.models import load_model
-from codec.entropy.symbols import decode_symbols, encode_symbols, quantize, symbol_bits
+from codec.entropy.symbols import (categorical_probability, decode_symbols, encode_symbols, gaussian_probability,
+                                  quantize, symbol_bits)
 from codec.model import codec_identity, load_codec
 from tests.codec.entropy.conftest import KINDS, MODELS
 
@@ -71,17 +73,62 @@ def test_a_constant_latent_costs_no_payload(models, kind):
     assert torch.equal(decode_symbols(models[kind], words, (4, 3, 5), 1.0, -2, -2), y)
 
 
+def payload_bits(encode) -> int:
+    encoder = constriction.stream.queue.RangeEncoder()
+    encode(encoder)
+    return 32 * len(encoder.get_compressed())
+
+
+@pytest.mark.parametrize("data_std, model_std", [(0.3, 1.0), (1.0, 0.1), (3.0, 0.3)])
+@pytest.mark.parametrize("step", [0.05, 1.0])
+def test_gaussian_bits_are_what_constriction_pays(data_std, model_std, step):
+    """20,000 symbols of N(0, data_std²) coded under Gaussians of std model_std: too wide (the tails' mass lands on
+    the edge symbols) or too narrow (most symbols at the coder's floor, some symbol near 8σ given two units), at a
+    fine and a coarse step. The counted bits are the payload's to within the coder's last words and its rounding of
+    the range to whole units (≤ 2^-8 of a symbol's interval, ~0.03% here where most symbols cost 24 bits)."""
+    rng = np.random.default_rng(0)
+    y = np.round(rng.normal(0.0, data_std, 20000) / step).astype(np.int32)
+    mean, std = rng.normal(0.0, 0.1, len(y)) / step, np.full(len(y), model_std / step)
+    low, high = int(y.min()), int(y.max())
+    paid = payload_bits(lambda e: e.encode(y, constriction.stream.model.QuantizedGaussian(low, high), mean, std))
+    p = gaussian_probability(torch.from_numpy(y).double(), low, high, torch.from_numpy(mean), torch.from_numpy(std))
+    counted = float(-torch.log2(p).sum())
+    assert paid > 20000 and 0 <= paid - counted <= 64 + 0.001 * paid, (paid, counted)
+
+
+def test_categorical_bits_are_what_constriction_pays():
+    """Tables with entries from 2^-20 to ~1, and symbols drawn uniformly (most where the table put little)."""
+    rng = np.random.default_rng(0)
+    tables = np.exp(rng.normal(0.0, 4.0, (3, 40)))
+    tables = np.maximum(tables / tables.sum(-1, keepdims=True), 2.0**-20)
+    tables /= tables.sum(-1, keepdims=True)
+    index = rng.integers(0, 40, (3, 5000))
+
+    def encode(encoder):
+        for table, row in zip(tables, index):
+            encoder.encode(row.astype(np.int32), constriction.stream.model.Categorical(table, perfect=False))
+
+    paid = payload_bits(encode)
+    counted = float(-torch.log2(categorical_probability(torch.from_numpy(tables), torch.from_numpy(index))).sum())
+    assert paid > 20000 and 0 <= paid - counted <= 64 + 0.001 * paid, (paid, counted)
+
+
 @pytest.mark.parametrize("kind", MODELS)
-def test_file_costs_the_cross_entropy_plus_the_header(models, latent, codec, kind):
+@pytest.mark.parametrize("step", [0.05, 0.5])
+@pytest.mark.parametrize("spread", [1.0, 0.3, 3.0])
+def test_file_costs_the_cross_entropy_plus_the_header(models, latent, codec, kind, step, spread):
+    """The reported bits are the payload's, at fine and coarse Δ, for the latent the models were fit on and for it
+    scaled to 0.3x (the model predicts too wide: the mass it puts past the symbol range goes to the two edge
+    symbols, it is not renormalised away) and to 3x (too narrow: many symbols at the coder's floor)."""
     model = models[kind]
     z, size = latent
-    for step in (0.05, 0.1):
-        compressed = compress_latent(model, model.normalise(z), step, size, codec[1], SOURCE)
-        expected = compressed.model_bits + 8 * OVERHEAD_BYTES
-        assert compressed.model_bits > 5000  # large enough that the coder's last word is under 1%
-        assert abs(compressed.bits - expected) <= 0.01 * expected, (compressed.bits, expected)
-        y = quantize(model.normalise(z), compressed.step)
-        assert compressed.model_bits == symbol_bits(model, y, compressed.step, int(y.min()), int(y.max()))
+    z_norm = model.normalise(z).repeat(1, 4, 4) * spread  # 16 copies: enough bits at Δ 0.5 for a tight check
+    compressed = compress_latent(model, z_norm, step, size, codec[1], SOURCE)
+    payload = compressed.bits - 8 * OVERHEAD_BYTES
+    assert payload > 32000  # the coder's last words (≤ 64 bits) stay under 0.2%
+    assert abs(payload - compressed.model_bits) <= 0.002 * payload, (payload, compressed.model_bits)
+    y = quantize(z_norm, compressed.step)
+    assert compressed.model_bits == symbol_bits(model, y, compressed.step, int(y.min()), int(y.max()))
 
 
 @pytest.mark.parametrize("kind", MODELS)
