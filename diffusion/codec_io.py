@@ -157,3 +157,55 @@ def prior_latents(vae, n: int, height: int, width: int, generator: torch.Generat
     on any device), in the codec's dtype and device."""
     z = torch.randn((n, *latent_shape(vae, height, width)), generator=generator)
     return z.to(vae.device, vae.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Latent normalisation: codec latents <-> the unit-variance space the U-Net and the entropy coder work in
+# ---------------------------------------------------------------------------------------------------------------
+
+# The vae config keys diffusers' pipelines normalise latents with, and the mapping every normalisation here is.
+NORM_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+
+
+def latent_norm(config) -> dict:
+    """The normalisation keys of a vae config, a shards manifest's `normalisation` or any mapping with .get (None
+    where absent), checked: a scaling_factor, latents_mean and latents_std both or neither, and no shift next to
+    per-channel statistics (no diffusers pipeline defines that pair, so its meaning would be a guess)."""
+    norm = {key: config.get(key) for key in NORM_KEYS}
+    if norm["scaling_factor"] is None or not float(norm["scaling_factor"]) > 0:
+        raise ValueError(f"latent normalisation {norm}: scaling_factor must be a number > 0")
+    if (norm["latents_mean"] is None) != (norm["latents_std"] is None):
+        raise ValueError(f"latent normalisation {norm}: latents_mean and latents_std must be set together")
+    if norm["latents_mean"] is not None and norm["shift_factor"] is not None:
+        raise ValueError(f"latent normalisation {norm}: shift_factor and per-channel latents_mean/latents_std are "
+                         f"both set; keep one (SD3/Flux use the shift, SDXL-style codecs the per-channel statistics)")
+    return norm
+
+
+def _per_channel(values, z: torch.Tensor) -> torch.Tensor:
+    """A list of per-channel numbers shaped to broadcast over z's (..., C, h, w)."""
+    if len(values) != z.shape[-3]:
+        raise ValueError(f"latent normalisation has {len(values)} per-channel values for {z.shape[-3]}-channel "
+                         f"latents of shape {tuple(z.shape)}")
+    return torch.tensor(values, device=z.device, dtype=z.dtype).view(-1, 1, 1)
+
+
+def normalise_latents(z: torch.Tensor, norm: dict) -> torch.Tensor:
+    """Codec latents (..., C, h, w) -> the diffusion/coder space, diffusers' conventions: SD z · s; SD3/Flux
+    (z - shift_factor) · s; SDXL-style per-channel (z - latents_mean) · s / latents_std."""
+    s = float(norm["scaling_factor"])
+    if norm.get("latents_mean") is not None:
+        return (z - _per_channel(norm["latents_mean"], z)) * s / _per_channel(norm["latents_std"], z)
+    if norm.get("shift_factor") is not None:
+        return (z - float(norm["shift_factor"])) * s
+    return z * s
+
+
+def denormalise_latents(z: torch.Tensor, norm: dict) -> torch.Tensor:
+    """The exact inverse of normalise_latents: what the codec's decoder takes."""
+    s = float(norm["scaling_factor"])
+    if norm.get("latents_mean") is not None:
+        return z * _per_channel(norm["latents_std"], z) / s + _per_channel(norm["latents_mean"], z)
+    if norm.get("shift_factor") is not None:
+        return z / s + float(norm["shift_factor"])
+    return z / s

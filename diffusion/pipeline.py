@@ -6,8 +6,9 @@
 
 Modes: text-to-image (`__call__`), image-to-image (`__call__(..., image=..., strength=...)`: encode, noise part
 of the way, denoise, decode), `reconstruct` (encode -> decode) and `sample_prior` (decode z ~ N(0, I), the codec
-alone). Latents are scaled with the vae config's scaling_factor (and latents_mean/latents_std when set); the
-trainer writes the shards' own factor there, so sampling undoes exactly the scaling the U-Net was trained on.
+alone). Latents are normalised with the vae config's scaling_factor, shift_factor, latents_mean and latents_std
+(codec_io.normalise_latents, diffusers' conventions); the trainer writes the shards' normalisation there, so
+sampling undoes exactly the normalisation the U-Net was trained on.
 
 A saved pipeline folder loads with stock diffusers, where this project is not installed:
 
@@ -48,8 +49,11 @@ from .codec_io import (
     compression_ratio,
     downsample_factor,
     decode_latents,
+    denormalise_latents,
     encode_posterior,
+    latent_norm,
     latent_shape,
+    normalise_latents,
     pil_to_tensor,
     prior_latents,
     tensor_to_pil,
@@ -203,23 +207,14 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
     # ---- latent space ---------------------------------------------------------------------------------------
 
-    def _latent_stats(self, z: torch.Tensor):
-        config = self.vae.config
-        mean = std = None
-        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
-            mean = torch.tensor(config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
-        return float(config.scaling_factor), mean, std
-
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Codec latent -> the unit-variance space the U-Net works in (SD: z * 0.18215; SDXL convention with
-        per-channel statistics: (z - mean) * scaling_factor / std)."""
-        factor, mean, std = self._latent_stats(z)
-        return z * factor if mean is None else (z - mean) * factor / std
+        """Codec latent -> the unit-variance space the U-Net works in, with the vae config's normalisation
+        (SD: z · 0.18215; SD3/Flux: (z - shift_factor) · scaling_factor; SDXL-style per-channel statistics:
+        (z - latents_mean) · scaling_factor / latents_std)."""
+        return normalise_latents(z, latent_norm(self.vae.config))
 
     def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        factor, mean, std = self._latent_stats(z)
-        return z / factor if mean is None else z * std / factor + mean
+        return denormalise_latents(z, latent_norm(self.vae.config))
 
     def default_size(self) -> tuple[int, int]:
         side = self.unet.config.sample_size * downsample_factor(self.vae)

@@ -138,3 +138,45 @@ def test_pipeline_folder_round_trip(tiny_pipeline, tmp_path):
     assert torch.equal(_generate(loaded).images, _generate(tiny_pipeline).images)
     unet = load_file(tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(v, tiny_pipeline.unet.state_dict()[k]) for k, v in unet.items())
+
+
+# A codec whose latents the pipeline must shift as well as scale (SD3/Flux), and one with per-channel statistics
+# (SDXL-style), both with scaling_factor != 1: the tiny codec's 1.0 cannot tell z · s from z / s.
+SHIFTED = {"scaling_factor": 0.5, "shift_factor": 0.3, "latents_mean": None, "latents_std": None}
+PER_CHANNEL = {"scaling_factor": 0.5, "shift_factor": None, "latents_mean": [0.1, -0.2, 0.3, 0.0],
+               "latents_std": [2.0, 0.5, 1.0, 4.0]}
+
+
+def _by_hand(z: torch.Tensor, norm: dict) -> torch.Tensor:
+    """diffusers' formulas, written out: (z - shift) · s, or (z - mean_c) · s / std_c."""
+    if norm["latents_mean"] is None:
+        return (z - norm["shift_factor"]) * norm["scaling_factor"]
+    mean, std = (torch.tensor(norm[k]).view(1, -1, 1, 1) for k in ("latents_mean", "latents_std"))
+    return (z - mean) * norm["scaling_factor"] / std
+
+
+@pytest.mark.parametrize("norm", [SHIFTED, PER_CHANNEL], ids=["shift", "per_channel"])
+def test_encode_and_reconstruct_normalise_with_the_shift_and_statistics_and_decode_the_latent_back(
+        tiny_pipeline, tiny_codec_dir, norm):
+    from codec.model import load_codec
+    from diffusion.pipeline import decode_images, encode_mean
+
+    vae = load_codec(tiny_codec_dir)
+    vae.register_to_config(**norm)
+    pipe = LatentDiffusionPipeline(**{**tiny_pipeline.components, "vae": vae})
+    image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean = encode_mean(vae, image)
+
+    rec = pipe.reconstruct(image, output_type="pt")
+    expected = _by_hand(mean, norm)
+    gap = float((rec.latents - expected).abs().max())
+    assert gap < 1e-6, f"reconstruct's latents are {gap:.4g} from diffusers' normalisation {norm}"
+    # Decoding undoes it exactly: the same images as decoding the posterior mean itself ...
+    back = pipe.unscale_latents(rec.latents)
+    assert float((back - mean).abs().max()) < 1e-5
+    torch.testing.assert_close(rec.images, decode_images(vae, mean).cpu(), rtol=0, atol=1e-5)
+    # ... which the wrong direction (z / s on the way in) would not give.
+    wrong = (mean - (norm["shift_factor"] or 0.0)) / norm["scaling_factor"]
+    assert float((rec.latents - wrong).abs().max()) > 0.1
+    # Text-to-image decodes its scaled latents with the same inverse.
+    torch.testing.assert_close(pipe.decode(rec.latents), decode_images(vae, mean), rtol=0, atol=1e-5)
