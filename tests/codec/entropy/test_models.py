@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from scipy.special import expit
+from scipy.stats import norm
 
 from codec.common.config import ConfigError
 from codec.entropy.discrete import logistic_mixture_bin_probability
@@ -72,6 +75,41 @@ def test_factorized_tables_are_the_normalised_mixture_with_a_floor():
                                            torch.exp(network.log_scale[c]))
     floored = (raw / raw.sum()).clamp_min(TABLE_FLOOR)
     torch.testing.assert_close(tables[c], floored / floored.sum(), rtol=0, atol=2.0**-32)
+
+
+def test_fit_bins_are_delta_wide_around_y_delta_against_scipy():
+    """The probability the fit minimises (bin_probability), per record at its own Δ, is the mass of
+    [yΔ - Δ/2, yΔ + Δ/2] written out with scipy's CDFs: a mixture of logistics for the factorized model, a Gaussian
+    for the context model (its last layers set to a known mean and scale per channel). Over every symbol the bins
+    tile the line, so each record's masses sum to 1 whatever its Δ."""
+    torch.manual_seed(0)
+    step = torch.tensor([0.07, 0.4, 1.3], dtype=torch.float64)[:, None, None, None]
+    y = torch.arange(-2000, 2000, dtype=torch.float64).reshape(1, 1, 1, -1).expand(3, 2, 1, -1)  # ±140 at Δ 0.07
+    edges = (y * step - step / 2).numpy(), (y * step + step / 2).numpy()
+
+    factorized = FactorizedModel(channels=2, components=3).double()
+    with torch.no_grad():
+        factorized.loc.normal_()
+        factorized.logits.normal_()
+    weights = torch.softmax(factorized.logits, -1).detach().numpy()[None, :, None, None, :]
+    loc = factorized.loc.detach().numpy()[None, :, None, None, :]
+    scale = np.exp(factorized.log_scale.detach().numpy())[None, :, None, None, :]
+    expected = (weights * (expit((edges[1][..., None] - loc) / scale) - expit((edges[0][..., None] - loc) / scale))
+                ).sum(-1)
+    got = factorized.bin_probability(y, step).detach()
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(got.sum(-1), torch.ones(3, 2, 1, dtype=torch.float64), rtol=1e-9, atol=0)
+
+    context = ContextModel(channels=2, groups=1, hidden=4).double()
+    mean, scale = np.array([0.3, -0.5]), np.array([0.2, 0.9])
+    with torch.no_grad():
+        for net in context.nets:
+            net[-1].bias.copy_(torch.from_numpy(np.concatenate([mean, np.log(scale)])))
+    mean, scale = mean[None, :, None, None], scale[None, :, None, None]
+    expected = norm.cdf(edges[1], mean, scale) - norm.cdf(edges[0], mean, scale)
+    got = context.bin_probability(y, step).detach()
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(got.sum(-1), torch.ones(3, 2, 1, dtype=torch.float64), rtol=1e-9, atol=0)
 
 
 def test_model_file_round_trips_and_its_identity_follows_its_content(tmp_path):
