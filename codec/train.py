@@ -35,6 +35,7 @@ from codec.common.optim import backward_and_step, learning_rate, set_learning_ra
 from codec.conditional import TextConditions, dataset_conditions
 from codec.config import CodecConfig, DataConfig, ModelConfig
 from codec.data import CenterCrops, TrainCrops, bundled_photos, load_image_dataset
+from codec.data.crops import mirror_caption
 from codec.equivariance import draw_transform
 from codec.evaluate import evaluate_reconstructions, save_png, validation_grid
 from codec.losses import CodecLoss, PatchDiscriminator, adaptive_gan_weight, build_perceptual, discriminator_loss, generator_gan_loss
@@ -99,7 +100,7 @@ def load_data(cfg: DataConfig, seed: int, model: ModelConfig | None = None) -> D
                          else extra.select_columns([column]))
             description += f"; + {len(extra)} training images of {source}"
         train_ds = datasets.concatenate_datasets(parts)
-    train_conditions = val_conditions = class_names = None
+    train_conditions = mirrored_conditions = val_conditions = class_names = None
     if conditional:
         text = TextConditions(model.text_encoder, model.text_max_length) if model.condition == "text" else None
         column_name = cfg.condition_column
@@ -107,11 +108,14 @@ def load_data(cfg: DataConfig, seed: int, model: ModelConfig | None = None) -> D
                                                            text=text)
         val_conditions, _ = dataset_conditions(val_ds, model.condition, column_name, val_source or train_source,
                                                text=text, class_names=class_names)
+        if text is not None and cfg.flip:  # a mirrored crop is conditioned on its mirrored caption (TrainCrops)
+            mirrored_conditions, _ = dataset_conditions(train_ds, "text", column_name, train_source,
+                                                        text=lambda captions: text(list(map(mirror_caption, captions))))
         description += (f"; conditioned on {model.condition} ({column_name or 'default column'}"
                         + (f": {len(class_names)} classes)" if class_names else ")"))
     return Data(
         train=TrainCrops(train_ds, column, cfg.crop_size, seed=seed, resize=cfg.resize, flip=cfg.flip,
-                         conditions=train_conditions),
+                         conditions=train_conditions, mirrored_conditions=mirrored_conditions),
         val=CenterCrops(val_ds, val_column, cfg.val_size, limit=cfg.val_count, conditions=val_conditions),
         train_dataset=train_ds,
         image_column=column,

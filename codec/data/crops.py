@@ -85,6 +85,7 @@ class TrainCrops(torch.utils.data.Dataset):
         resize: int | None = None,
         flip: bool = True,
         conditions: torch.Tensor | None = None,
+        mirrored_conditions: torch.Tensor | None = None,
     ):
         if crop_size < 1:
             raise ValueError(f"TrainCrops: crop_size must be >= 1, got {crop_size}")
@@ -92,6 +93,10 @@ class TrainCrops(torch.utils.data.Dataset):
             raise ValueError(f"TrainCrops: resize must be >= 1 or None, got {resize}")
         if len(dataset) == 0:
             raise ValueError("TrainCrops: the dataset is empty; point the data source at a folder with images")
+        if mirrored_conditions is not None and (conditions is None or mirrored_conditions.shape != conditions.shape):
+            raise ValueError(f"TrainCrops: mirrored_conditions must match conditions row for row, got "
+                             f"{None if conditions is None else tuple(conditions.shape)} and "
+                             f"{tuple(mirrored_conditions.shape)}")
         self.dataset = _undecoded(dataset, image_column)
         self.image_column = image_column
         self.crop_size = crop_size
@@ -101,6 +106,10 @@ class TrainCrops(torch.utils.data.Dataset):
         # One condition per dataset row (a conditional codec's labels or caption embeddings), returned with the
         # row's crop: a replaced unreadable image brings its replacement's condition.
         self.conditions = conditions
+        # The conditions of the rows' mirrored captions (mirror_caption), given to a mirrored crop instead: without
+        # them a text-conditioned codec would learn "on the left" from shapes on the right. None: conditions that
+        # no mirror contradicts (class labels), or flip=False.
+        self.mirrored_conditions = mirrored_conditions
         self.rejected: dict[int, str] = {}
         self._cached_perm: tuple[int, list[int]] | None = None
 
@@ -137,7 +146,8 @@ class TrainCrops(torch.utils.data.Dataset):
             f"check the data source"
         )
 
-    def _crop(self, img: Image.Image, draw: int) -> torch.Tensor:
+    def _crop(self, img: Image.Image, draw: int) -> tuple[torch.Tensor, bool]:
+        """The crop's pixels and whether they were mirrored."""
         if self.resize is not None:
             img = resize_shorter_side(img, self.resize)
         if min(img.size) < self.crop_size:
@@ -148,13 +158,16 @@ class TrainCrops(torch.utils.data.Dataset):
         top = int(torch.randint(height - self.crop_size + 1, (1,), generator=generator))
         mirror = bool(torch.rand((), generator=generator) < 0.5)  # drawn even if flip=False: same boxes either way
         pixels = pil_to_tensor(img.crop((left, top, left + self.crop_size, top + self.crop_size)))
-        return pixels.flip(-1) if self.flip and mirror else pixels
+        mirror = self.flip and mirror
+        return (pixels.flip(-1) if mirror else pixels), mirror
 
     def __getitem__(self, draw: int) -> dict[str, torch.Tensor]:
         index, img = self._readable_image(self.item_index(draw))
-        item = {"pixels": self._crop(img, int(draw)), "draw": torch.tensor(int(draw), dtype=torch.int64)}
+        pixels, mirrored = self._crop(img, int(draw))
+        item = {"pixels": pixels, "draw": torch.tensor(int(draw), dtype=torch.int64)}
         if self.conditions is not None:
-            item["condition"] = self.conditions[index]
+            rows = self.mirrored_conditions if mirrored and self.mirrored_conditions is not None else self.conditions
+            item["condition"] = rows[index]
         return item
 
 

@@ -143,3 +143,37 @@ def test_center_crop_takes_the_middle(tmp_path):
     Image.fromarray(stripes).save(tmp_path / "s.png")
     val = CenterCrops(records(tmp_path, ["s.png"]), "image", size=8)
     assert torch.all(val[0]["pixels"] == 1.0)
+
+
+def test_a_text_codecs_mirrored_crops_are_conditioned_on_their_mirrored_captions(tmp_path):
+    # A text CVAE trained with data.flip (the default) must not learn "on the left" from a shape on the right: a
+    # mirrored crop comes with the embedding of its mirrored caption (the rule of diffusion/shards/encode.py --flip).
+    from codec.conditional import TextConditions
+    from codec.config import load_codec_config
+    from codec.data.crops import mirror_caption
+    from codec.train import load_data
+    from diffusion.demo.adherence import detect, parse_prompt
+    from diffusion.demo.shapes import write_shapes_dataset
+    from tests.conftest import ROOT
+
+    shapes = write_shapes_dataset(tmp_path / "shapes", count=12, seed=0, size=32)
+    cfg = load_codec_config(ROOT / "configs" / "codec" / "tiny.yaml", [
+        f"data.train={shapes}", "data.val=null", "data.val_count=2", "data.crop_size=32", "data.resize=32",
+        "data.val_size=32", "model.condition=text", "model.condition_channels=4"])
+    assert cfg.data.flip  # the default
+    data = load_data(cfg.data, seed=0, model=cfg.model)
+    captions = data.train_dataset["text"]
+    text = TextConditions(cfg.model.text_encoder, cfg.model.text_max_length)
+    mirrored = contradictions = 0
+    for draw in range(40):
+        item = data.train[draw]
+        caption = captions[data.train.item_index(draw)]
+        pixels = item["pixels"].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        shown = detect(pixels).position
+        true = caption if parse_prompt(caption).position == shown else mirror_caption(caption)
+        assert parse_prompt(true).position == shown  # a crop of the whole image, mirrored or not
+        mirrored += true != caption
+        contradictions += not torch.allclose(item["condition"], text([true])[0], atol=1e-5)
+    print(f"{mirrored} of 40 crops mirrored a caption's side, {contradictions} conditioned on a contradicting caption")
+    assert mirrored == 9  # the crops' draws keyed by (seed 0, draw) mirror 9 side-naming captions of 40
+    assert contradictions == 0
