@@ -13,10 +13,11 @@ from PIL import Image
 
 from codec.data import pil_to_tensor
 from codec.entropy.bitstream import MAGIC, OVERHEAD_BYTES
-from codec.entropy.coder import read_compressed
+from codec.entropy.coder import decompress_symbols, read_compressed
 from codec.entropy.models import load_model
 from codec.entropy.rate_distortion import (above_at_every_rate, bits_saving_at_equal_psnr, codec_point,
                                            geometric_steps, interpolate_psnr_at, kl_bits_per_pixel, pillow_point)
+from codec.entropy.symbols import symbol_bits
 from codec.model import codec_identity, downsample_factor, load_codec
 from codec.quality import encode_jpeg, encode_webp
 from tests.codec.entropy.test_compress import refused, run
@@ -131,19 +132,31 @@ def test_default_steps_are_geometric_and_span_the_range():
 
 @pytest.mark.parametrize("kind", ["factorized", "context"])
 def test_a_codec_points_rate_is_its_files_bytes(vae, tiny_codec_dir, model_files, images, tmp_path, kind):
+    """Each point's bpp is its files' bytes and its model_bpp the model's bits of the files' own symbols, which the
+    payloads cost to within the coder's last words; both fall as Δ grows."""
     model, identity = load_model(model_files[kind]), codec_identity(vae)
-    point = codec_point(vae, model, kind, images, 0.5, identity, files_dir=tmp_path)
-    files = [tmp_path / f"{i}.lcc" for i in range(len(images))]
-    sizes = [f.stat().st_size for f in files]
-    assert point["bytes"] == sizes and min(sizes) > OVERHEAD_BYTES
-    assert point["bpp"] == pytest.approx(sum(8 * s / SIDE**2 for s in sizes) / len(sizes))
-    for f in files:  # real files of this codec and model, the header counted in the rate
-        data = f.read_bytes()
-        assert data.startswith(MAGIC)
-        header, _ = read_compressed(data, f.name, model, identity, downsample_factor(vae))
-        assert (header.height, header.width, header.step) == (SIDE, SIDE, point["step"])
-    assert point["step"] == pytest.approx(0.5) and math.isfinite(point["psnr"]) and 0 <= point["ms_ssim"] <= 1
-    assert point["model_bpp"] < point["bpp"]  # the model's cross-entropy leaves out the 56-byte header
+    points = []
+    for step in (0.25, 0.5, 1.0):
+        files_dir = tmp_path / str(step)
+        point = codec_point(vae, model, kind, images, step, identity, files_dir=files_dir)
+        files = [files_dir / f"{i}.lcc" for i in range(len(images))]
+        sizes = [f.stat().st_size for f in files]
+        assert point["bytes"] == sizes and min(sizes) > OVERHEAD_BYTES
+        assert point["bpp"] == pytest.approx(sum(8 * s / SIDE**2 for s in sizes) / len(sizes))
+        model_bits = []
+        for f in files:  # real files of this codec and model, the header counted in the rate
+            data = f.read_bytes()
+            assert data.startswith(MAGIC)
+            header, words = read_compressed(data, f.name, model, identity, downsample_factor(vae))
+            assert (header.height, header.width, header.step) == (SIDE, SIDE, point["step"])
+            y = decompress_symbols(model, header, words, f.name)
+            model_bits.append(symbol_bits(model, y, header.step, header.low, header.high))
+            assert abs(32 * len(words) - model_bits[-1]) <= 64, (32 * len(words), model_bits[-1])
+        assert point["model_bpp"] == pytest.approx(sum(model_bits) / len(model_bits) / SIDE**2, rel=1e-12)
+        assert point["step"] == pytest.approx(step) and math.isfinite(point["psnr"]) and 0 <= point["ms_ssim"] <= 1
+        points.append(point)
+    assert points[0]["model_bpp"] > points[1]["model_bpp"] > points[2]["model_bpp"] > 0
+    assert points[0]["bpp"] >= points[1]["bpp"] >= points[2]["bpp"] and points[0]["bpp"] > points[2]["bpp"]
 
 
 @pytest.mark.parametrize("method, encode, qualities", [("jpeg", encode_jpeg, (5, 50, 95)),
