@@ -87,6 +87,15 @@ def test_gan_and_learned_logvar_train(tiny_config, fresh_accelerate_state, tmp_p
         return torch.tensor(weights[-1])
 
     monkeypatch.setattr(train_module, "adaptive_gan_weight", recorded)
+    totals = []  # the codec's loss without the GAN term, each step
+
+    class RecordedLoss(train_module.CodecLoss):
+        def __call__(self, *args, **kwargs):
+            parts = super().__call__(*args, **kwargs)
+            totals.append(parts.total.item())
+            return parts
+
+    monkeypatch.setattr(train_module, "CodecLoss", RecordedLoss)
     set_seed(cfg.train.seed)
     result = train_codec(cfg)
     # The adaptive weight was taken on steps 2 and 3, at the decoder's last convolution, and was not 0.
@@ -95,8 +104,14 @@ def test_gan_and_learned_logvar_train(tiny_config, fresh_accelerate_state, tmp_p
     ema = load_file(tmp_path / "run" / "checkpoints" / "step_00000004" / "ema.safetensors")
     # The live parameter itself: the export copies the EMA weights into it, so it ends as the EMA's conv_out.
     assert all(torch.equal(w.detach(), ema["decoder.conv_out.weight"]) for w in taken_at)
-    logged = [row["loss/gan_weight"] for row in read_history(tmp_path / "run")]
+    rows = [row for row in read_history(tmp_path / "run") if "loss/total" in row]
+    logged = [row["loss/gan_weight"] for row in rows]
     assert logged[:2] == [0.0, 0.0] and logged[2:] == pytest.approx([0.5 * w for w in weights]) and min(weights) > 0
+    # The weight is applied: the loss backpropagated is the codec's plus λ·g (measured λ·g: -0.17 and 0.08 on codec
+    # losses of 0.66 and 0.49; with g added unweighted the totals were 0.31 and 0.71).
+    gan_terms = [row["loss/gan_weight"] * row["loss/g"] for row in rows]
+    assert [row["loss/total"] for row in rows] == pytest.approx([t + g for t, g in zip(totals, gan_terms)], rel=1e-6)
+    assert min(abs(g) for g in gan_terms[2:]) > 1e-3
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
     model = load_file(ckpt / "model.safetensors")
     assert model["logvar"].item() != 0.0  # the learned log-variance was really optimized
