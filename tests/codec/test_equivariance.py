@@ -47,6 +47,27 @@ def test_a_box_codec_under_area_downscale_reconstructs_the_downscaled_image():
     assert equivariance_of_box_codec(blocks, Transform(scale=0.5)).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_quarter_downscale_is_anti_aliased_by_area_and_aliased_by_bilinear():
+    # At ½ bilinear and area agree (both the mean of 2x2 pixels); at ¼ area is still the mean of each 4x4 block,
+    # while bilinear without anti-aliasing reads only the 2x2 in its middle (source x = 4i + 1.5).
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    quarter = Transform(scale=0.25)
+    blocks = x.reshape(2, 3, 16, 4, 16, 4)
+    area = transform_image(x, quarter, 8, (8, 8), "area")
+    torch.testing.assert_close(area, blocks.mean(dim=(3, 5)))
+    middles = blocks[:, :, :, 1:3, :, 1:3].mean(dim=(3, 5))
+    torch.testing.assert_close(transform_image(x, quarter, 8, (8, 8), "bilinear"), middles)
+    torch.testing.assert_close(transform_latent(box_encode(x), quarter), F.avg_pool2d(box_encode(x), 4))
+    # So for the box codec the ¼ term is again its own error on the anti-aliased small image.
+    expected = pixel_loss(area, box_decode(box_encode(area))).mean()
+    torch.testing.assert_close(equivariance_of_box_codec(x, quarter), expected)
+    # Columns +1, -1, -1, +1 repeated: every 4x4 block averages to 0, and its middle columns to -1.
+    stripes = torch.tensor([1.0, -1.0, -1.0, 1.0]).repeat(16).expand(1, 3, 64, 64)
+    assert transform_image(stripes, quarter, 8, (8, 8), "area").abs().max().item() == pytest.approx(0.0, abs=1e-6)
+    assert transform_image(stripes, quarter, 8, (8, 8), "bilinear").mean().item() == pytest.approx(-1.0)
+
+
 def test_sizes_follow_the_latent_whatever_the_crop():
     # A 40x56 image has a 5x7 latent; ½ gives round(2.5)=2 x round(3.5)=4 latents and a 16x32 target.
     x, z = torch.rand(1, 3, 40, 56), torch.rand(1, 4, 5, 7)
