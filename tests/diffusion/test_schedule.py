@@ -23,6 +23,23 @@ def test_zero_terminal_snr_reaches_exactly_zero():
     assert (values[:-1] > 0).all() and (values[:-1].diff() < 0).all()
 
 
+def test_at_zero_terminal_snr_x_t_is_the_noise_and_the_v_target_is_minus_x0():
+    """At t = T-1 with zero terminal SNR, ᾱ = 0: x_t = √ᾱ x0 + √(1-ᾱ) ε = ε and v = √ᾱ ε - √(1-ᾱ) x0 = -x0, the
+    same as the scheduler's get_velocity. The trainer's loss there, unweighted, is the MSE to -x0."""
+    scheduler = build_noise_scheduler(DiffusionConfig(prediction_type="v_prediction", rescale_betas_zero_snr=True))
+    g = torch.Generator().manual_seed(0)
+    x0, eps, pred = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    last = torch.tensor([999, 999])
+    assert scheduler.alphas_cumprod[999].item() == 0.0 and snr(scheduler, last).tolist() == [0.0, 0.0]
+    torch.testing.assert_close(scheduler.add_noise(x0, eps, last), eps, rtol=0, atol=0)
+    target = training_target(scheduler, x0, eps, last)
+    torch.testing.assert_close(target, -x0, rtol=0, atol=0)
+    torch.testing.assert_close(target, scheduler.get_velocity(x0, eps, last), rtol=0, atol=0)
+    assert training_loss(scheduler, pred, x0, eps, last, None).item() == pytest.approx((pred + x0).pow(2).mean().item())
+    # Min-SNR-γ's v weight is min(SNR, γ)/(SNR + 1) = 0 there: with snr_gamma set the terminal step trains nothing.
+    assert training_loss(scheduler, pred, x0, eps, last, 5.0).item() == 0.0
+
+
 def test_min_snr_weights_match_the_closed_form_and_stay_finite_at_snr_zero():
     gamma = 5.0
     s = torch.tensor([0.0, 1e-8, 0.5, 4.9, 5.0, 5.1, 100.0, 1e6])

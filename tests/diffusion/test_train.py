@@ -169,12 +169,27 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_sha
 def test_v_prediction_with_zero_terminal_snr_trains_and_every_sampler_stays_finite(
         tiny_shards, tiny_codec_dir, tmp_path, fresh_accelerate_state):
     cfg = _config(tiny_shards, tiny_codec_dir, tmp_path / "run", "train.max_steps=4", "train.validate_every=4",
-                  "diffusion.prediction_type=v_prediction", "diffusion.rescale_betas_zero_snr=true")
+                  "diffusion.prediction_type=v_prediction", "diffusion.rescale_betas_zero_snr=true",
+                  "train.eval_timesteps=[999]", "train.eval_items=4")
     result = train_unet(cfg)
     assert all(torch.isfinite(torch.tensor(m["val/denoising_loss"])) for _, m in result.history)
     pipe = LatentDiffusionPipeline.from_pretrained(result.pipeline, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
+
+    # The trainer's loss at t = 999, where SNR is 0: x_t is the noise itself and the v-target is -x0, so the
+    # evaluated (EMA, exported) U-Net's loss there is its MSE to -x0 on the pure noise.
+    held = eval_set(LatentShards(tiny_shards), 4, 1000, cfg.train.seed, timesteps=[999])
+    text = CaptionEmbeddings(pipe.tokenizer, pipe.text_encoder, cfg.text_encoder.max_length)(held.captions)
+    with torch.no_grad():
+        v = pipe.unet(held.noise, held.timesteps, encoder_hidden_states=text).sample
+    by_hand = (v + held.latents).pow(2).mean().item()
+    assert result.history[-1][1]["val/denoising_loss_t999"] == pytest.approx(by_hand, rel=1e-5)
+    # The samplers start from there: SNR 0 at their first step, and a v model's x0 estimate there is -v.
+    ddim = pipe.scheduler
+    assert ddim.alphas_cumprod[999].item() == 0.0
+    ddim.set_timesteps(4)
+    torch.testing.assert_close(ddim.step(v, 999, held.noise).pred_original_sample, -v)
     for sampler in ("ddim", "dpm", "euler"):
         pipe.use_sampler(sampler)
         out = pipe("a rocket on the launch pad", num_inference_steps=4, seed=0, output_type="pt")
