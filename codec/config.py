@@ -135,7 +135,8 @@ class LossConfig:
     equivariance_scales: list[float] = field(default_factory=lambda: [0.5, 0.25])
     equivariance_resample: str = "area"  # area (anti-aliased) | bilinear (EQ-VAE's)
     # [Δ_min, Δ_max]: decode the posterior mean plus uniform noise of width Δ, Δ drawn log-uniformly per example, in
-    # the units a compressed file quantises (z · scaling_factor): the standard training proxy for quantisation
+    # the units a compressed file quantises (the normalised latent, codec_io.normalise_latents with the codec's
+    # scaling_factor, shift and per-channel statistics): the standard training proxy for quantisation
     # (Ballé et al. 2017), so the decoder learns the latents scripts/compress.py sends. null: off.
     quantisation_noise: list[float] | None = None
 
@@ -195,7 +196,7 @@ class DataConfig:
     num_workers: int = 2
 
 
-LATENT_NORMS = ("auto", "global", "per_channel", "keep")
+LATENT_NORMS = ("auto", "global", "shift", "per_channel", "keep")
 TRAINABLE = ("all", "decoder", "encoder")
 
 
@@ -219,7 +220,8 @@ class TrainConfig:
     log_every: int = 10
     output_dir: str = "runs/codec"
     # How the export sets the latent scale (statistics are measured and recorded in every case):
-    # global: scaling_factor = 1/std | per_channel: latents_mean/std | keep: the parent's, untouched |
+    # global: scaling_factor = 1/std | shift: shift_factor = mean and scaling_factor = 1/std (SD3/Flux) |
+    # per_channel: latents_mean/std | keep: the parent's, untouched |
     # auto: keep with model.init: pretrained (every U-Net, pipeline and latent cache made for the parent assumes its
     # scale), global otherwise.
     latent_norm: str = "auto"
@@ -260,7 +262,7 @@ class CodecConfig:
             raise ConfigError(f"model.condition: {self.model.condition} trains the whole codec; train.trainable must "
                               f"be all, not {self.train.trainable}")
         if self.loss.quantisation_noise is not None and self.model.init != "pretrained":
-            # Δ is in the units of the parent's measured scaling_factor; a new codec has none until it is exported.
+            # Δ is in the units of the parent's measured normalisation; a new codec has none until it is exported.
             raise ConfigError("loss.quantisation_noise needs a parent codec (model.init: pretrained): Δ is in the units "
                               "of its scaling_factor, which a new codec has not measured yet")
         if self.train.trainable == "encoder" and self.loss.gan_weight > 0:

@@ -27,11 +27,16 @@ from codec.equivariance import Transform, transform_image, transform_latent
 from diffusion.codec_io import (  # noqa: F401
     compression_ratio,
     decode_latents,
+    denormalise_latents,
     downsample_factor,
     encode_posterior,
+    latent_norm,
     latent_shape,
+    normalise_latents,
     prior_latents,
 )
+# The shards' statistics of z ~ q(z|x): the export measures the latent scale with the very same code.
+from diffusion.shards.format import latent_sums, stats_from_sums
 
 
 def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
@@ -140,7 +145,7 @@ class CodecForTraining(nn.Module):
         # weight is where the adaptive GAN weight takes its gradients (see run_in_fp32).
         run_in_fp32(vae.decoder.conv_out)
         self.seed = seed  # with each example's draw number, keys its posterior noise
-        # loss.quantisation_noise: decode mean + U(-Δ/2, Δ/2) / scaling_factor, what a file at step Δ decodes
+        # loss.quantisation_noise: decode denormalise(normalise(mean) + U(-Δ/2, Δ/2)), what a file at step Δ decodes
         self.noise_steps = noise_steps
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
 
@@ -159,7 +164,10 @@ class CodecForTraining(nn.Module):
         elif self.noise_steps is not None:
             noise = quantisation_noise(posterior.mean.shape, draws, self.seed, *self.noise_steps,
                                        posterior.mean.device, posterior.mean.dtype)
-            z = posterior.mean + noise / self.vae.config.scaling_factor
+            # The noise is added where files quantise, in the normalised units, so that Δ means the same here and
+            # in a file (per-channel statistics make the raw width differ per channel).
+            norm = latent_norm(self.vae.config)
+            z = denormalise_latents(normalise_latents(posterior.mean, norm) + noise, norm)
         else:
             noise = per_sample_noise(posterior.mean.shape, draws, self.seed, posterior.mean.device, torch.float32)
             z = sample_gaussian(posterior.mean, posterior.logvar, noise)
@@ -202,48 +210,52 @@ def interpolate(vae: AutoencoderKL, a: torch.Tensor, b: torch.Tensor, steps: int
 @torch.no_grad()
 @in_fp32
 def latent_statistics(vae: AutoencoderKL, batches) -> dict:
-    """Statistics of posterior means over `batches` of images: global std and per-channel mean/std.
+    """Statistics of the latents z ~ q(z|x) over `batches` of images: global std and mean, per-channel mean/std.
 
-    SD's 0.18215 is exactly 1/global std of its codec's latents, measured once; we measure it for each codec.
+    The one definition of the latent scale, shared with the shards' manifest (the same latent_sums and
+    stats_from_sums, docs/shards.md): by the law of total variance, Var[z] = Var[mean] + E[exp(logvar)], exactly,
+    with no draw. LDM's scale_by_std measured SD's 0.18215 on such samples; it is what the U-Net trains on.
     """
-    count, total, total_sq = 0, None, None
+    parts = []
     for batch in batches:  # images, or (images, conditions) for a conditional codec
         images, condition = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        z = encode_posterior(vae, images.to(vae.device, vae.dtype), condition).mode().double()
-        per_channel = z.transpose(0, 1).reshape(z.shape[1], -1)
-        s, s2 = per_channel.sum(1), (per_channel**2).sum(1)
-        total = s if total is None else total + s
-        total_sq = s2 if total_sq is None else total_sq + s2
-        count += per_channel.shape[1]
-    if not count:
+        posterior = encode_posterior(vae, images.to(vae.device, vae.dtype), condition)
+        parts.append(latent_sums(posterior.mean, posterior.logvar))
+    if not parts:
         raise ValueError("latent_statistics: no images given")
-    mean_c = total / count
-    var_c = total_sq / count - mean_c**2
-    mean_all = total.sum() / (count * len(total))
-    var_all = total_sq.sum() / (count * len(total)) - mean_all**2
-    return {
-        "std": float(var_all.clamp_min(0).sqrt()),
-        "mean": float(mean_all),
-        "channel_mean": [float(v) for v in mean_c],
-        "channel_std": [float(v) for v in var_c.clamp_min(0).sqrt()],
-        "elements_per_channel": int(count),
-    }
+    return stats_from_sums(parts)
+
+
+LATENT_NORM_MODES = ("global", "shift", "per_channel")
+
+
+def norm_from_stats(stats: dict, mode: str) -> dict:
+    """The latent normalisation (codec_io.NORM_KEYS) that makes latents of these statistics unit-variance, in
+    diffusers' conventions. global: scaling_factor = 1/std (SD). shift: shift_factor = mean, scaling_factor = 1/std
+    (SD3/Flux). per_channel: latents_mean/latents_std with scaling_factor 1 (SDXL-style)."""
+    if mode == "global":
+        return {"scaling_factor": 1.0 / stats["std"], "shift_factor": None, "latents_mean": None, "latents_std": None}
+    if mode == "shift":
+        return {"scaling_factor": 1.0 / stats["std"], "shift_factor": float(stats["mean"]), "latents_mean": None,
+                "latents_std": None}
+    if mode == "per_channel":
+        return {"scaling_factor": 1.0, "shift_factor": None, "latents_mean": list(stats["channel_mean"]),
+                "latents_std": list(stats["channel_std"])}
+    raise ValueError(f"latent statistics mode {mode!r}: expected one of {', '.join(LATENT_NORM_MODES)}")
+
+
+def norm_mode(config) -> str:
+    """Which of LATENT_NORM_MODES a vae config's normalisation has, so a re-measurement keeps its form."""
+    norm = latent_norm(config)
+    if norm["latents_mean"] is not None:
+        return "per_channel"
+    return "shift" if norm["shift_factor"] is not None else "global"
 
 
 def write_latent_stats(vae: AutoencoderKL, stats: dict, mode: str = "global") -> None:
-    """Store latent statistics in the model's config, in the convention diffusers' pipelines read.
-
-    global: scaling_factor = 1/std (SD convention). per_channel: latents_mean/latents_std with
-    scaling_factor 1 (SDXL pipelines compute (z - mean) * scaling_factor / std).
-    """
-    if mode == "global":
-        vae.register_to_config(scaling_factor=1.0 / stats["std"], latents_mean=None, latents_std=None)
-    elif mode == "per_channel":
-        vae.register_to_config(
-            scaling_factor=1.0, latents_mean=list(stats["channel_mean"]), latents_std=list(stats["channel_std"])
-        )
-    else:
-        raise ValueError(f"latent statistics mode {mode!r}: expected global or per_channel")
+    """Store the normalisation of these statistics (norm_from_stats) in the model's config, where diffusers'
+    pipelines read it."""
+    vae.register_to_config(**norm_from_stats(stats, mode))
 
 
 def codec_identity(vae: AutoencoderKL) -> str:

@@ -169,6 +169,7 @@ def load_parent(cfg: ModelConfig) -> Parent:
         "codec_identity": codec_identity(vae),
         "encoder_identity": encoder_identity(vae),
         "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": vae.config.get("shift_factor"),
         "latents_mean": vae.config.latents_mean,
         "latents_std": vae.config.latents_std,
     }

@@ -132,7 +132,7 @@ def export_codec(vae, data: Data, cfg: CodecConfig, output_dir: Path, run_info: 
     loader = DataLoader(images, batch_size=8)
     stats = latent_statistics(vae, ((b["pixels"], b["condition"]) if "condition" in b else b["pixels"] for b in loader))
     latent_norm = cfg.latent_norm()
-    if latent_norm != "keep":  # keep: the parent's scaling_factor / latents_mean / latents_std stay in the config
+    if latent_norm != "keep":  # keep: the parent's scaling_factor / shift_factor / latents_mean / latents_std stay
         write_latent_stats(vae, stats, latent_norm)
     final = output_dir / "final"
     with folder_atomically(final) as tmp:

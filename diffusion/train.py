@@ -8,9 +8,10 @@ copied into the exported pipeline folder.
 Reproducibility by construction, as in codec/train.py: every training example is a global draw number that
 fixes its shard record, posterior sample, diffusion noise, timestep and caption dropout (diffusion/draws.py).
 
-Latent scale: the U-Net learns latents scaled by the shards' manifest (scaling_factor = 1/std of the encoded
-dataset). The exported pipeline's vae config gets exactly that factor, replacing whatever the codec folder held,
-so sampling undoes the scaling training saw. Shards encoded by a different codec (other weights) are refused.
+Latent scale: the U-Net learns latents normalised by the shards' manifest (scaling_factor = 1/std of the encoded
+dataset's latents, with a shift or per-channel statistics when the codec has them). The exported pipeline's vae
+config gets exactly that normalisation, replacing whatever the codec folder held, so sampling undoes the
+normalisation training saw. Shards encoded by a different codec (other weights) are refused.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from codec.common.logs import append_history, flat_hparams, start_run_logging, s
 from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
 from codec.evaluate import save_png
 from codec.model import codec_identity, compression_ratio, encoder_identity, load_codec
+from diffusion.codec_io import latent_norm
 from diffusion.config import UNetTrainingConfig
 from diffusion.draws import EvalSet, TrainingDraws, eval_set, shard_captions
 from diffusion.pipeline import LatentDiffusionPipeline, make_sampler
@@ -65,6 +67,16 @@ class TrainResult:
     history: list = field(default_factory=list)  # every validation's (step, metrics)
 
 
+def describe_norm(norm: dict) -> str:
+    """A latent normalisation in a few words, for the log."""
+    words = f"scaling_factor {norm['scaling_factor']:.6g}"
+    if norm["shift_factor"] is not None:
+        words += f", shift_factor {norm['shift_factor']:.6g}"
+    if norm["latents_mean"] is not None:
+        words += f", per-channel latents_mean/latents_std of {len(norm['latents_mean'])} channels"
+    return words
+
+
 def codec_for_shards(codec_dir: str, shards_dir: str) -> tuple[AutoencoderKL, LatentShards, str]:
     """The frozen codec and its shards, checked to belong together; the vae config gets the shards' scale.
 
@@ -79,14 +91,16 @@ def codec_for_shards(codec_dir: str, shards_dir: str) -> tuple[AutoencoderKL, La
                           f"dataset with scripts/encode_dataset.py --codec {codec_dir}")
     identity = codec_identity(vae)
     shards = LatentShards(shards_dir, verify_codec=identity, verify_encoder=encoder_identity(vae))
-    had = vae.config.scaling_factor
-    # The U-Net learns shards.scale(z); the pipeline divides by the vae config's factor. They must be one number.
-    vae.register_to_config(scaling_factor=shards.scaling_factor, latents_mean=None, latents_std=None)
-    if abs(had - shards.scaling_factor) > 1e-6 * shards.scaling_factor:
-        note = (f"latent scaling_factor {shards.scaling_factor:.6g} from {shards_dir}/manifest.json replaces the "
-                f"codec folder's {had:.6g} in the exported pipeline (the U-Net is trained on the shards' scale)")
+    had = latent_norm(vae.config)
+    # The U-Net learns shards.scale(z); the pipeline undoes the vae config's normalisation. They must be one,
+    # shift and per-channel statistics included (dropping a codec's shift would decode every sample offset).
+    vae.register_to_config(**shards.normalisation)
+    if had != shards.normalisation:
+        note = (f"latent normalisation {describe_norm(shards.normalisation)} from {shards_dir}/manifest.json replaces "
+                f"the codec folder's {describe_norm(had)} in the exported pipeline (the U-Net is trained on the "
+                f"shards' normalisation)")
     else:
-        note = f"latent scaling_factor {shards.scaling_factor:.6g} (shards and codec agree)"
+        note = f"latent normalisation {describe_norm(shards.normalisation)} (shards and codec agree)"
     if identity != shards.manifest["codec"]["identity"]:
         note += (f"; codec {identity} decodes shards of codec {shards.manifest['codec']['identity']}: the same encoder "
                  f"({shards.encoder_identity}), so the same latents")

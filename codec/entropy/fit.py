@@ -126,5 +126,5 @@ def fit_entropy_model(shards_dir: str | os.PathLike, out: str | os.PathLike, set
     fit = {**dataclasses.asdict(settings), "step_range": [settings.step_min, settings.step_max],
            "shards": str(shards_dir), "records": len(shards), "final_bits_per_element": sum(recent) / len(recent)}
     return save_model(network.eval(), out, codec_identity=codec["identity"],
-                      encoder_identity=codec.get("encoder_identity"), scaling_factor=shards.scaling_factor, fit=fit,
+                      encoder_identity=codec.get("encoder_identity"), normalisation=shards.normalisation, fit=fit,
                       transform=transform)

@@ -41,6 +41,7 @@ from codec.common.atomic import write_bytes_atomically
 from codec.common.config import ConfigError
 from codec.entropy.discrete import gaussian_bin_probability, logistic_mixture_bin_probability
 from codec.entropy.transform import LatentTransform
+from diffusion.codec_io import denormalise_latents, latent_norm, normalise_latents
 from diffusion.shards.reader import codec_mismatch
 
 FORMAT = "entropy-model/1"
@@ -222,13 +223,13 @@ class ProbabilityModel:
     def normalise(self, z: torch.Tensor) -> torch.Tensor:
         """Codec latent (C, h, w) -> what the model codes: the unit-variance latent the model was fit on (what
         LatentShards.scale returns), through the model's transform when it has one."""
-        z = z * self.scaling_factor
+        z = normalise_latents(z, latent_norm(self.metadata["normalisation"]))
         return z if self.transform is None else self.transform.forward(z)
 
     def denormalise(self, t: torch.Tensor) -> torch.Tensor:
         """The inverse of normalise (a transformed latent comes back padded to the transform's multiple)."""
         z = t if self.transform is None else self.transform.inverse(t)
-        return z / self.scaling_factor
+        return denormalise_latents(z, latent_norm(self.metadata["normalisation"]))
 
     def coded_shape(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         """The shape of the symbols for a codec latent of `latent_shape` (channels, height, width)."""
@@ -246,8 +247,10 @@ def model_identity(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_model(network: nn.Module, path: str | os.PathLike, *, codec_identity: str, encoder_identity: str | None,
-               scaling_factor: float, fit: dict, transform: LatentTransform | None = None) -> str:
-    """Write the model file atomically; returns its identity."""
+               scaling_factor: float | None = None, fit: dict, transform: LatentTransform | None = None,
+               normalisation: dict | None = None) -> str:
+    """Write the model file atomically; returns its identity. `normalisation`: the shards' (LatentShards.normalisation),
+    shift and per-channel statistics included; `scaling_factor` alone stands for a global one."""
     latent_channels = network.config["channels"] if transform is None else transform.channel_basis.shape[0]
     metadata = {
         "format": FORMAT,
@@ -255,7 +258,9 @@ def save_model(network: nn.Module, path: str | os.PathLike, *, codec_identity: s
         "config": network.config,
         "codec": {"identity": codec_identity, "encoder_identity": encoder_identity},
         "latent_channels": latent_channels,
-        "normalisation": {"scaling_factor": float(scaling_factor)},
+        # Only the keys set: a global normalisation's metadata, and so the model's identity, is what it always was.
+        "normalisation": {k: v for k, v in latent_norm(normalisation or {"scaling_factor": float(scaling_factor)})
+                          .items() if v is not None},
         "fit": fit,
     }
     tensors = {name: t.detach().cpu().float().contiguous() for name, t in network.state_dict().items()}

@@ -38,7 +38,9 @@ from codec.common.draws import keyed_generator
 from codec.data import UnreadableImage, decode_image, load_image_dataset, pil_to_tensor, resize_shorter_side
 from codec.data.crops import mirror_caption
 from codec.fast import prepare_for_inference
-from codec.model import codec_identity, encode_posterior, encoder_identity, latent_shape, load_codec, write_latent_stats
+from codec.model import (codec_identity, encode_posterior, encoder_identity, latent_shape, load_codec, norm_from_stats,
+                         norm_mode)
+from diffusion.codec_io import NORM_KEYS
 from diffusion.shards.format import (
     FORMAT,
     MANIFEST,
@@ -467,6 +469,7 @@ def _finalize(out: Path, settings: dict, vae, codec_dir: str, data: str, image_c
         if k not in started:
             new_images += info["indices"][1] - info["indices"][0]
     stats = stats_from_sums(sums)
+    normalisation = norm_from_stats(stats, norm_mode(vae.config))
     manifest = {
         "format": FORMAT,
         "settings": settings,
@@ -485,19 +488,23 @@ def _finalize(out: Path, settings: dict, vae, codec_dir: str, data: str, image_c
         "rejected": len(rejects),
         "shards": entries,
         "latent_stats": stats,
-        "scaling_factor": 1.0 / stats["std"],
+        # Measured here in the form the codec's own normalisation has (global, shift or per-channel), so a codec
+        # with a shift keeps one: the reader, the U-Net trainer and the pipeline all apply this.
+        "normalisation": normalisation,
+        "scaling_factor": normalisation["scaling_factor"],
     }
     write_text_atomically(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest, new_images
 
 
-def write_scaling_factor_into_codec(codec_dir: str | os.PathLike, vae: AutoencoderKL, stats: dict) -> None:
-    """Store the measured scaling factor in the codec folder's config.json, leaving the weights file untouched."""
-    write_latent_stats(vae, stats, "global")
+def write_scaling_factor_into_codec(codec_dir: str | os.PathLike, vae: AutoencoderKL, normalisation: dict) -> None:
+    """Store the shards' measured normalisation (scaling factor, and shift or per-channel statistics) in the codec
+    folder's config.json, leaving the weights file untouched."""
+    vae.register_to_config(**normalisation)
     config_path = Path(codec_dir) / "config.json"
     config = json.loads(config_path.read_text())
-    for key in ("scaling_factor", "latents_mean", "latents_std"):
+    for key in NORM_KEYS:
         config[key] = vae.config[key]
     write_text_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -572,7 +579,7 @@ def encode_dataset(
     if state.is_main_process:
         manifest, new_images = _finalize(out, settings, vae, codec_dir, data, column, done, hashes)
         if write_scaling_factor:
-            write_scaling_factor_into_codec(codec_dir, vae, manifest["latent_stats"])
+            write_scaling_factor_into_codec(codec_dir, vae, manifest["normalisation"])
         seconds = time.perf_counter() - started_at
         print(f"encode done: {new_images} images read this run, {manifest['rejected']} rejected"
               f"{f' (listed in {out / REJECTS})' if manifest['rejected'] else ''}, {manifest['count']} records in "

@@ -116,7 +116,8 @@ def stats_from_sums(parts: Iterable[dict]) -> dict:
 
     By the law of total variance, Var[z] = Var[mean] + E[exp(logvar)] (per channel, and over all elements for
     the global std). scaling_factor = 1 / std makes the sampled latents unit-variance, as SD's 0.18215 does for
-    its codec.
+    its codec. The one definition of the latent scale: the codec export measures it with this function too
+    (codec.model.latent_statistics, docs/shards.md).
     """
     elements, total, total_sq, total_var = 0, None, None, None
     for part in parts:

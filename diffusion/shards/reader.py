@@ -3,8 +3,9 @@
 `LatentShards` gives random access to every record of every shard, memory-mapped through safetensors: a record
 costs one small read and nothing is loaded whole, so a dataset larger than memory trains as well as a small
 one (the U-Net trainer draws its records through it: diffusion/draws.py). Latents come out in the diffusion
-model's space, z * scaling_factor, where scaling_factor comes from the manifest: 1 / std of the latents sampled
-from the posterior over the whole encoded dataset (docs/shards.md).
+model's space, normalised with the manifest's `normalisation` (codec_io.normalise_latents: z · scaling_factor,
+with the shift or per-channel statistics when the codec has them), measured over the whole encoded dataset on the
+latents sampled from the posterior (docs/shards.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safetensors import safe_open
 
 from codec.common.config import ConfigError
 
+from diffusion.codec_io import denormalise_latents, latent_norm, normalise_latents
 from diffusion.shards.format import read_manifest, read_shard_header
 
 
@@ -59,7 +61,10 @@ class LatentShards(torch.utils.data.Dataset):
             refusal = codec_mismatch(identity, self.encoder_identity, verify_codec, verify_encoder)
             if refusal is not None:
                 raise ConfigError(f"{shards_dir} was {refusal}")  # a ValueError: one line and exit 2 in the CLIs
-        self.scaling_factor = float(self.manifest["scaling_factor"])
+        # Manifests written before shards recorded a normalisation scaled by scaling_factor alone.
+        self.normalisation = latent_norm(self.manifest.get("normalisation")
+                                         or {"scaling_factor": self.manifest["scaling_factor"]})
+        self.scaling_factor = float(self.normalisation["scaling_factor"])
         self._files: list[Path] = []
         self._starts: list[int] = []
         self._ids: list[str] = []
@@ -117,7 +122,7 @@ class LatentShards(torch.utils.data.Dataset):
         }
 
     def latents(self, i: int, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
-        """Scaled latent of record i: (mean + exp(logvar / 2) * eps) * scaling_factor, or mean * scaling_factor."""
+        """Normalised latent of record i: normalise(mean + exp(logvar / 2) * eps), or normalise(mean)."""
         record = self[i]
         z = record["mean"]
         if sample:
@@ -126,8 +131,8 @@ class LatentShards(torch.utils.data.Dataset):
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
         """Codec latents -> the unit-variance space the diffusion model works in."""
-        return z * self.scaling_factor
+        return normalise_latents(z, self.normalisation)
 
     def unscale(self, z: torch.Tensor) -> torch.Tensor:
         """Inverse of scale: what the codec's decoder takes."""
-        return z / self.scaling_factor
+        return denormalise_latents(z, self.normalisation)

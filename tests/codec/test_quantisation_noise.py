@@ -105,3 +105,35 @@ def test_a_decoder_trained_with_the_noise_decodes_quantised_latents_better(tiny_
     # Measured: 0.150 against 0.159 (5% lower) after 30 steps each. The price is at fine steps, which this
     # decoder was not trained for (0.098 against 0.090 at Δ = 0.25): hence the log-uniform range in the preset.
     assert errors["noisy"] < 0.98 * errors["plain"], errors
+
+
+@pytest.mark.parametrize("norm", [
+    {"scaling_factor": 0.25},
+    {"scaling_factor": 0.25, "shift_factor": 0.3},
+    {"scaling_factor": 0.25, "latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [2.0, 0.5, 1.0, 4.0]},
+], ids=["global", "shift", "per_channel"])
+def test_the_noise_and_a_file_share_the_units_of_delta(tmp_path, monkeypatch, norm):
+    """Δ 1 in the fine-tune and Δ 1 in a file are the same raw width in every channel: 1 / 0.25 = 4 for a global
+    or shifted scale, 4 · latents_std_c with per-channel statistics."""
+    import codec.model as model_module
+    from codec.entropy.models import FactorizedModel, load_model, save_model
+
+    vae = AutoencoderKL.from_pretrained(make_parent(tmp_path / "p", scaling_factor=0.25)).eval()
+    vae.register_to_config(**norm)
+    decoded = []
+    real = model_module.decode_latents
+    monkeypatch.setattr(model_module, "decode_latents", lambda v, z, c=None: decoded.append(z) or real(v, z, c))
+    with torch.no_grad():
+        _, mean, _ = CodecForTraining(vae, noise_steps=(1.0, 1.0))(_val_images(2), torch.tensor([0, 1]))
+    # The decoded latent is the mean plus the drawn U(-1/2, 1/2) noise stretched to each channel's raw width.
+    unit = quantisation_noise(mean.shape, torch.tensor([0, 1]), 0, 1.0, 1.0, "cpu", mean.dtype)
+    expected = 4.0 * torch.tensor(norm.get("latents_std", [1.0] * 4))
+    raw_width = ((decoded[0] - mean) / unit).median(dim=3).values.median(dim=2).values.median(dim=0).values
+    torch.testing.assert_close(raw_width, expected, rtol=1e-4, atol=0)
+
+    save_model(FactorizedModel(4), tmp_path / "m.safetensors", codec_identity="ab" * 8, encoder_identity=None,
+               normalisation=norm, fit={"step_range": [0.5, 2.0]})
+    coder = load_model(tmp_path / "m.safetensors")
+    bins = torch.arange(2.0, dtype=torch.float64).view(2, 1, 1, 1).expand(2, 4, 1, 1)  # symbols 0 and 1 at Δ 1
+    bin_width = (coder.denormalise(bins[1]) - coder.denormalise(bins[0])).flatten()
+    torch.testing.assert_close(bin_width.float(), expected, rtol=1e-6, atol=0)
