@@ -1,4 +1,4 @@
-"""The β study's measures against their closed forms, and a two-run study end to end on tiny data."""
+"""The β study's measures against their closed forms, and a three-run study end to end on tiny data."""
 
 import json
 import math
@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
+from codec.model import encode_posterior, load_codec
 from diffusion.demo.adherence import shows_one_shape
-from diffusion.demo.beta_study import active_channels, load_study_config, prior_file, rate_bits, run_study
+from diffusion.demo.beta_study import (active_channels, heldout_shapes, load_study_config, prior_file, rate_bits,
+                                        run_study)
 from diffusion.demo.shapes import render, scenes, write_shapes_dataset
 from tests.conftest import ROOT
 
@@ -42,21 +44,31 @@ def test_one_shape_holds_for_real_shapes_and_not_for_noise():
     assert not shows_one_shape(pixels)
 
 
-def test_a_two_run_study_writes_its_table_plot_and_prior_grids(tmp_path):
+def test_a_three_run_study_measures_the_rate_and_writes_its_table_plot_and_prior_grids(tmp_path):
     shapes = write_shapes_dataset(tmp_path / "shapes", count=24, seed=0, size=32, progress=False)
     study = tmp_path / "study.yaml"
     study.write_text(json.dumps({
         "codec_config": str(ROOT / "configs/codec/beta-study.yaml"), "shapes": str(shapes),
         "output_dir": str(tmp_path / "out"), "heldout_count": 8, "prior_samples": 8,
-        "overrides": ["train.max_steps=2", "train.batch_size=4", "data.crop_size=32", "data.resize=32",
+        "overrides": ["train.max_steps=2", "optim.warmup_steps=0", "train.batch_size=4", "data.crop_size=32", "data.resize=32",
                       "data.val_size=32", "data.val_count=2", "train.checkpoint_every=0", "data.num_workers=0",
                       "train.latent_stats_images=4", "model.block_out_channels=[8,8,16,16]", "model.norm_num_groups=4"],
         "runs": [{"name": "small", "overrides": ["loss.kl_weight=1e-6"]},
+                 {"name": "large", "overrides": ["loss.kl_weight=1000"]},
                  {"name": "cvae", "overrides": ["model.condition=text", "model.condition_channels=4"]}]}))
     summary = run_study(load_study_config(study), ROOT)
-    small, cvae = summary["runs"]
+    small, large, cvae = summary["runs"]
     assert small["beta"] == 1e-6 and cvae["condition"] == "text (film)" and small["steps"] == cvae["steps"] == 2
-    for r in (small, cvae):
+    # The rate is the posterior's KL in bits, averaged over the held-out images (closed form on the exported codec)...
+    images, _ = heldout_shapes(8, load_study_config(study).heldout_seed, 32)
+    with torch.no_grad():
+        posterior = encode_posterior(load_codec(tmp_path / "out" / "small" / "final"), images)
+    mean, logvar = posterior.mean.double(), posterior.logvar.double()
+    nats = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+    assert small["rate_bits"] == pytest.approx((nats / math.log(2)).mean().item(), rel=1e-6)
+    # ... and it falls as β rises: two steps from one initialisation, β 1e-6 -> 1e3 (measured 4.21 -> 3.01 bits).
+    assert large["rate_bits"] < 0.85 * small["rate_bits"], (small["rate_bits"], large["rate_bits"])
+    for r in (small, large, cvae):
         assert r["rate_bits"] > 0 and 0 <= r["active_channels"] <= 4 and r["psnr_db"] > 0
     assert "prior_adherence_percent" in cvae and "prior_adherence_percent" not in small
     out = tmp_path / "out"
