@@ -21,6 +21,7 @@ from codec.common.precision import in_fp32, run_in_fp32, sample_gaussian
 from codec.conditional import ConditionalAutoencoderKL
 from codec.config import ModelConfig
 from codec.equivariance import Transform, transform_image, transform_latent
+from codec.latent_stats import latent_sums, stats_from_sums
 
 # Latent geometry is defined in diffusion/codec_io.py, the file exported pipeline folders carry so that stock
 # diffusers computes shapes exactly as we do; re-exported here, where the codec's users look for it.
@@ -36,7 +37,6 @@ from diffusion.codec_io import (  # noqa: F401
     prior_latents,
 )
 # The shards' statistics of z ~ q(z|x): the export measures the latent scale with the very same code.
-from diffusion.shards.format import latent_sums, stats_from_sums
 
 
 def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:

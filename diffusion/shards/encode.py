@@ -38,6 +38,7 @@ from codec.common.draws import keyed_generator
 from codec.data import UnreadableImage, decode_image, load_image_dataset, pil_to_tensor, resize_shorter_side
 from codec.data.crops import mirror_caption
 from codec.fast import prepare_for_inference
+from codec.latent_stats import latent_sums, stats_from_sums
 from codec.model import (codec_identity, encode_posterior, encoder_identity, latent_shape, load_codec, norm_from_stats,
                          norm_mode)
 from diffusion.codec_io import NORM_KEYS
@@ -46,13 +47,11 @@ from diffusion.shards.format import (
     MANIFEST,
     ShardRecords,
     file_sha256,
-    latent_sums,
     list_shard_files,
     read_manifest,
     read_shard_header,
     shard_filename,
     shard_number,
-    stats_from_sums,
     write_shard,
 )
 
