@@ -163,11 +163,12 @@ class CodecForTraining(nn.Module):
             z = posterior.mode()
         elif self.noise_steps is not None:
             noise = quantisation_noise(posterior.mean.shape, draws, self.seed, *self.noise_steps,
-                                       posterior.mean.device, posterior.mean.dtype)
+                                       posterior.mean.device, torch.float32)
             # The noise is added where files quantise, in the normalised units, so that Δ means the same here and
-            # in a file (per-channel statistics make the raw width differ per channel).
+            # in a file (per-channel statistics make the raw width differ per channel). In float32, as the posterior
+            # sample is: a bf16 mean near 4 has steps of 1/64, which a fine Δ's noise would round back to.
             norm = latent_norm(self.vae.config)
-            z = denormalise_latents(normalise_latents(posterior.mean, norm) + noise, norm)
+            z = denormalise_latents(normalise_latents(posterior.mean.float(), norm) + noise, norm)
         else:
             noise = per_sample_noise(posterior.mean.shape, draws, self.seed, posterior.mean.device, torch.float32)
             z = sample_gaussian(posterior.mean, posterior.logvar, noise)

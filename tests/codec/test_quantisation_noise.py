@@ -137,3 +137,22 @@ def test_the_noise_and_a_file_share_the_units_of_delta(tmp_path, monkeypatch, no
     bins = torch.arange(2.0, dtype=torch.float64).view(2, 1, 1, 1).expand(2, 4, 1, 1)  # symbols 0 and 1 at Δ 1
     bin_width = (coder.denormalise(bins[1]) - coder.denormalise(bins[0])).flatten()
     torch.testing.assert_close(bin_width.float(), expected, rtol=1e-6, atol=0)
+
+
+def test_the_noise_is_added_in_fp32_under_bf16():
+    """A fine Δ under bf16 autocast: bf16's step near a raw latent of 3.9 is 1/64, so noise of width 0.01 added in
+    bf16 rounds back to the mean (measured: every element); in fp32 none does, and z − μ is the noise."""
+    from tests.codec.test_precision import _latents_decoded, _posterior_fixed, bf16
+
+    torch.manual_seed(0)
+    vae = build_autoencoder(load_codec_config("configs/codec/tiny.yaml").model)
+    _posterior_fixed(vae)
+    seen = _latents_decoded(vae)
+    draws = torch.tensor([2, 7])
+    with bf16():
+        _, mean, _ = CodecForTraining(vae, seed=1, noise_steps=(0.01, 0.01))(torch.rand(2, 3, 64, 64) * 2 - 1, draws)
+    assert mean.dtype == torch.bfloat16
+    noise = quantisation_noise(tuple(mean.shape), draws, 1, 0.01, 0.01, "cpu", torch.float32)
+    on_mean = (seen[0] == mean).double().mean().item()
+    assert on_mean == 0.0, f"{on_mean:.1%} of the noisy latents equal the posterior mean"
+    torch.testing.assert_close(seen[0] - mean.float(), noise, rtol=0, atol=1e-6)  # scaling factor 1: Δ is raw
