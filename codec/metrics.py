@@ -89,9 +89,8 @@ def fid_inception(weights_path: str | Path) -> torch.nn.Module:
     plain tensors, so nothing from the original pickle is ever executed.
     """
     try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
         import torch_fidelity  # noqa: F401  (torchmetrics' extractor is a torch-fidelity class)
+        from torchmetrics.image.fid import NoTrainInceptionV3
     except ImportError as exc:
         raise InceptionUnavailable(
             "rFID needs the torch-fidelity package (torchmetrics' FID network is built from it): "

@@ -36,6 +36,7 @@ from diffusion.codec_io import (  # noqa: F401
     normalise_latents,
     prior_latents,
 )
+
 # The shards' statistics of z ~ q(z|x): the export measures the latent scale with the very same code.
 
 

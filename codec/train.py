@@ -26,7 +26,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from codec.common.atomic import folder_atomically
-from codec.common.checkpoints import ema_weights, keep_ema_in_checkpoints, read_trainer_state, resolve_resume, save_checkpoint
+from codec.common.checkpoints import (
+    ema_weights,
+    keep_ema_in_checkpoints,
+    read_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+)
 from codec.common.config import ConfigError, to_dict
 from codec.common.distributed import agreed_seconds, make_accelerator
 from codec.common.draws import DrawSampler
@@ -38,9 +44,24 @@ from codec.data import CenterCrops, TrainCrops, bundled_photos, load_image_datas
 from codec.data.crops import mirror_caption
 from codec.equivariance import draw_transform
 from codec.evaluate import evaluate_reconstructions, save_png, validation_grid
-from codec.losses import CodecLoss, PatchDiscriminator, adaptive_gan_weight, build_perceptual, discriminator_loss, generator_gan_loss
-from codec.model import (CodecForTraining, build_codec, codec_identity, compression_ratio, encoder_identity,
-                         freeze_for_training, latent_statistics, write_latent_stats)
+from codec.losses import (
+    CodecLoss,
+    PatchDiscriminator,
+    adaptive_gan_weight,
+    build_perceptual,
+    discriminator_loss,
+    generator_gan_loss,
+)
+from codec.model import (
+    CodecForTraining,
+    build_codec,
+    codec_identity,
+    compression_ratio,
+    encoder_identity,
+    freeze_for_training,
+    latent_statistics,
+    write_latent_stats,
+)
 from codec.pretrained import Parent, load_parent
 from codec.warm_start import thumbnail_init
 

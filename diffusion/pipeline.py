@@ -47,9 +47,9 @@ from PIL import Image
 # codec_io.py imports no project file) into its module cache with it; `codec` and `diffusion` would not exist there.
 from .codec_io import (
     compression_ratio,
-    downsample_factor,
     decode_latents,
     denormalise_latents,
+    downsample_factor,
     encode_posterior,
     latent_norm,
     latent_shape,

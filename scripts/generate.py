@@ -23,7 +23,6 @@ import json
 import sys
 from pathlib import Path
 
-
 SAMPLER_CHOICES = ("ddim", "dpm", "euler")
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")  # diffusion.pipeline.PRECISIONS (not imported: --help stays fast)
 
@@ -151,10 +150,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from codec.conditional import condition_tensor, is_conditional
+    from codec.data import pil_to_tensor, tensor_to_pil
     from codec.metrics import psnr
     from codec.model import compression_ratio, downsample_factor, latent_blend, latent_shape, prior_latents
-    from codec.data import pil_to_tensor, tensor_to_pil
-    from codec.conditional import condition_tensor, is_conditional
     from diffusion.pipeline import decode_images, encode_mean, seeded_generator
 
     pipe, vae = load_model(args.model or args.codec, args.precision)

@@ -18,8 +18,15 @@ from PIL import Image
 
 from codec.entropy.bitstream import BitstreamError, Header, pack, unpack
 from codec.entropy.models import ProbabilityModel
-from codec.entropy.symbols import (SYMBOL_LIMIT, decode_symbols, dequantize, encode_symbols, quantize, symbol_bits,
-                                   symbols_hash)
+from codec.entropy.symbols import (
+    SYMBOL_LIMIT,
+    decode_symbols,
+    dequantize,
+    encode_symbols,
+    quantize,
+    symbol_bits,
+    symbols_hash,
+)
 from codec.entropy.transform import pad_to_factor
 from codec.model import decode_latents, downsample_factor, encode_posterior
 from codec.tiling import tiled_decode, tiled_encode

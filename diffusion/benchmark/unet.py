@@ -204,8 +204,8 @@ def benchmark_training_throughput(
     before the clock starts, so the ratio counts only the encoder's cost: a lower bound on the real saving, which
     also includes decoding and resizing every image at every epoch. One untimed warm-up step per side, then
     `steps` steps per side, alternating; images/s from each side's median step."""
-    from codec.model import load_codec
     from codec.fast import prepare_for_inference
+    from codec.model import load_codec
     from diffusion.config import DiffusionConfig
     from diffusion.draws import TrainingDraws, shard_captions
     from diffusion.schedule import build_noise_scheduler

@@ -20,9 +20,9 @@ from diffusers import AutoencoderKL  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from codec.common.atomic import save_figure, write_text_atomically  # noqa: E402
+from codec.common.logs import read_history  # noqa: E402
 from codec.evaluate import save_png  # noqa: E402
 from codec.model import compression_ratio, latent_shape  # noqa: E402
-from codec.common.logs import read_history  # noqa: E402
 from diffusion.demo.adherence import score, summarise  # noqa: E402
 
 ATTRIBUTES = ("color", "position", "shape", "background")

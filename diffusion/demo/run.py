@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codec.common.config import ConfigError, load_config
 from codec.common.atomic import write_text_atomically
+from codec.common.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: scripts/ and configs/ are beside the packages
 

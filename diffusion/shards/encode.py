@@ -39,8 +39,15 @@ from codec.data import UnreadableImage, decode_image, load_image_dataset, pil_to
 from codec.data.crops import mirror_caption
 from codec.fast import prepare_for_inference
 from codec.latent_stats import latent_sums, stats_from_sums
-from codec.model import (codec_identity, encode_posterior, encoder_identity, latent_shape, load_codec, norm_from_stats,
-                         norm_mode)
+from codec.model import (
+    codec_identity,
+    encode_posterior,
+    encoder_identity,
+    latent_shape,
+    load_codec,
+    norm_from_stats,
+    norm_mode,
+)
 from diffusion.codec_io import NORM_KEYS
 from diffusion.shards.format import (
     FORMAT,

@@ -18,7 +18,6 @@ import torch
 from safetensors import safe_open
 
 from codec.common.config import ConfigError
-
 from diffusion.codec_io import denormalise_latents, latent_norm, normalise_latents
 from diffusion.shards.format import read_manifest, read_shard_header
 

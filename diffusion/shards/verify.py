@@ -7,7 +7,14 @@ import os
 from pathlib import Path
 
 from codec.model import codec_identity, encoder_identity, load_codec
-from diffusion.shards.format import MANIFEST, ShardError, file_sha256, list_shard_files, read_manifest, read_shard_header
+from diffusion.shards.format import (
+    MANIFEST,
+    ShardError,
+    file_sha256,
+    list_shard_files,
+    read_manifest,
+    read_shard_header,
+)
 from diffusion.shards.reader import codec_mismatch
 
 

@@ -15,8 +15,15 @@ from codec.evaluate import reconstruct_posterior_mean
 from codec.losses import ms_ssim_scales
 from codec.metrics import InceptionUnavailable, fid_inception, ms_ssim, psnr, to_uint8_range
 from codec.model import build_autoencoder, reconstruct
-from codec.quality import encode_jpeg, jpeg_at_budget, latent_budgets, thumbnail_baseline, thumbnail_image, thumbnail_numbers
-from tests.conftest import CONFIGS, ROOT, load_script
+from codec.quality import (
+    encode_jpeg,
+    jpeg_at_budget,
+    latent_budgets,
+    thumbnail_baseline,
+    thumbnail_image,
+    thumbnail_numbers,
+)
+from tests.conftest import CONFIGS, load_script
 
 
 @pytest.fixture(scope="module")

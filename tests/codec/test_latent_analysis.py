@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from codec.config import ModelConfig
-from codec.latent_analysis import (analyze_codec, high_frequency_share, power_spectrum_2d, radial_profile,
-                                   radius_grid)
+from codec.latent_analysis import analyze_codec, high_frequency_share, power_spectrum_2d, radial_profile, radius_grid
 from codec.model import build_autoencoder
 from codec.warm_start import thumbnail_init
 from tests.conftest import load_script

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from codec.config import LossConfig
+from codec.config import LossConfig, ModelConfig
 from codec.losses import (
     CodecLoss,
     LPIPSBackboneMissing,
@@ -23,7 +23,6 @@ from codec.losses import (
     ms_ssim_scales,
     vae_loss,
 )
-from codec.config import ModelConfig
 from codec.model import CodecForTraining, build_autoencoder
 
 TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False)

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 
 from codec.common.precision import autocast_off, in_fp32, runs_in_fp32
 from codec.config import ModelConfig
-from codec.losses import PerceptualLoss, adaptive_gan_weight, generator_gan_loss, kl_divergence, ms_ssim_distance, vae_loss
+from codec.losses import (
+    PerceptualLoss,
+    adaptive_gan_weight,
+    generator_gan_loss,
+    kl_divergence,
+    ms_ssim_distance,
+    vae_loss,
+)
 from codec.metrics import ssim
 from codec.model import CodecForTraining, build_autoencoder, latent_statistics, per_sample_noise
 

@@ -13,8 +13,14 @@ from safetensors.torch import load_file, save_file
 import codec.train as train_module
 from codec.common.config import ConfigError
 from codec.config import load_codec_config
-from codec.model import (ENCODER_PREFIXES, build_autoencoder, codec_identity, compression_ratio, encode_posterior,
-                         encoder_identity)
+from codec.model import (
+    ENCODER_PREFIXES,
+    build_autoencoder,
+    codec_identity,
+    compression_ratio,
+    encode_posterior,
+    encoder_identity,
+)
 from codec.pretrained import load_parent
 from codec.train import train_codec
 from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, killed_after_a_checkpoint, launch_env, reset_accelerate

@@ -10,9 +10,9 @@ from codec.config import load_codec_config
 from codec.model import CodecForTraining, build_autoencoder, decode_latents, encode_posterior, quantisation_noise
 from codec.train import train_codec
 from codec.warm_start import thumbnail_init
+from tests.codec.test_pretrained import _pretrained, _val_images, make_parent
 from tests.codec.test_warm_start import SHAPES, _held_out
 from tests.conftest import reset_accelerate
-from tests.codec.test_pretrained import _pretrained, _val_images, make_parent
 
 
 def test_the_noise_is_uniform_of_width_delta_and_keyed_to_the_example():

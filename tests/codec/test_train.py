@@ -17,7 +17,15 @@ from codec.data import CenterCrops, load_image_dataset
 from codec.evaluate import evaluate_reconstructions
 from codec.model import build_autoencoder
 from codec.train import train_codec
-from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, assert_same_safetensors, killed_after_a_checkpoint, launch_env, reset_accelerate
+from tests.conftest import (
+    CONFIGS,
+    ROOT,
+    TWO_PROCESSES,
+    assert_same_safetensors,
+    killed_after_a_checkpoint,
+    launch_env,
+    reset_accelerate,
+)
 
 
 def _val_images(cfg):

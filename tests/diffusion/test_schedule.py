@@ -3,7 +3,14 @@ import torch
 
 from codec.common.config import ConfigError
 from diffusion.config import DiffusionConfig
-from diffusion.schedule import build_noise_scheduler, diffusion_loss, min_snr_weight, snr, training_loss, training_target
+from diffusion.schedule import (
+    build_noise_scheduler,
+    diffusion_loss,
+    min_snr_weight,
+    snr,
+    training_loss,
+    training_target,
+)
 
 
 def test_noise_schedule_is_sd_scaled_linear():

@@ -18,7 +18,15 @@ from diffusion.schedule import build_noise_scheduler
 from diffusion.shards import LatentShards
 from diffusion.text_encoder import CaptionEmbeddings
 from diffusion.train import codec_for_shards, denoising_loss, train_unet
-from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, assert_same_safetensors, killed_after_a_checkpoint, launch_env, reset_accelerate
+from tests.conftest import (
+    CONFIGS,
+    ROOT,
+    TWO_PROCESSES,
+    assert_same_safetensors,
+    killed_after_a_checkpoint,
+    launch_env,
+    reset_accelerate,
+)
 
 
 def _config(tiny_shards, tiny_codec_dir, output_dir, *overrides):

@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.diffusion.conftest import (caption_images, one_torch_thread, save_tiny_codec, tiny_codec_dir,  # noqa: F401
-                                      tiny_shards)
+from tests.diffusion.conftest import caption_images, one_torch_thread, save_tiny_codec, tiny_codec_dir, tiny_shards  # noqa: F401
 
 KINDS = ("factorized", "context")
 # Every model file the fixtures fit: each kind, and models coding through a KLT basis and 2x2 blocks (Haar, DCT).

@@ -14,8 +14,14 @@ import torch
 from codec.entropy.bitstream import OVERHEAD_BYTES, BitstreamError, Header, pack, unpack
 from codec.entropy.coder import compress_latent, decompress_symbols, encode_latent, read_compressed
 from codec.entropy.models import load_model
-from codec.entropy.symbols import (categorical_probability, decode_symbols, encode_symbols, gaussian_probability,
-                                  quantize, symbol_bits)
+from codec.entropy.symbols import (
+    categorical_probability,
+    decode_symbols,
+    encode_symbols,
+    gaussian_probability,
+    quantize,
+    symbol_bits,
+)
 from codec.model import codec_identity, load_codec
 from tests.codec.entropy.conftest import KINDS, MODELS
 

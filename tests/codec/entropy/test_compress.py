@@ -13,7 +13,7 @@ from codec.entropy.coder import compress_latent, decode_latent, encode_latent, s
 from codec.entropy.models import FactorizedModel, load_model, save_model
 from codec.entropy.symbols import dequantize, quantize
 from codec.model import codec_identity, encoder_identity, load_codec
-from tests.codec.entropy.conftest import KINDS, MODELS
+from tests.codec.entropy.conftest import MODELS
 from tests.conftest import load_script
 
 

@@ -9,8 +9,13 @@ import torch
 from scipy.special import expit
 from scipy.stats import norm
 
-from codec.entropy.discrete import (bits, gaussian_bin_probability, logistic_bin_probability,
-                                    logistic_mixture_bin_probability, normal_cdf)
+from codec.entropy.discrete import (
+    bits,
+    gaussian_bin_probability,
+    logistic_bin_probability,
+    logistic_mixture_bin_probability,
+    normal_cdf,
+)
 
 
 def test_gaussian_bin_is_the_difference_of_normal_cdfs():

@@ -14,8 +14,17 @@ from scipy.stats import norm
 
 from codec.common.config import ConfigError
 from codec.entropy.discrete import logistic_mixture_bin_probability
-from codec.entropy.models import (ContextModel, EntropyModelError, FactorizedModel, ProbabilityModel, channel_groups,
-                                  check_model_codec, load_model, model_identity, save_model)
+from codec.entropy.models import (
+    ContextModel,
+    EntropyModelError,
+    FactorizedModel,
+    ProbabilityModel,
+    channel_groups,
+    check_model_codec,
+    load_model,
+    model_identity,
+    save_model,
+)
 from codec.entropy.symbols import TABLE_FLOOR, factorized_tables
 
 

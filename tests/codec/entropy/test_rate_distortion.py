@@ -15,8 +15,15 @@ from codec.data import pil_to_tensor
 from codec.entropy.bitstream import MAGIC, OVERHEAD_BYTES
 from codec.entropy.coder import decompress_symbols, read_compressed
 from codec.entropy.models import load_model
-from codec.entropy.rate_distortion import (above_at_every_rate, bits_saving_at_equal_psnr, codec_point,
-                                           geometric_steps, interpolate_psnr_at, kl_bits_per_pixel, pillow_point)
+from codec.entropy.rate_distortion import (
+    above_at_every_rate,
+    bits_saving_at_equal_psnr,
+    codec_point,
+    geometric_steps,
+    interpolate_psnr_at,
+    kl_bits_per_pixel,
+    pillow_point,
+)
 from codec.entropy.symbols import symbol_bits
 from codec.model import codec_identity, downsample_factor, load_codec
 from codec.quality import encode_jpeg, encode_webp

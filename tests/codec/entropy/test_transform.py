@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from codec.entropy.transform import (LatentTransform, block_dct, block_idct, dct_matrix, fit_channel_basis,
-                                     haar_merge, haar_split)
+from codec.entropy.transform import (
+    LatentTransform,
+    block_dct,
+    block_idct,
+    dct_matrix,
+    fit_channel_basis,
+    haar_merge,
+    haar_split,
+)
 
 
 def test_haar_split_is_orthonormal_and_merge_inverts_it():

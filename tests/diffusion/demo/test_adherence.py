@@ -11,8 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from diffusion.demo.adherence import (SHAPE_MOMENTS, Prompt, blob_moments, chance_levels, color_labels, detect,
-                                 parse_prompt, score, summarise)
+from diffusion.demo.adherence import (
+    SHAPE_MOMENTS,
+    Prompt,
+    blob_moments,
+    chance_levels,
+    color_labels,
+    detect,
+    parse_prompt,
+    score,
+    summarise,
+)
 from diffusion.demo.shapes import BACKGROUND_COLORS, OBJECT_COLORS, POSITIONS, SHAPES, caption, render, scenes
 
 PAIRS = 210  # 30 per object colour

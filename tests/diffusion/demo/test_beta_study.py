@@ -8,8 +8,14 @@ import torch
 
 from codec.model import encode_posterior, load_codec
 from diffusion.demo.adherence import shows_one_shape
-from diffusion.demo.beta_study import (active_channels, heldout_shapes, load_study_config, prior_file, rate_bits,
-                                        run_study)
+from diffusion.demo.beta_study import (
+    active_channels,
+    heldout_shapes,
+    load_study_config,
+    prior_file,
+    rate_bits,
+    run_study,
+)
 from diffusion.demo.shapes import render, scenes, write_shapes_dataset
 from tests.conftest import ROOT
 

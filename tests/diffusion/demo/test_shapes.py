@@ -14,8 +14,18 @@ import pytest
 from codec.data import decode_image, load_image_dataset
 from codec.data.crops import mirror_caption
 from diffusion.demo.adherence import detect
-from diffusion.demo.shapes import (BACKGROUND_COLORS, GRADIENT_STRENGTH, OBJECT_COLORS, POSITIONS, STAR_INNER,
-                                   ShapeScene, caption, render, scenes, write_shapes_dataset)
+from diffusion.demo.shapes import (
+    BACKGROUND_COLORS,
+    GRADIENT_STRENGTH,
+    OBJECT_COLORS,
+    POSITIONS,
+    STAR_INNER,
+    ShapeScene,
+    caption,
+    render,
+    scenes,
+    write_shapes_dataset,
+)
 from tests.conftest import ROOT
 
 

@@ -14,12 +14,17 @@ import torch
 
 import diffusion.shards.encode as encode_module
 from diffusion.shards.encode import NON_FINITE_REASON, ShardImages, encode_dataset
-from diffusion.shards.format import (file_sha256, read_manifest, read_shard, read_shard_header, shard_filename,
-                                     write_shard)
+from diffusion.shards.format import (
+    file_sha256,
+    read_manifest,
+    read_shard,
+    read_shard_header,
+    shard_filename,
+    write_shard,
+)
 from diffusion.shards.verify import verify_shards
 from tests.conftest import ROOT, TWO_PROCESSES, launch_env
 from tests.diffusion.shards.test_encode import RES, assert_same_shards, load_script
-
 
 # 4 shards of 3 (the last holds 1), batch 2, random crops, as the 2-process test of test_encode.py.
 KWARGS = dict(resolution=RES, shard_size=3, batch_size=2, crop="random", seed=7, num_workers=1, progress=False)
