@@ -17,7 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The linter first (ruff, configured in pyproject.toml): a second, cheap reviewer that CI enforces.
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 # The whole mission on bundled data (configs/demo.yaml): shapes world -> codec -> evaluation -> shards ->

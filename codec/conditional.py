@@ -206,7 +206,8 @@ def is_conditional(vae) -> bool:
 def pooled_text_embeddings(tokenizer, model, captions: list[str], max_length: int) -> torch.Tensor:
     """(len(captions), width): the mean of the text encoder's last hidden states over each caption's real tokens
     (padding excluded), the sentence embedding MiniLM was trained to give. Float32, on the CPU."""
-    tokens = tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    tokens = tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True,
+                       return_tensors="pt")
     hidden = model(input_ids=tokens.input_ids.to(model.device),
                    attention_mask=tokens.attention_mask.to(model.device)).last_hidden_state.float().cpu()
     mask = tokens.attention_mask[:, :, None].float()
@@ -278,8 +279,8 @@ def dataset_conditions(dataset, kind: str, column: str | None, source: str, *, t
     if kind == "text":
         bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
         if bad:
-            raise ConfigError(f"{source}: column {column!r} has {len(bad)} rows without a caption (first: row {bad[0]}); "
-                             f"a text-conditioned codec needs a caption for every image")
+            raise ConfigError(f"{source}: column {column!r} has {len(bad)} rows without a caption "
+                             f"(first: row {bad[0]}); a text-conditioned codec needs a caption for every image")
         return text(list(values)), None
     feature = dataset.features.get(column) if hasattr(dataset, "features") else None
     if class_names is None:

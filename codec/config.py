@@ -80,7 +80,8 @@ class ModelConfig:
             for width in self.block_out_channels:
                 if width % self.norm_num_groups:
                     raise ConfigError(
-                        f"model.block_out_channels: width {width} is not divisible by norm_num_groups={self.norm_num_groups}"
+                        f"model.block_out_channels: width {width} is not divisible by "
+                        f"norm_num_groups={self.norm_num_groups}"
                     )
 
     def architecture(self) -> dict:
@@ -146,7 +147,8 @@ class LossConfig:
         if self.quantisation_noise is not None:
             noise = self.quantisation_noise
             if len(noise) != 2 or not 0 < noise[0] <= noise[1]:
-                raise ConfigError(f"loss.quantisation_noise: expected [Δ_min, Δ_max] with 0 < Δ_min <= Δ_max, got {noise}")
+                raise ConfigError(f"loss.quantisation_noise: expected [Δ_min, Δ_max] with 0 < Δ_min <= Δ_max, "
+                                  f"got {noise}")
             if self.sample_posterior:
                 raise ConfigError("loss.quantisation_noise decodes the posterior mean plus quantisation noise, not a "
                                   "posterior sample: set loss.sample_posterior: false")
@@ -156,7 +158,8 @@ class LossConfig:
         check_choice("loss.nll", self.nll, ("scaled", "exact"))
         if self.nll == "exact" and (self.perceptual != "none" or self.pixel_weight != 1.0):
             raise ConfigError("loss.nll: exact is the likelihood's own NLL (an ELBO): set loss.perceptual: none and "
-                              f"loss.pixel_weight: 1 (got perceptual {self.perceptual!r}, pixel_weight {self.pixel_weight})")
+                              f"loss.pixel_weight: 1 (got perceptual {self.perceptual!r}, "
+                              f"pixel_weight {self.pixel_weight})")
         if self.kl_schedule == "cyclical" and self.kl_cycle_steps <= 0:
             raise ConfigError("loss.kl_cycle_steps must be > 0 with kl_schedule: cyclical")
         check_choice("loss.equivariance", self.equivariance, EQUIVARIANCE_KINDS)
@@ -164,7 +167,8 @@ class LossConfig:
         if self.equivariance_weight < 0:
             raise ConfigError(f"loss.equivariance_weight must be >= 0, got {self.equivariance_weight}")
         if not self.equivariance_scales or any(not 0 < s <= 1 for s in self.equivariance_scales):
-            raise ConfigError(f"loss.equivariance_scales: give downscale factors in (0, 1], got {self.equivariance_scales}")
+            raise ConfigError("loss.equivariance_scales: give downscale factors in (0, 1], "
+                              f"got {self.equivariance_scales}")
         if self.equivariance_weight > 0 and self.nll == "exact":
             raise ConfigError("loss.nll: exact is the ELBO; an equivariance term (loss.equivariance_weight > 0) would "
                               "make the objective something else: use loss.nll: scaled with it")
@@ -185,7 +189,8 @@ class DataConfig:
     val: str | None = "bundled"
     image_column: str | None = None
     # The column a conditional codec reads its condition from (model.condition); null: `text` or `caption` (the first
-    # present) for text, `label` for class. Class labels may be integers, a ClassLabel or strings (named in sorted order).
+    # present) for text, `label` for class. Class labels may be integers, a ClassLabel or strings (named in sorted
+    # order).
     condition_column: str | None = None
     bundled_dir: str = "data/bundled_photos"
     crop_size: int = 256
@@ -263,8 +268,8 @@ class CodecConfig:
                               f"be all, not {self.train.trainable}")
         if self.loss.quantisation_noise is not None and self.model.init != "pretrained":
             # Δ is in the units of the parent's measured normalisation; a new codec has none until it is exported.
-            raise ConfigError("loss.quantisation_noise needs a parent codec (model.init: pretrained): Δ is in the units "
-                              "of its scaling_factor, which a new codec has not measured yet")
+            raise ConfigError("loss.quantisation_noise needs a parent codec (model.init: pretrained): Δ is in the "
+                              "units of its scaling_factor, which a new codec has not measured yet")
         if self.train.trainable == "encoder" and self.loss.gan_weight > 0:
             # The adaptive GAN weight takes gradients at the decoder's last layer, which is frozen here.
             raise ConfigError("train.trainable: encoder freezes the decoder, so loss.gan_weight must be 0")

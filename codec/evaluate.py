@@ -116,7 +116,8 @@ def reconstruct_posterior_mean(vae: AutoencoderKL, images: torch.Tensor, tile_si
 
 
 def _scores(originals: torch.Tensor, candidates: torch.Tensor, lpips_model) -> dict[str, torch.Tensor]:
-    scores = {"psnr": psnr(originals, candidates), "ssim": ssim(originals, candidates), "ms_ssim": ms_ssim(originals, candidates)}
+    scores = {"psnr": psnr(originals, candidates), "ssim": ssim(originals, candidates),
+              "ms_ssim": ms_ssim(originals, candidates)}
     if lpips_model is not None:
         scores["lpips"] = lpips_distance(lpips_model, originals, candidates)
     return scores
@@ -125,7 +126,8 @@ def _scores(originals: torch.Tensor, candidates: torch.Tensor, lpips_model) -> d
 def _candidates(images: torch.Tensor, recon: torch.Tensor, factor: int, budgets: dict[str, int]):
     """Per method, one [-1, 1] image or None (a JPEG budget no quality fits) per input image; and per JPEG
     method the search results, which say why."""
-    candidates: dict[str, list[torch.Tensor | None]] = {"codec": list(recon), "thumbnail": list(thumbnail_baseline(images, factor))}
+    candidates: dict[str, list[torch.Tensor | None]] = {"codec": list(recon),
+                                                        "thumbnail": list(thumbnail_baseline(images, factor))}
     fits: dict[str, list[JpegAtBudget]] = {}
     pils = [tensor_to_pil(x) for x in images]
     for precision, budget in budgets.items():
@@ -205,7 +207,8 @@ def measure_quality(
                 rows.append(row)
         blank = torch.full_like(images[0], -1.0)  # black where a JPEG budget was unreachable
         for i, name in enumerate(names):
-            stack = torch.stack([images[i], *(blank if candidates[m][i] is None else candidates[m][i] for m in METHODS)])
+            stack = torch.stack([images[i],
+                                 *(blank if candidates[m][i] is None else candidates[m][i] for m in METHODS)])
             worst.append((float(codec_psnr[i]), name, to_uint8_range(stack).to(torch.uint8)))
         worst = sorted(worst, key=lambda item: item[0])[:worst_count]
         count += len(names)
@@ -219,7 +222,8 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _summarise(rows: list[dict], vae: AutoencoderKL, size: tuple[int, int], count: int, seconds: float, rfid: dict | None) -> dict:
+def _summarise(rows: list[dict], vae: AutoencoderKL, size: tuple[int, int], count: int, seconds: float,
+               rfid: dict | None) -> dict:
     factor = downsample_factor(vae)
     shape = latent_shape(vae, *size)
     latent_numbers = math.prod(shape)
@@ -257,7 +261,8 @@ def _cell(value: float | None, digits: int) -> str:
 
 def _kept(method: str, line: dict) -> str:
     if method == "codec":
-        return f"{line['kept']}: {line['numbers_per_image']} numbers ({line['bytes_per_image_fp16']} B fp16, {line['bytes_per_image_8bit']} B 8-bit)"
+        return (f"{line['kept']}: {line['numbers_per_image']} numbers ({line['bytes_per_image_fp16']} B fp16, "
+                f"{line['bytes_per_image_8bit']} B 8-bit)")
     if method == "thumbnail":
         return f"{line['kept']}: {line['numbers_per_image']} numbers ({line['bytes_per_image']} B)"
     quality = f", quality {line['mean_quality']:.1f}" if line["mean_quality"] is not None else ""
@@ -269,12 +274,14 @@ def quality_table(summary: dict) -> str:
     """The codec and its reference lines as a Markdown table; LPIPS and rFID columns only when measured."""
     lines = summary["reference_lines"]
     extra = [s for s in ("lpips", "rfid") if summary.get(s) is not None]
-    head = ["method", "images", "PSNR", "SSIM", "MS-SSIM", *[{"lpips": "LPIPS", "rfid": "rFID"}[s] for s in extra], "kept per image"]
+    head = ["method", "images", "PSNR", "SSIM", "MS-SSIM", *[{"lpips": "LPIPS", "rfid": "rFID"}[s] for s in extra],
+            "kept per image"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in METHODS:
         line = lines[method]
         cells = [METHOD_LABELS[method], str(line["images"]), _cell(line["psnr"], 2), _cell(line["ssim"], 4),
-                 _cell(line["ms_ssim"], 4), *[_cell(line[s], 4 if s == "lpips" else 2) for s in extra], _kept(method, line)]
+                 _cell(line["ms_ssim"], 4), *[_cell(line[s], 4 if s == "lpips" else 2) for s in extra],
+                 _kept(method, line)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -294,7 +301,8 @@ def _summary_markdown(summary: dict, run: QualityRun) -> str:
         f"{summary['images']} images from `{summary['data']}`, shorter side resized to {summary['resolution'][0]} "
         f"and centre-cropped; reconstructions from the posterior mean"
         f"{', in tiles of ' + str(summary['tile_size']) + ' px' if summary.get('tile_size') else ''}. Scores on "
-        f"uint8 RGB; MS-SSIM with {summary['ms_ssim_scales']} scale(s). Latent {'x'.join(map(str, summary['latent_shape']))}.",
+        f"uint8 RGB; MS-SSIM with {summary['ms_ssim_scales']} scale(s). "
+        f"Latent {'x'.join(map(str, summary['latent_shape']))}.",
         "",
         quality_table(summary),
         "",
@@ -302,7 +310,8 @@ def _summary_markdown(summary: dict, run: QualityRun) -> str:
         f"- rfid: {summary['rfid_note']}",
         "- JPEG rows: per image the highest Pillow quality (1..95, optimised Huffman tables, 4:2:0) whose file "
         "fits the budget; means leave out images where even quality 1 does not fit.",
-        f"- codec: {summary['codec_seconds_per_image']:.3f} s per image (encode + decode, batch {summary['batch_size']}).",
+        f"- codec: {summary['codec_seconds_per_image']:.3f} s per image "
+        f"(encode + decode, batch {summary['batch_size']}).",
         f"- worst.png, one row per image, columns original | {' | '.join(METHODS)}: {worst}.",
     ]
     if summary.get("rejected"):
@@ -379,7 +388,8 @@ def evaluate_codec(
     else:
         rfid_note = (
             f"FID between the {len(crops)} originals and their reconstructions (torchmetrics, Inception weights "
-            f"{inception}); published rFIDs use 5k-50k images, with fewer the number is biased upward and not comparable"
+            f"{inception}); published rFIDs use 5k-50k images, with fewer the number is biased upward "
+            "and not comparable"
         )
     run.summary.update(
         codec=str(codec_dir), data=source if data != "bundled" else f"bundled ({source})", batch_size=batch_size,

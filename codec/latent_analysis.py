@@ -145,7 +145,8 @@ def plot_spectra(analyses: dict[str, dict], out: str | Path, title: str = "Radia
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     first = next(iter(analyses.values()))
     spectrum = first["spectrum"]
-    ax.plot(spectrum["frequency"][1:], spectrum["image_luma_at_latent_size"][1:], "k--", label="images (luma, latent size)")
+    ax.plot(spectrum["frequency"][1:], spectrum["image_luma_at_latent_size"][1:], "k--",
+            label="images (luma, latent size)")
     for name, analysis in analyses.items():
         s = analysis["spectrum"]
         ax.plot(s["frequency"][1:], s["latent"][1:], marker="o", ms=3,
@@ -185,7 +186,8 @@ def analysis_table(analyses: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def load_images(data: str, resolution: int, limit: int | None, bundled_dir: str | Path = "data/bundled_photos") -> torch.Tensor:
+def load_images(data: str, resolution: int, limit: int | None,
+                bundled_dir: str | Path = "data/bundled_photos") -> torch.Tensor:
     """Centre crops of `data` (anything codec.data.load_image_dataset reads, or `bundled`: the held-out bundled
     photos) at `resolution`, as one (N, 3, R, R) tensor in [-1, 1]."""
     from codec.data import CenterCrops, bundled_photos, load_image_dataset
@@ -223,5 +225,5 @@ def analyze_codecs(codecs: dict[str, str], images: torch.Tensor, out_dir: str | 
     return analyses
 
 
-__all__ = ["analysis_table", "analyze_codec", "analyze_codecs", "load_images", "named_codec", "high_frequency_share", "plot_spectra", "power_spectrum_2d", "radial_profile",
-           "radius_grid", "HALF_NYQUIST"]
+__all__ = ["analysis_table", "analyze_codec", "analyze_codecs", "load_images", "named_codec", "high_frequency_share",
+           "plot_spectra", "power_spectrum_2d", "radial_profile", "radius_grid", "HALF_NYQUIST"]

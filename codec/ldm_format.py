@@ -149,8 +149,8 @@ def load_ldm_vae(path: str | os.PathLike, config_dir: str | os.PathLike | None =
         vae = AutoencoderKL.from_config(config)
     except ValueError as exc:  # e.g. widths that SD's 32 groups do not divide
         raise ValueError(f"{path}: no AutoencoderKL has this architecture ({exc}); the file records no "
-                         f"norm_num_groups, so {config['norm_num_groups']} was assumed: pass the codec's diffusers folder "
-                         f"as its config") from None
+                         f"norm_num_groups, so {config['norm_num_groups']} was assumed: pass the codec's diffusers "
+                         f"folder as its config") from None
     names = {_ldm_key(key, len(vae.config.block_out_channels)): key for key in vae.state_dict()}
     missing, extra = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
     if missing or extra:
@@ -250,12 +250,14 @@ def export_for_tools(codec_dir: str | os.PathLike, out: str | os.PathLike, name:
     back = AutoencoderKL.from_single_file(str(path), config=str(out / "diffusers"), local_files_only=True,
                                           torch_dtype=torch.float32)
     factor = downsample_factor(vae)
-    x = torch.rand(1, vae.config.in_channels, 4 * factor, 4 * factor, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = torch.rand(1, vae.config.in_channels, 4 * factor, 4 * factor,
+                   generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         want = vae.decode(vae.encode(x).latent_dist.mode()).sample
         have = back.decode(back.encode(x).latent_dist.mode()).sample
     difference = float((want - have).abs().max())
-    # fp16 weights round every weight to 11 bits: outputs move by about 4e-3 (tiny codec); a wrong key would move them by ~1.
+    # fp16 weights round every weight to 11 bits: outputs move by about 4e-3 (tiny codec); a wrong key would move
+    # them by ~1.
     tolerance = 0.0 if dtype in (None, torch.float32) else 0.05
     if not difference <= tolerance:
         raise RuntimeError(f"{path}: read back by diffusers' from_single_file it decodes {difference:.3g} away from "

@@ -271,11 +271,13 @@ def build_perceptual(cfg: LossConfig) -> tuple[PerceptualLoss | None, str]:
         return PerceptualLoss("ms_ssim"), "ms_ssim (chosen in config)"
     try:
         model = build_lpips(cfg.lpips_net, cfg.lpips_backbone)
-        return PerceptualLoss("lpips", model), f"lpips-{cfg.lpips_net} (backbone {lpips_backbone_path(cfg.lpips_net, cfg.lpips_backbone)})"
+        return PerceptualLoss("lpips", model), (f"lpips-{cfg.lpips_net} "
+                                                f"(backbone {lpips_backbone_path(cfg.lpips_net, cfg.lpips_backbone)})")
     except LPIPSBackboneMissing as exc:
         if cfg.if_lpips_missing == "error":
             raise
-        why = f"LPIPS backbone missing at {lpips_backbone_path(cfg.lpips_net, cfg.lpips_backbone)}; loss.if_lpips_missing={cfg.if_lpips_missing}"
+        why = (f"LPIPS backbone missing at {lpips_backbone_path(cfg.lpips_net, cfg.lpips_backbone)}; "
+               f"loss.if_lpips_missing={cfg.if_lpips_missing}")
         log.warning("%s", exc)
         if cfg.if_lpips_missing == "ms_ssim":
             return PerceptualLoss("ms_ssim"), f"ms_ssim instead of lpips ({why})"
@@ -298,7 +300,8 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, layers + 1):
             out = channels * min(2**i, 8)
             stride = 2 if i < layers else 1
-            blocks += [nn.Conv2d(width, out, 4, stride, 1, bias=False), nn.GroupNorm(math.gcd(32, out), out), nn.LeakyReLU(0.2, True)]
+            blocks += [nn.Conv2d(width, out, 4, stride, 1, bias=False), nn.GroupNorm(math.gcd(32, out), out),
+                       nn.LeakyReLU(0.2, True)]
             width = out
         blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.net = nn.Sequential(*blocks)

@@ -39,7 +39,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
-    """Round [-1, 1] images to the 256 levels a saved PNG holds, staying in [-1, 1]: every metric sees the same pixels."""
+    """Round [-1, 1] images to the 256 levels a saved PNG holds, staying in [-1, 1]: every metric sees the same
+    pixels."""
     return to_uint8_range(images) / 127.5 - 1.0
 
 

@@ -184,7 +184,8 @@ def _tiled(module: nn.Module, rows: list[tuple[int, int]], cols: list[tuple[int,
     try:
         if shared is not None:
             def weights_of(i: int, j: int):
-                return (lambda s: blend_weights(rows, i, overlap, scale=s), lambda s: blend_weights(cols, j, overlap, scale=s),
+                return (lambda s: blend_weights(rows, i, overlap, scale=s),
+                        lambda s: blend_weights(cols, j, overlap, scale=s),
                         rows[i][1] - rows[i][0], cols[j][1] - cols[j][0])
 
             shared.measure(run_tile, tiles, weights_of)
@@ -245,7 +246,8 @@ def tiled_decode(vae: AutoencoderKL, latents: torch.Tensor, tile_latent: int = 6
 
     def blend(i: int, j: int, pixels: torch.Tensor) -> None:
         (y0, y1), (x0, x1) = rows[i], cols[j]
-        weight = torch.outer(blend_weights(rows, i, overlap_latent, scale=f), blend_weights(cols, j, overlap_latent, scale=f))
+        weight = torch.outer(blend_weights(rows, i, overlap_latent, scale=f),
+                             blend_weights(cols, j, overlap_latent, scale=f))
         out[:, :, y0 * f : y1 * f, x0 * f : x1 * f] += pixels.float() * weight.to(torch.float32).to(latents.device)
 
     _tiled(vae.decoder, rows, cols, overlap_latent, norm, run_tile, blend)

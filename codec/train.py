@@ -117,8 +117,8 @@ def load_data(cfg: DataConfig, seed: int, model: ModelConfig | None = None) -> D
             extra, extra_column = load_image_dataset(source)
             if cfg.extra_train_limit is not None:
                 extra = extra.select(range(min(cfg.extra_train_limit, len(extra))))
-            parts.append(extra.select_columns([extra_column]).rename_columns({extra_column: column}) if extra_column != column
-                         else extra.select_columns([column]))
+            parts.append(extra.select_columns([extra_column]).rename_columns({extra_column: column})
+                         if extra_column != column else extra.select_columns([column]))
             description += f"; + {len(extra)} training images of {source}"
         train_ds = datasets.concatenate_datasets(parts)
     train_conditions = mirrored_conditions = val_conditions = class_names = None
@@ -243,12 +243,14 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         perceptual.to(accelerator.device)
     criterion = CodecLoss(cfg.loss, perceptual)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
     use_gan = cfg.loss.gan_weight > 0
     disc = opt_d = None
     if use_gan:
         disc = PatchDiscriminator(channels=cfg.loss.disc_channels, layers=cfg.loss.disc_layers)
-        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.loss.disc_lr or cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=0.0)
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.loss.disc_lr or cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=0.0)
         model, optimizer, disc, opt_d, loader = accelerator.prepare(model, optimizer, disc, opt_d, loader)
     else:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -394,14 +396,16 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         if cfg.train.validate_every > 0 and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
             metrics, validated_at = validate(step), step
         if cfg.train.checkpoint_every > 0 and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps):
-            save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints, {"train_seconds": train_seconds, "model": architecture})
+            save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints,
+                            {"train_seconds": train_seconds, "model": architecture})
             checkpointed_at = step
     progress.close()
     # A time budget can end the loop between scheduled events: validate and checkpoint the last step.
     if cfg.train.validate_every > 0 and validated_at != step:
         metrics = validate(step)
     if cfg.train.checkpoint_every > 0 and checkpointed_at != step:
-        save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints, {"train_seconds": train_seconds, "model": architecture})
+        save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints,
+                        {"train_seconds": train_seconds, "model": architecture})
 
     # ---- export ------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()

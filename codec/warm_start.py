@@ -188,7 +188,8 @@ def _read_out(norm: nn.GroupNorm, conv: nn.Conv2d, layout: Layout, final: Layout
               mix: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     """The last norm -> SiLU -> conv_out: the signal pairs, mixed by `mix`, become the outputs."""
     if layout is not final:
-        raise ValueError(f"thumbnail warm start: no layer wide enough to add GroupNorm anchors before the {where}'s last norm")
+        raise ValueError("thumbnail warm start: no layer wide enough to add GroupNorm anchors "
+                         f"before the {where}'s last norm")
     _norm_to_offset_pairs(norm, layout, offset)
     _read_pairs(conv, layout, mix, bias)
 
@@ -245,5 +246,6 @@ def thumbnail_init(vae: AutoencoderKL, linear: LinearCodec | None = None, anchor
         for up in block.upsamplers or []:
             _depthwise(up.conv, layout, layout, linear.dec_up[level])
             level += 1
-    _read_out(dec.conv_norm_out, dec.conv_out, layout, dec_final, offset, "decoder", linear.dec_out, linear.dec_out_bias)
+    _read_out(dec.conv_norm_out, dec.conv_out, layout, dec_final, offset, "decoder", linear.dec_out,
+              linear.dec_out_bias)
     return vae

@@ -34,7 +34,8 @@ class UNetConfig:
     """diffusers `UNet2DConditionModel` arguments. in/out channels and sample size come from the shards."""
 
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
-    down_block_types: list[str] = field(default_factory=lambda: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"])
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"])
     up_block_types: list[str] = field(default_factory=lambda: ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
     layers_per_block: int = 1
     # null: the text encoder's hidden width (384 for MiniLM, 768 for SD 1.x's CLIP); a number must equal it.
@@ -55,10 +56,12 @@ class UNetConfig:
             check_choice("unet block type", name, UNET_BLOCKS)
         for width in self.block_out_channels:
             if width % self.norm_num_groups:
-                raise ConfigError(f"unet.block_out_channels: width {width} is not divisible by norm_num_groups={self.norm_num_groups}")
+                raise ConfigError(f"unet.block_out_channels: width {width} is not divisible by "
+                                  f"norm_num_groups={self.norm_num_groups}")
         heads = self.heads_per_level()
         if len(heads) != levels:
-            raise ConfigError(f"unet.attention_head_dim: a list needs one head count per level ({levels}), got {len(heads)}")
+            raise ConfigError(f"unet.attention_head_dim: a list needs one head count per level ({levels}), "
+                              f"got {len(heads)}")
         for width, count in zip(self.block_out_channels, heads):
             if count < 1 or width % count:
                 raise ConfigError(

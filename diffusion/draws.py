@@ -58,7 +58,8 @@ class TrainingDraws(torch.utils.data.Dataset):
         index = self.record(draw)
         latents = self.shards.latents(index, keyed_generator("posterior", self.seed, draw), self.cfg.sample_posterior)
         noise = torch.randn(latents.shape, generator=keyed_generator("noise", self.seed, draw))
-        timestep = torch.randint(self.cfg.num_train_timesteps, (), generator=keyed_generator("timestep", self.seed, draw))
+        timestep = torch.randint(self.cfg.num_train_timesteps, (),
+                                 generator=keyed_generator("timestep", self.seed, draw))
         drop = torch.rand((), generator=keyed_generator("dropout", self.seed, draw)) < self.cfg.caption_dropout
         return {
             "latents": latents,
@@ -90,7 +91,8 @@ def eval_set(shards: LatentShards, count: int, num_train_timesteps: int, seed: i
     scale = shards if scale is None else scale
     indices = [k % len(shards) for k in range(count)]
     latents = torch.stack([scale.scale(shards[i]["mean"]) for i in indices])
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=keyed_generator("eval", seed, k)) for k in range(count)])
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=keyed_generator("eval", seed, k))
+                         for k in range(count)])
     captions = shard_captions(shards)
     captions = [captions[i] for i in indices]
     if not timesteps:

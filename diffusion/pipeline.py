@@ -319,7 +319,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         device = self._execution_device
         count = len(prompts) * num_images_per_prompt
         cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, 0)
-        uncond = self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, 0) if guidance_scale != 1.0 else None
+        uncond = (self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, 0)
+                  if guidance_scale != 1.0 else None)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
 
@@ -327,7 +328,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             height, width = (height or self.default_size()[0]), (width or self.default_size()[1])
             shape = (count, self.unet.config.in_channels, *latent_shape(self.vae, height, width)[1:])
             # Noise drawn on the CPU from the seed: the same seed gives the same image on any device.
-            latents = torch.randn(shape, generator=generator).to(device, self.unet.dtype) * self.scheduler.init_noise_sigma
+            latents = (torch.randn(shape, generator=generator).to(device, self.unet.dtype)
+                       * self.scheduler.init_noise_sigma)
             mode = "text-to-image"
         else:
             pixels = self.images_to_tensor(image)

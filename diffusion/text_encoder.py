@@ -70,7 +70,7 @@ def load_text_encoder(path: str | Path = BUNDLED):
 def hidden_width(model: PreTrainedModel) -> int:
     """The per-token embedding width the U-Net's cross_attention_dim must equal."""
     config = model.config
-    return int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
+    return int(getattr(config, "hidden_size", None) or config.d_model)
 
 
 class CaptionEmbeddings:
@@ -92,7 +92,8 @@ class CaptionEmbeddings:
         todo = sorted(set(captions) - set(self.cache))
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
-            for caption, embedding in zip(chunk, encode_prompts(self.tokenizer, self.model, chunk, self.max_length).cpu()):
+            embeddings = encode_prompts(self.tokenizer, self.model, chunk, self.max_length).cpu()
+            for caption, embedding in zip(chunk, embeddings):
                 self.cache[caption] = embedding
 
     def __call__(self, captions: list[str]) -> torch.Tensor:

@@ -122,7 +122,8 @@ def denoising_losses(unet: UNet2DConditionModel, scheduler, data: EvalSet, text:
     return torch.cat(losses)
 
 
-def denoising_loss(unet: UNet2DConditionModel, scheduler, data: EvalSet, text: torch.Tensor, batch_size: int = 16) -> float:
+def denoising_loss(unet: UNet2DConditionModel, scheduler, data: EvalSet, text: torch.Tensor,
+                   batch_size: int = 16) -> float:
     """The mean of `denoising_losses`: the eval loss validation reports."""
     return float(denoising_losses(unet, scheduler, data, text, batch_size).mean())
 
@@ -135,7 +136,8 @@ def eval_metrics(losses: torch.Tensor, data: EvalSet, timesteps: list[int]) -> d
     return metrics
 
 
-def sample_grid(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, guidance: float, seed: int) -> np.ndarray:
+def sample_grid(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, guidance: float,
+                seed: int) -> np.ndarray:
     """One decoded sample per prompt, side by side, as an (H, W, 3) uint8 array."""
     images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, seed=seed, output_type="pt").images
     grid = make_grid((images + 1) / 2, nrow=len(prompts), padding=2, pad_value=1.0)
@@ -144,7 +146,8 @@ def sample_grid(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, g
 
 def export_pipeline(pipe: LatentDiffusionPipeline, output_dir: Path, info: dict) -> Path:
     """Save the whole pipeline (safetensors only) at <output_dir>/pipeline, renamed into place when complete. The
-    folder carries its pipeline code, so stock diffusers loads it with trust_remote_code=True (diffusion/pipeline.py)."""
+    folder carries its pipeline code, so stock diffusers loads it with trust_remote_code=True
+    (diffusion/pipeline.py)."""
     final = output_dir / "pipeline"
     with folder_atomically(final) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -179,7 +182,8 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     tokenizer, text_model = load_text_encoder(cfg.text_encoder.path)
     tokenizer.model_max_length = cfg.text_encoder.max_length  # saved with the pipeline, so sampling pads alike
     text_model.to(device)
-    embeddings = CaptionEmbeddings(tokenizer, text_model, cfg.text_encoder.max_length, cache=cfg.text_encoder.precompute)
+    embeddings = CaptionEmbeddings(tokenizer, text_model, cfg.text_encoder.max_length,
+                                   cache=cfg.text_encoder.precompute)
     embeddings.precompute(shard_captions(shards) + [""])
     draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
     loader = DataLoader(
@@ -258,7 +262,8 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
                     grid = sample_grid(pipe, prompts, cfg.train.sample_steps, cfg.train.sample_guidance, cfg.train.seed)
             if cfg.train.validate_samples:
                 save_png(Image.fromarray(grid), output_dir / "samples" / f"step_{at_step:08d}.png")
-                accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", grid, at_step, dataformats="HWC")
+                accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", grid, at_step,
+                                                                              dataformats="HWC")
             accelerator.log(metrics, step=at_step)
             append_history(output_dir, {"step": at_step, **metrics})  # the eval curve survives a resume
             history.append((at_step, metrics))

@@ -25,8 +25,9 @@ from codec.latent_analysis import named_codec
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--codec", action="append", required=True, type=named_codec, help="a diffusers AutoencoderKL folder, "
-                   "optionally NAME=FOLDER; repeat to compare codecs on the same images")
+    p.add_argument("--codec", action="append", required=True, type=named_codec,
+                   help="a diffusers AutoencoderKL folder, optionally NAME=FOLDER; repeat to compare codecs on the "
+                   "same images")
     p.add_argument("--data", required=True, help="an image folder, a save_to_disk directory, .parquet/.arrow files, "
                    "or `bundled` (the held-out bundled photos)")
     p.add_argument("--resolution", type=int, default=256, help="side of the centre crop (default 256)")

@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 repeats, no kl-f8 decode, no kl-f8 memory row, no "
                    "torch.compile, no latent-vs-pixel U-Net row, smaller training batches: under 10 minutes on 2 cores")
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmark.md", help="Markdown table (default docs/benchmark.md)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmark.md",
+                   help="Markdown table (default docs/benchmark.md)")
     p.add_argument("--from-json", type=Path, metavar="PATH",
                    help="measure nothing: write the Markdown table of the raw numbers an earlier --json saved")
     p.add_argument("--inference-options", action="store_true",
@@ -46,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only compare the decode cost of candidate widths for the small preset with TAESD "
                         "(docs/performance.md); prints JSON")
     p.add_argument("--tiling-quality", metavar="CODEC_DIR",
-                   help="only measure tiled vs untiled reconstruction of a trained codec (docs/performance.md); prints JSON")
+                   help="only measure tiled vs untiled reconstruction of a trained codec (docs/performance.md); "
+                        "prints JSON")
     p.add_argument("--side", type=int, default=512, help="image side for --tiling-quality (default 512)")
     p.add_argument("--tiles", type=int, nargs="+", default=[128, 256], help="tile sizes in pixels for --tiling-quality")
     # Internal: memory rows run each case in a fresh process of this script (diffusion/benchmark/memory.py).

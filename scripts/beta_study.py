@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "beta_study.yaml"),
-                   help="the study: codec preset, shapes folder, runs and their overrides (default configs/beta_study.yaml)")
+                   help="the study: codec preset, shapes folder, runs and their overrides "
+                        "(default configs/beta_study.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the study config (YAML value), e.g. output_dir=runs/beta2; repeatable")
     return p.parse_args(argv)

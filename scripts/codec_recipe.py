@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/ and data/ p
 
 # name -> (description, overrides on configs/codec/small.yaml)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "plain": ("issue 8's plain recipe from random weights: 32 norm groups, L1 + 1e-6 KL, lr 1e-3, batch 8 of 128² crops", [
+    "plain": ("issue 8's plain recipe from random weights: 32 norm groups, L1 + 1e-6 KL, lr 1e-3, "
+              "batch 8 of 128² crops", [
         "model.norm_num_groups=32", "model.init=random", "loss.pixel=l1", "loss.perceptual=none",
         "optim.lr=1e-3", "data.crop_size=128", "train.batch_size=8"]),
     "groups8": ("plain, but 8 norm groups (4+ channels per group at every width)", [
@@ -41,7 +42,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "warm-lr3e-5": ("warm at lr 3e-5", [
         "model.norm_num_groups=8", "model.init=thumbnail", "loss.perceptual=none", "optim.lr=3e-5",
         "data.crop_size=128", "train.batch_size=8", "train.channels_last=true"]),
-    "warm-mse": ("warm with an MSE pixel loss (the fit's own objective, and what PSNR measures): configs/codec/small.yaml", [
+    "warm-mse": ("warm with an MSE pixel loss (the fit's own objective, and what PSNR measures): "
+                 "configs/codec/small.yaml", [
         "model.norm_num_groups=8", "model.init=thumbnail", "loss.perceptual=none", "loss.pixel=mse", "optim.lr=1e-4",
         "data.crop_size=128", "train.batch_size=8", "train.channels_last=true"]),
     "warm-narrow": ("warm with widths 32,32,64,128: about half the FLOPs per pixel, so twice the steps", [
@@ -79,7 +81,8 @@ def run_variant(name: str, overrides: list[str], minutes: float, out: Path, extr
         "steps": max(h["step"] for h in history),
         "train_seconds": max(h["train_seconds"] for h in history),
         "images_per_s": sum(h["images_per_s"] for h in logs) / max(1, len(logs)),
-        "psnr": val[-1]["val/psnr"], "ssim": val[-1]["val/ssim"], "curve": [(h["train_seconds"], h["val/psnr"]) for h in val],
+        "psnr": val[-1]["val/psnr"], "ssim": val[-1]["val/ssim"],
+        "curve": [(h["train_seconds"], h["val/psnr"]) for h in val],
         "wall_seconds": time.perf_counter() - started,
     }
 
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=10.0, help="training-time budget per variant")
     p.add_argument("--out", default="runs/recipe", help="run folders and results.json go here")
     p.add_argument("--max-steps", type=int, default=100000,
-                   help="steps for the learning-rate schedule (cosine to the end); the minutes budget still caps the run")
+                   help="steps for the learning-rate schedule (cosine to the end); the minutes budget still caps "
+                   "the run")
     p.add_argument("--set", action="append", default=[], help="extra override for every variant")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
     p.add_argument("--plot", type=Path, metavar="PNG", help="instead of training: plot PSNR against time for the "
@@ -145,10 +149,12 @@ def main(argv=None) -> int:
     for name in args.variants.split(","):
         if name not in VARIANTS:
             p.error(f"unknown variant {name!r}; --list shows them")
-        results[name] = run_variant(name, VARIANTS[name][1], args.minutes, out, args.set, args.max_steps) | {"minutes": args.minutes}
+        results[name] = (run_variant(name, VARIANTS[name][1], args.minutes, out, args.set, args.max_steps)
+                         | {"minutes": args.minutes})
         results_path.write_text(json.dumps(results, indent=2))
         r = results[name]
-        print(f"{name}: {r['steps']} steps, {r['images_per_s']:.1f} img/s, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}")
+        print(f"{name}: {r['steps']} steps, {r['images_per_s']:.1f} img/s, PSNR {r['psnr']:.2f} dB, "
+              f"SSIM {r['ssim']:.3f}")
     return 0
 
 

@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timesteps of the held-out loss (default 100 500 900)")
     p.add_argument("--seed", type=int, default=0, help="the U-Nets' seed (initial weights, draws; default 0)")
     p.add_argument("--encode-batch-size", type=int, default=64, help="images per encoder call (default 64)")
-    p.add_argument("--analysis-images", type=int, default=64, help="held-out images the latent analysis reads (default 64)")
+    p.add_argument("--analysis-images", type=int, default=64,
+                   help="held-out images the latent analysis reads (default 64)")
     p.add_argument("--adherence-prompts", type=int, default=8, help="distinct held-out captions sampled at the end "
                    "and scored, shapes-world captions only (default 8; 0: none)")
     p.add_argument("--images-per-prompt", type=int, default=2, help="samples per prompt (default 2)")
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
         return 2
     for name, folder in codecs.items():
         if not (Path(folder) / "config.json").is_file():
-            print(f"error: --codec {name}={folder}: not a diffusers AutoencoderKL folder (no config.json)", file=sys.stderr)
+            print(f"error: --codec {name}={folder}: not a diffusers AutoencoderKL folder (no config.json)",
+                  file=sys.stderr)
             return 2
     if args.steps < 1 or args.eval_every < 1 or args.heldout < 1:
         print("error: --steps, --eval-every and --heldout must be >= 1", file=sys.stderr)

@@ -107,7 +107,7 @@ def decompress_files(args, vae, model, identity: str) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, target, (header, words) in zip(args.inputs, targets, files):
         image = decompress_image(vae, model, header, words, name)
-        write_atomically(target, lambda tmp: image.save(tmp, format="PNG"))
+        write_atomically(target, lambda tmp, image=image: image.save(tmp, format="PNG"))
         print(f"{target}: {header.width}x{header.height}")
 
 

@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1500, help="Adam steps of the least-squares fit")
     p.add_argument("--factor", type=int, choices=(4, 8), default=8,
                    help="down-sampling factor of the codec it starts: 8 (the diffusion codecs) or 4 (compress-f4.yaml)")
-    p.add_argument("--out", default=None, help="JSON file to write (default: the shipped codec/linear_codec_f<factor>c4.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON file to write (default: the shipped codec/linear_codec_f<factor>c4.json)")
     args = p.parse_args(argv)
     train_dir, val_dir = bundled_photos(ROOT / args.bundled_dir)
     train = crops(str(train_dir) if args.data == "bundled" else args.data, args.size)

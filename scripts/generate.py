@@ -7,12 +7,14 @@
     python scripts/generate.py --model runs/unet/pipeline --prompt "a tabby cat" --precision fp16   # on a GPU
     python scripts/generate.py --codec runs/codec/final --prior-samples 8              # decode z ~ N(0, I)
     python scripts/generate.py --codec runs/codec/final --interpolate a.png b.png --frames 7
-    python scripts/generate.py --codec runs/cvae/final --prior-samples 8 --prompt "a red star at the top on a navy background"
+    python scripts/generate.py --codec runs/cvae/final --prior-samples 8 \
+--prompt "a red star at the top on a navy background"
     python scripts/generate.py --codec runs/cvae-class/final --prior-samples 8 --label star    # a class CVAE
 
 --model is a pipeline folder (scripts/train_unet.py writes <output-dir>/pipeline); for --reconstruct,
 --prior-samples and --interpolate a bare codec folder works too (--codec says so). A conditional codec
-(model.condition: text or class) takes its condition from --prompt or --label in those three modes: x ~ p(x | z, c). Writes PNGs and a JSON of the settings used (with the image and
+(model.condition: text or class) takes its condition from --prompt or --label in those three modes: x ~ p(x | z, c). \
+Writes PNGs and a JSON of the settings used (with the image and
 latent shapes and their element ratio, 48x for 512x512) into --out, and prints where.
 """
 
@@ -62,12 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strength", type=float, default=0.8, help="with --init-image: how far into the noise schedule "
                    "the image is pushed before denoising, 0 (unchanged) .. 1 (ignored entirely) (default 0.8)")
     p.add_argument("--height", type=int, help="output height in pixels (default: the size the U-Net was trained "
-                   "at); with --init-image/--reconstruct, the image is resized and centre-cropped to --height x --width")
+                   "at); with --init-image/--reconstruct, the image is resized and centre-cropped to "
+                   "--height x --width")
     p.add_argument("--width", type=int, help="output width in pixels (see --height)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help="dtype the models run in, in "
-                   "every mode: fp32 (default), bf16 or fp16 (half the memory, faster on GPUs). If the codec overflows the "
-                   "reduced precision (SD-style VAEs give inf/NaN in fp16), that decode or encode is redone in fp32 "
-                   "with a warning: never a NaN image")
+                   "every mode: fp32 (default), bf16 or fp16 (half the memory, faster on GPUs). If the codec "
+                   "overflows the reduced precision (SD-style VAEs give inf/NaN in fp16), that decode or encode is "
+                   "redone in fp32 with a warning: never a NaN image")
     p.add_argument("--device", help="where the models run: cuda, cuda:1, cpu, ... (default: cuda when available, "
                    "else cpu); the initial noise is drawn on the CPU, so a seed gives the same image anywhere")
     p.add_argument("--out", default="outputs", help="folder for the PNGs and the settings JSON (default outputs/)")
@@ -111,9 +114,10 @@ def load_image(path: str, height: int | None, width: int | None, factor: int):
     try:
         image = decode_image(path)
     except UnreadableImage as exc:
-        raise SystemExit(f"error: cannot read {path}: {exc.reason}")
+        raise SystemExit(f"error: cannot read {path}: {exc.reason}") from None
     if height is not None:
-        return ImageOps.fit(image, (width, height), Image.Resampling.BICUBIC), f"resized and cropped to {width}x{height}"
+        return (ImageOps.fit(image, (width, height), Image.Resampling.BICUBIC),
+                f"resized and cropped to {width}x{height}")
     w, h = image.size
     cw, ch = w - w % factor, h - h % factor
     if cw < factor or ch < factor:
@@ -121,7 +125,8 @@ def load_image(path: str, height: int | None, width: int | None, factor: int):
     if (cw, ch) == (w, h):
         return image, None
     left, top = (w - cw) // 2, (h - ch) // 2
-    return image.crop((left, top, left + cw, top + ch)), f"centre-cropped from {w}x{h} to {cw}x{ch} (a multiple of {factor})"
+    return (image.crop((left, top, left + cw, top + ch)),
+            f"centre-cropped from {w}x{h} to {cw}x{ch} (a multiple of {factor})")
 
 
 def load_model(path: str, precision: str = "fp32"):
@@ -141,7 +146,7 @@ def load_model(path: str, precision: str = "fp32"):
         try:
             return None, load_codec(folder, dtype, allow_conditional=True)
         except (FileNotFoundError, ValueError) as exc:
-            raise SystemExit(f"error: {exc}")
+            raise SystemExit(f"error: {exc}") from None
     raise SystemExit(f"error: --model {path} is neither a pipeline folder (model_index.json) nor a codec folder "
                      f"(config.json); train one with scripts/train_unet.py or scripts/train_codec.py")
 
@@ -172,10 +177,10 @@ def main(argv=None) -> int:
         try:
             condition = condition_tensor(vae, prompt=args.prompt, label=args.label).to(vae.device)
         except ValueError as exc:
-            raise SystemExit(f"error: --codec {args.codec or args.model}: {exc}")
+            raise SystemExit(f"error: --codec {args.codec or args.model}: {exc}") from None
     elif codec_mode and (args.prompt or args.label is not None):
-        raise SystemExit(f"error: {args.codec or args.model} is an unconditional codec; --prompt/--label condition only "
-                         f"a conditional one (model.condition: text or class)")
+        raise SystemExit(f"error: {args.codec or args.model} is an unconditional codec; --prompt/--label condition "
+                         f"only a conditional one (model.condition: text or class)")
 
     def repeat(n: int):
         return None if condition is None else condition.expand(n, *condition.shape[1:])
@@ -241,7 +246,8 @@ def main(argv=None) -> int:
             decoded = decode_images(vae, prior_latents(vae, args.prior_samples, height, width, generator),
                                     repeat(args.prior_samples))
         images = [tensor_to_pil(im) for im in decoded]
-        info = {"mode": "prior", "image_shape": [3, height, width], "latent_shape": list(latent_shape(vae, height, width)),
+        info = {"mode": "prior", "image_shape": [3, height, width],
+                "latent_shape": list(latent_shape(vae, height, width)),
                 "compression_ratio": compression_ratio(vae, height, width)}
         settings.update(prior_samples=args.prior_samples, seed=seed)
         stem = f"prior-seed{seed}"

@@ -27,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="training images: an image folder, a saved `datasets` directory, parquet/arrow "
                    "files, a hub dataset name (needs network), or `bundled` (scikit-image's photos). "
                    "Overrides data.train; unless data.val is set, validation images are then held out of it.")
-    p.add_argument("--output-dir", help="run folder for checkpoints, logs, sample grids and final/ (overrides train.output_dir)")
+    p.add_argument("--output-dir",
+                   help="run folder for checkpoints, logs, sample grids and final/ (overrides train.output_dir)")
     p.add_argument("--pretrained", metavar="PATH", help="start from this codec: a diffusers AutoencoderKL folder "
                    "(safetensors weights) or an LDM-format .safetensors VAE file; its architecture is used (sets "
                    "model.init=pretrained and model.pretrained)")
@@ -35,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", help="`latest` continues from the newest checkpoint in the output dir (or starts "
                    "fresh when there is none); a checkpoint folder path continues from that one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set loss.kl_weight=1e-5 --set train.batch_size=4 (repeatable)")
+                   help="override any config value, e.g. --set loss.kl_weight=1e-5 --set train.batch_size=4 "
+                   "(repeatable)")
     return p.parse_args(argv)
 
 
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.data.train = args.data
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
-    if args.data and args.data != "bundled" and cfg.data.val == "bundled" and not any(o.startswith("data.val=") for o in args.set):
+    if (args.data and args.data != "bundled" and cfg.data.val == "bundled"
+            and not any(o.startswith("data.val=") for o in args.set)):
         cfg.data.val = None  # validate on the user's own images, held out of their training set
     from codec.train import train_codec
 

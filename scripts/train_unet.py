@@ -23,7 +23,8 @@ from diffusion.config import load_unet_config
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML preset: configs/unet/tiny.yaml (tests, smoke runs), small.yaml "
+    p.add_argument("--config", required=True,
+                   help="YAML preset: configs/unet/tiny.yaml (tests, smoke runs), small.yaml "
                    "(CPU default, 13 M parameters), sd.yaml (Stable Diffusion 1.x's U-Net shape, for GPUs)")
     p.add_argument("--shards", help="latent shards folder written by scripts/encode_dataset.py (overrides `shards`)")
     p.add_argument("--codec", help="the codec folder that encoded the shards (overrides `codec`); shards made by "

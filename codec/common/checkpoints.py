@@ -120,7 +120,8 @@ def same_resume_on_every_rank(accelerator: Accelerator, resume: str | None, path
         raise error
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int, extra: dict | None = None) -> None:
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int,
+                    extra: dict | None = None) -> None:
     """save_state into a temporary folder, renamed when complete: a kill mid-save never leaves a checkpoint
     that `--resume latest` would pick up half-written."""
     root = output_dir / "checkpoints"
@@ -152,7 +153,8 @@ def keep_ema_in_checkpoints(accelerator: Accelerator, ema: EMAModel, model: torc
     def save(models, weights, output_dir):
         if accelerator.is_main_process:
             tensors = {name: p.detach().cpu().contiguous() for name, p in zip(names, ema.shadow_params)}
-            save_file(tensors, str(Path(output_dir) / EMA_FILE), metadata={"optimization_step": str(ema.optimization_step)})
+            save_file(tensors, str(Path(output_dir) / EMA_FILE),
+                      metadata={"optimization_step": str(ema.optimization_step)})
 
     def load(models, input_dir):
         path = Path(input_dir) / EMA_FILE

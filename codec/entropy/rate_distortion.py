@@ -82,7 +82,8 @@ def above_at_every_rate(ours: list[dict], reference: list[dict], max_bpp: float,
 
     Compared at each of our points with bpp <= max_bpp, at each reference point within our range and below
     max_bpp, and at max_bpp itself when our curve reaches past it: two piecewise-linear curves that are ordered at
-    every vertex of both are ordered everywhere between them, and max_bpp closes the last interval. margin = ours - reference (dB for PSNR); None where the reference has no point that low (or that high):
+    every vertex of both are ordered everywhere between them, and max_bpp closes the last interval. margin = ours -
+    reference (dB for PSNR); None where the reference has no point that low (or that high):
     "not comparable", which is never counted as a win. holds: True (every rate compared, every margin > 0),
     False (some margin <= 0), None (not established: a rate not comparable, or no point of ours <= max_bpp)."""
     mine = [p["bpp"] for p in ours if p["bpp"] <= max_bpp]

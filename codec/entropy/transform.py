@@ -80,12 +80,12 @@ def dct_matrix(n: int) -> torch.Tensor:
 
 def frequency_order(n: int) -> list[tuple[int, int]]:
     """The (vertical, horizontal) frequencies of an n x n block, lowest first (by k + l, then k)."""
-    return sorted(((k, l) for k in range(n) for l in range(n)), key=lambda kl: (kl[0] + kl[1], kl[0]))
+    return sorted(((k, j) for k in range(n) for j in range(n)), key=lambda kj: (kj[0] + kj[1], kj[0]))
 
 
 def band_order(n: int) -> torch.Tensor:
     """Index k·n + l of each band (k, l) of an n x n block, in frequency_order."""
-    return torch.tensor([k * n + l for k, l in frequency_order(n)])
+    return torch.tensor([k * n + j for k, j in frequency_order(n)])
 
 
 def block_dct(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -4,7 +4,8 @@
     codec.py               the codecs' FLOPs and encode/decode seconds, the small preset against TAESD, widths
     memory.py              peak memory of a 2048x2048 decode, tiled vs untiled, one process per case
     inference.py           inference-path options of the small preset; tiled vs untiled quality of a codec
-    unet.py                the U-Net's cost: latents vs pixels, attention-head layouts, training from shards vs on the fly
+    unet.py                the U-Net's cost: latents vs pixels, attention-head layouts, training from shards vs on
+                           the fly
     shards.py              the shard encoder's throughput against the bare encoder
     environment.py         the machine: versions, threads, bf16 instructions, fp32 matmul peak
     timing.py              the timing loops every row uses: repeated calls, or several functions taking turns

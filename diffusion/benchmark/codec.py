@@ -101,7 +101,8 @@ def decodes_in_turns(models: dict[str, torch.nn.Module], rounds: int) -> dict[st
     """Seconds of one 512x512 decode per model, the models taking turns round by round so that every one sees
     the same machine load (one untimed warm-up each)."""
     latents = {name: torch.randn(1, latent_channels(m), SIDE // 8, SIDE // 8) for name, m in models.items()}
-    steps = {name: (lambda _round, decode=decode_fn(m), z=latents[name]: decode(z)) for name, m in models.items()}
+    decoders = {name: decode_fn(m) for name, m in models.items()}
+    steps = {name: (lambda _round, decode=decoders[name], z=latents[name]: decode(z)) for name in models}
     with torch.inference_mode():
         return take_turns(steps, rounds)
 

@@ -157,7 +157,8 @@ def check_unet(plan: CheckPlan, codec: Path, shards: Path, out: Path) -> tuple[S
     from diffusion.train import train_unet
 
     overrides = [
-        f"shards={shards}", f"codec={codec}", f"train.max_steps={plan.unet_steps}", f"train.batch_size={plan.unet_batch}",
+        f"shards={shards}", f"codec={codec}", f"train.max_steps={plan.unet_steps}",
+        f"train.batch_size={plan.unet_batch}",
         "train.mixed_precision=bf16", "train.validate_every=0", f"train.checkpoint_every={plan.unet_steps}",
         "train.log_every=10", f"train.output_dir={out}", "optim.warmup_steps=10",
     ]
@@ -184,7 +185,8 @@ def check_generate(plan: CheckPlan, pipeline: Path, out: Path) -> StageResult:
     result = pipe(prompts, num_inference_steps=plan.sample_steps, guidance_scale=5.0, seed=0, output_type="pt")
     seconds = time.perf_counter() - started
     images = result.images.float()
-    problems = [] if torch.isfinite(images).all() else [f"{int((~torch.isfinite(images)).sum())} non-finite pixel values"]
+    problems = ([] if torch.isfinite(images).all()
+                else [f"{int((~torch.isfinite(images)).sum())} non-finite pixel values"])
     save_png(tensor_to_pil(torch.cat(list(images.nan_to_num().clamp(-1, 1)), dim=-1)), out / "generated.png")
     return StageResult("text-to-image, bf16 weights", seconds,
                        f"{len(prompts) / seconds:.2f} images/s ({plan.sample_steps} steps, CFG)", _peak_mb(),

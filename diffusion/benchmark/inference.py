@@ -81,7 +81,8 @@ def _option_rows(calls: dict[str, Callable[[], torch.Tensor]], repeats: int) -> 
     reference = calls[BASELINE]()
     # Calling every variant once for its difference is also its warm-up.
     differences = {name: float((call() - reference).abs().max()) for name, call in calls.items()}
-    times = take_turns({name: (lambda _round, call=call: call()) for name, call in calls.items()}, repeats, warmup=False)
+    times = take_turns({name: (lambda _round, call=call: call()) for name, call in calls.items()}, repeats,
+                       warmup=False)
     base_times = times[BASELINE]
     return [{"variant": name, "median_s": statistics.median(t), "best_s": min(t),
              "speedup": statistics.median(base_times) / statistics.median(t), "speedup_best": min(base_times) / min(t),
@@ -130,7 +131,8 @@ def _tiling_row(vae, x: torch.Tensor, q, full: torch.Tensor, side: int, tile: in
         "tile": tile, "overlap": overlap, "norm": norm, "tiled_decode_seconds": decode_seconds,
         "decode_relative_difference": float((decoded - full).abs().mean() / scale),
         "decode_mean_abs_difference_uint8": float((decoded - full).abs().mean() * 127.5),
-        "encode_relative_difference": float((encoded.mean - q.mean).abs().mean() / (q.mean - q.mean.mean()).abs().mean()),
+        "encode_relative_difference": float((encoded.mean - q.mean).abs().mean()
+                                            / (q.mean - q.mean.mean()).abs().mean()),
         "psnr_untiled": float(psnr(x, full).mean()), "psnr_tiled_decode": float(psnr(x, decoded).mean()),
         "psnr_tiled_both": float(psnr(x, both).mean()),
         "seam_ratio_tiled_over_untiled": seam_ratio(both, borders, borders, 8) / seam_ratio(full, borders, borders, 8),

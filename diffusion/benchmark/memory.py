@@ -51,7 +51,8 @@ def memory_case(preset: str, mode: str, side: int) -> dict:
         if mode == "untiled":
             image = vae.decode(z).sample
         else:  # "tiled": per-tile GroupNorm statistics; "tiled-image": the whole image's (codec.tiling)
-            image = tiled_decode(vae, z, tile_latent=64, overlap_latent=8, norm="image" if mode == "tiled-image" else "tile")
+            image = tiled_decode(vae, z, tile_latent=64, overlap_latent=8,
+                                 norm="image" if mode == "tiled-image" else "tile")
     seconds = time.perf_counter() - tick
     peak = _proc_status_mb("VmHWM")
     return {

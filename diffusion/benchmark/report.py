@@ -69,7 +69,8 @@ def _codecs(results: dict) -> dict:
     notes = [fill("codec_note", **r) for r in results["codecs"] if r.get("decode_note")]
     by_name = {r["codec"]: r for r in results["codecs"]}
     small, kl_f8 = by_name["small"], by_name["kl-f8"]
-    kl_f8_target = fill("kl_f8_target", speedup=kl_f8["decode_s"] / small["decode_s"]) + LINE if kl_f8["decode_s"] else ""
+    kl_f8_target = (fill("kl_f8_target", speedup=kl_f8["decode_s"] / small["decode_s"]) + LINE
+                    if kl_f8["decode_s"] else "")
     return {"codec_rows": fill_rows("codec_row", codecs), "codec_notes": PARAGRAPH + LINE.join(notes) if notes else "",
             "kl_f8_target": kl_f8_target, "h2h": results["head_to_head"],
             "small_decode_percent": _percent(small["decode_fraction_of_peak"])}
@@ -115,7 +116,8 @@ def _training(results: dict) -> dict:
 
 
 def _heads(results: dict) -> dict:
-    return {"heads_rows": fill_rows("heads_row", ({**r, "parameters_m": r["parameters"] / 1e6} for r in results["heads"]))}
+    return {"heads_rows": fill_rows("heads_row",
+                                    ({**r, "parameters_m": r["parameters"] / 1e6} for r in results["heads"]))}
 
 
 def _diffusion(results: dict) -> dict:

@@ -78,14 +78,16 @@ def diffusion_rows(quick: bool) -> dict:
 
     if quick:
         return {"status": "skipped in --quick: the pixel-space forward alone takes about 70 s"}
-    return {"status": "measured", "unet_config": str(UNET_CONFIG.relative_to(ROOT)), **benchmark_latent_vs_pixel(UNET_CONFIG)}
+    return {"status": "measured", "unet_config": str(UNET_CONFIG.relative_to(ROOT)),
+            **benchmark_latent_vs_pixel(UNET_CONFIG)}
 
 
 def heads_rows(quick: bool) -> list[dict]:
     """The small U-Net's training step with its per-level heads vs SD's 8 heads everywhere (and under bf16)."""
     from diffusion.benchmark.unet import benchmark_attention_heads
 
-    rows = benchmark_attention_heads(UNET_CONFIG, {"small.yaml (2, 4, 8 heads)": [2, 4, 8], "SD's 8 heads everywhere": 8},
+    rows = benchmark_attention_heads(UNET_CONFIG,
+                                     {"small.yaml (2, 4, 8 heads)": [2, 4, 8], "SD's 8 heads everywhere": 8},
                                      batch_size=2 if quick else 4, steps=2 if quick else 3)
     for r in rows:
         progress(f"  {r['variant']}: {r['seconds_per_image']:.2f} s per image ({r['relative_time']:.2f}x)")

@@ -91,7 +91,8 @@ def benchmark_latent_vs_pixel(
                     "text_tokens": text_tokens, "threads": torch.get_num_threads()}
     for name, shape in (("latent", latent_shape), ("pixel", image_shape)):
         with torch.device("meta"):
-            result[f"{name}_parameters"] = sum(p.numel() for p in build_unet(cfg, shape[0], shape[1], text_width).parameters())
+            result[f"{name}_parameters"] = sum(p.numel()
+                                               for p in build_unet(cfg, shape[0], shape[1], text_width).parameters())
         result[f"{name}_gflops"] = unet_flops(cfg, shape, text_width, text_tokens) / 1e9
     result["flop_ratio"] = result["pixel_gflops"] / result["latent_gflops"]
     if not time_it:
@@ -99,7 +100,8 @@ def benchmark_latent_vs_pixel(
     result["latent_seconds"] = _time_forward(cfg, latent_shape, text_width, text_tokens, True, repeats)
     timed, timed_gflops = tuple(image_shape), result["pixel_gflops"]
     factor = 2 ** (len(cfg.block_out_channels) - 1)  # the U-Net needs sides divisible by this
-    while max_timed_pixel_gflops is not None and timed_gflops > max_timed_pixel_gflops and (timed[1] // 2) % factor == 0:
+    while (max_timed_pixel_gflops is not None and timed_gflops > max_timed_pixel_gflops
+           and (timed[1] // 2) % factor == 0):
         timed = (timed[0], timed[1] // 2, timed[2] // 2)
         timed_gflops = unet_flops(cfg, timed, text_width, text_tokens) / 1e9
     seconds = _time_forward(cfg, timed, text_width, text_tokens, False, 1)

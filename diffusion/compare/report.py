@@ -45,7 +45,8 @@ def race(curves: dict[str, list[tuple[int, float]]]) -> dict:
     slowest = max(s for s in steps.values() if s is not None)
     return {
         "bar": bar, "worst": worst, "final": finals, "steps_to_bar": steps,
-        "fraction_of_slowest": {name: (s / slowest if s is not None and slowest else None) for name, s in steps.items()},
+        "fraction_of_slowest": {name: (s / slowest if s is not None and slowest else None)
+                                for name, s in steps.items()},
     }
 
 
@@ -88,7 +89,8 @@ def results_table(results: dict) -> str:
         adherence = codec.get("adherence")
         adh = ("/".join(f"{adherence[k]:.0f}" for k in ("color", "position", "shape", "background"))
                if adherence else "—")
-        cells = [name, f"{a['reconstruction']['psnr']:.2f}", _cell(a["spectrum"]["latent_high_frequency_share"], pct=True),
+        cells = [name, f"{a['reconstruction']['psnr']:.2f}",
+                 _cell(a["spectrum"]["latent_high_frequency_share"], pct=True),
                  _cell(a["equivariance_psnr_mean"], 2), _cell(race_["final"][name]),
                  *[_cell(codec["final_at"].get(str(t))) for t in timesteps],
                  _cell(race_["steps_to_bar"][name], 0), _cell(race_["fraction_of_slowest"][name], 2), adh]
@@ -109,7 +111,8 @@ def report_markdown(results: dict) -> str:
         "",
         results_table(results),
         "",
-        f"The bar is the worst codec's final held-out loss ({race_['worst']}: {race_['bar']:.4f}); \"steps to the bar\" "
+        f"The bar is the worst codec's final held-out loss ({race_['worst']}: {race_['bar']:.4f}); "
+        f"\"steps to the bar\" "
         f"is where each U-Net's held-out loss first reaches it (interpolated between evaluations), \"of the slowest\" "
         f"that step over the slowest codec's. PSNR and the latent statistics are measured on the held-out images "
         f"(codec/latent_analysis.py); equivariance PSNR is the mean over τ of D(τ(z)) against τ(x). Adherence: "

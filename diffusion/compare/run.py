@@ -78,10 +78,11 @@ def split_data(settings: CompareSettings, out: Path) -> tuple[Path, Path, int]:
     if not (held_dir / "dataset_info.json").is_file() or not (train_dir / "dataset_info.json").is_file():
         dataset, _ = load_image_dataset(settings.data)
         if len(dataset) <= settings.heldout:
-            raise ConfigError(f"--data {settings.data}: {len(dataset)} images, not enough to hold out {settings.heldout} "
-                              f"and train on the rest; lower --heldout")
+            raise ConfigError(f"--data {settings.data}: {len(dataset)} images, not enough to hold out "
+                              f"{settings.heldout} and train on the rest; lower --heldout")
         cut = len(dataset) - settings.heldout
-        for folder, part in ((train_dir, dataset.select(range(cut))), (held_dir, dataset.select(range(cut, len(dataset))))):
+        for folder, part in ((train_dir, dataset.select(range(cut))),
+                             (held_dir, dataset.select(range(cut, len(dataset))))):
             with folder_atomically(folder) as tmp:
                 part.save_to_disk(str(tmp))
     from datasets import load_from_disk

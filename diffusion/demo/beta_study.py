@@ -162,7 +162,8 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
         conditions = prior_conditions = prior_captions = None
         if is_conditional(vae):
             if vae.config.condition != "text":
-                raise ConfigError(f"run {run.name}: the study scores text-conditioned codecs only (prompts are captions)")
+                raise ConfigError(f"run {run.name}: the study scores text-conditioned codecs only "
+                                  "(prompts are captions)")
             text = TextConditions(vae.config.text_encoder, vae.config.text_max_length)
             prior_captions = [captions[k % len(captions)] for k in range(cfg.prior_samples)]
             conditions, prior_conditions = text(captions), text(prior_captions)
@@ -186,7 +187,8 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
 
 
 def prior_file(name: str) -> str:
-    """prior_<name>.png with every character but letters, digits, '.' and '-' as '_' (Markdown links break on spaces)."""
+    """prior_<name>.png with every character but letters, digits, '.' and '-' as '_' (Markdown links break on
+    spaces)."""
     return "prior_" + re.sub(r"[^A-Za-z0-9.\-]", "_", name) + ".png"
 
 
@@ -232,8 +234,8 @@ def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:
         "# β trade-off on the shapes world", "",
         f"Codec preset `{cfg.codec_config}` on `{cfg.shapes}`, every run for the same budget; measured on "
         f"{cfg.heldout_count} held-out shapes (seed {cfg.heldout_seed}) and {cfg.prior_samples} prior samples.", "",
-        "| run | β | schedule | condition | steps | PSNR (dB) | rate (bits/image) | active channels | prior: one shape | "
-        "prior adherence c/p/s/b |",
+        "| run | β | schedule | condition | steps | PSNR (dB) | rate (bits/image) | active channels | "
+        "prior: one shape | prior adherence c/p/s/b |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

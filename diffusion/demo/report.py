@@ -51,7 +51,8 @@ def generate_and_score(pipeline_dir: Path, gen, out_dir: Path, cvae_dir: Path | 
 
     pipe = LatentDiffusionPipeline.from_pretrained(str(pipeline_dir))
     pipe.use_sampler(gen.sampler)
-    cvae = load_codec(cvae_dir, allow_conditional=True) if cvae_dir is not None and (cvae_dir / "config.json").is_file() else None
+    cvae = (load_codec(cvae_dir, allow_conditional=True)
+            if cvae_dir is not None and (cvae_dir / "config.json").is_file() else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     conditional, unconditional, cvae_rows, files = [], [], [], []
     for i, prompt in enumerate(gen.prompts):
@@ -116,7 +117,8 @@ def shape_table(vae: AutoencoderKL, size: int) -> str:
         "|---|---|---|---|",
         f"| image | 3x{size}x{size} | {image:,} | {image:,} (uint8), {2 * image:,} (fp16) |",
         f"| latent | {'x'.join(map(str, shape))} | {latent:,} | {2 * latent:,} (fp16) |",
-        f"| ratio | | **{compression_ratio(vae, size, size):.0f}x** fewer numbers | {image / (2 * latent):.0f}x vs the uint8 image |",
+        f"| ratio | | **{compression_ratio(vae, size, size):.0f}x** fewer numbers | "
+        f"{image / (2 * latent):.0f}x vs the uint8 image |",
     ])
 
 
@@ -181,21 +183,24 @@ def write_report(cfg, paths, seconds: dict) -> Path:
         "",
     ]
     if samples:
-        lines += ["Training samples at the last step (input | reconstruction | codec prior samples | interpolation):", "",
+        lines += ["Training samples at the last step (input | reconstruction | codec prior samples | interpolation):",
+                  "",
                   f"![codec samples]({samples[-1].relative_to(root)})", ""]
     lines += [
         "## Prompt adherence",
         "",
-        f"{cond['n']} images ({adherence['settings']['images_per_prompt']} per prompt, {adherence['settings']['steps']} "
-        f"{adherence['settings']['sampler']} steps, guidance {adherence['settings']['guidance']}), each checked against "
-        "its prompt by pixel analysis (diffusion/demo/adherence.py): the object's colour by its pixels' nearest palette "
-        "colour, its position by its centroid's third of the image, its shape by its fill of the bounding box, the "
-        "background by the border's colour.",
+        f"{cond['n']} images ({adherence['settings']['images_per_prompt']} per prompt, "
+        f"{adherence['settings']['steps']} {adherence['settings']['sampler']} steps, "
+        f"guidance {adherence['settings']['guidance']}), each checked against its prompt by pixel analysis "
+        "(diffusion/demo/adherence.py): the object's colour by its pixels' nearest palette colour, its position by "
+        "its centroid's third of the image, its shape by its fill of the bounding box, the background by the "
+        "border's colour.",
         "",
         "| | " + " | ".join(ATTRIBUTES) + " |",
         "|---|" + "---|" * len(ATTRIBUTES),
         "| trained model, with the prompt | " + " | ".join(_pct(cond["percent"][a]) for a in ATTRIBUTES) + " |",
-        "| same model, empty prompt (unconditional) | " + " | ".join(_pct(uncond["percent"][a]) for a in ATTRIBUTES) + " |",
+        "| same model, empty prompt (unconditional) | "
+        + " | ".join(_pct(uncond["percent"][a]) for a in ATTRIBUTES) + " |",
         *(["| CVAE prior samples, z ~ N(0, I) decoded with the prompt | "
            + " | ".join(_pct(adherence["cvae_prior"]["percent"][a]) for a in ATTRIBUTES) + " |"]
           if "cvae_prior" in adherence else []),

@@ -2,7 +2,8 @@
 
     shapes world -> train codec (photos + shapes) -> evaluate codec -> fine-tune its decoder on shapes
     -> the VAE study (codecs at several β and a conditional VAE on 64 px shapes) -> encode shapes into latent
-    shards -> train U-Net from shards -> generate for fixed prompts (U-Net and CVAE prior) + score adherence -> report.md
+    shards -> train U-Net from shards -> generate for fixed prompts (U-Net and CVAE prior) + score adherence
+    -> report.md
 
 The first five stages run the same commands a user runs (scripts/*.py, in a subprocess each). Generation and
 scoring run in this process (report.py), through the pipeline class a user loads
@@ -93,7 +94,8 @@ class DemoConfig:
     vae_study: VAEStudyStage = field(default_factory=VAEStudyStage)
     encode: EncodeStage = field(default_factory=EncodeStage)
     unet: TrainerStage = field(default_factory=lambda: TrainerStage("configs/unet/small.yaml"))
-    generate: GenerateStage = field(default_factory=lambda: GenerateStage(prompts=["a red circle in the center on a black background"]))
+    generate: GenerateStage = field(
+        default_factory=lambda: GenerateStage(prompts=["a red circle in the center on a black background"]))
 
 
 def load_demo_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DemoConfig:
@@ -197,14 +199,16 @@ def run_demo(cfg: DemoConfig) -> Path:
                                      "--resume", "latest", *_sets(cfg.codec.overrides)]))
     clock.run("codec evaluation", (paths.evaluation / "summary.json").exists(), lambda: _run(
         _script("evaluate_codec.py") + ["--codec", str(paths.codec), "--data", "bundled",
-                                        "--bundled-dir", cfg.evaluate.bundled_dir, "--resolution", str(cfg.evaluate.resolution),
+                                        "--bundled-dir", cfg.evaluate.bundled_dir,
+                                        "--resolution", str(cfg.evaluate.resolution),
                                         "--out", str(paths.evaluation)]))
     # The codec the U-Net's shards and pipeline use: the decoder fine-tune when the demo makes one (same encoder).
     diffusion_codec = paths.codec
     if cfg.shapes_decoder.config:
         diffusion_codec = paths.shapes_decoder_run / "final"
         clock.run("shapes decoder", (diffusion_codec / "config.json").exists(), lambda: _run(
-            _script("train_codec.py") + ["--config", str(ROOT / cfg.shapes_decoder.config), "--pretrained", str(paths.codec),
+            _script("train_codec.py") + ["--config", str(ROOT / cfg.shapes_decoder.config),
+                                         "--pretrained", str(paths.codec),
                                          "--data", str(shapes_dir), "--output-dir", str(paths.shapes_decoder_run),
                                          "--resume", "latest", *_sets(cfg.shapes_decoder.overrides)]))
     clock.run("VAE study (β, CVAE)", (paths.vae_study / "results.json").exists(), lambda: _run(
@@ -212,8 +216,9 @@ def run_demo(cfg: DemoConfig) -> Path:
                                     f"output_dir={paths.vae_study}", "--set", f"shapes={shapes_dir}",
                                     *_sets(cfg.vae_study.overrides)]))
     clock.run("encode shards", (paths.shards / "manifest.json").exists(), lambda: _run(
-        _script("encode_dataset.py") + ["--codec", str(diffusion_codec), "--data", str(shapes_dir), "--out", str(paths.shards),
-                                        "--resolution", str(cfg.encode.resolution), "--batch-size", str(cfg.encode.batch_size)]))
+        _script("encode_dataset.py") + ["--codec", str(diffusion_codec), "--data", str(shapes_dir),
+                                        "--out", str(paths.shards), "--resolution", str(cfg.encode.resolution),
+                                        "--batch-size", str(cfg.encode.batch_size)]))
     clock.run("U-Net training", (paths.pipeline / "model_index.json").exists(), lambda: _run(
         _script("train_unet.py") + ["--config", str(ROOT / cfg.unet.config), "--shards", str(paths.shards), "--codec",
                                     str(diffusion_codec), "--output-dir", str(paths.unet_run), "--resume", "latest",

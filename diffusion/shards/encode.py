@@ -124,7 +124,8 @@ def caption_source(dataset: datasets.Dataset, data: str, caption_column: str | N
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def crop_position(resized_w: int, resized_h: int, resolution: int, crop: str, seed: int, index: int) -> tuple[int, int, bool]:
+def crop_position(resized_w: int, resized_h: int, resolution: int, crop: str, seed: int,
+                  index: int) -> tuple[int, int, bool]:
     """(left, top, flip) of the resolution x resolution crop. Random crops draw from a generator keyed by
     (seed, dataset index), so a record's crop is the same whichever process, worker or run encodes it. `flip` is
     the drawn mirror, drawn whatever the --flip policy; `mirrored_record` decides whether it is applied."""

@@ -156,7 +156,8 @@ def read_shard_header(path: str | os.PathLike) -> dict:
         raise ShardError(f"shard {path} lacks tensors {missing}")
     count = shapes["mean"][0]
     if len(meta["ids"]) != count or len(meta["captions"]) != count:
-        raise ShardError(f"shard {path}: {count} latents but {len(meta['ids'])} ids and {len(meta['captions'])} captions")
+        raise ShardError(f"shard {path}: {count} latents but {len(meta['ids'])} ids and "
+                         f"{len(meta['captions'])} captions")
     return {"info": meta["info"], "ids": meta["ids"], "captions": meta["captions"], "records": count, "shapes": shapes}
 
 
@@ -179,7 +180,8 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not readable JSON ({exc}); re-run the encoder into {shards_dir} to rewrite it") from exc
+        raise ValueError(f"{path} is not readable JSON ({exc}); "
+                         f"re-run the encoder into {shards_dir} to rewrite it") from exc
     if manifest.get("format") != FORMAT or "shards" not in manifest:
         raise ValueError(f"{path} is not a latent-shards manifest (format {manifest.get('format')!r})")
     return manifest

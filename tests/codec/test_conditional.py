@@ -227,7 +227,8 @@ def test_generate_draws_prior_samples_of_a_cvae_for_a_prompt_and_refuses_a_missi
     from PIL import Image
 
     def pixels(out):
-        return np.stack([np.asarray(Image.open(tmp_path / out / f"prior-seed0-{k}.png"), dtype=np.int16) for k in range(3)])
+        return np.stack([np.asarray(Image.open(tmp_path / out / f"prior-seed0-{k}.png"), dtype=np.int16)
+                         for k in range(3)])
 
     record = json.loads((tmp_path / "a" / "prior-seed0.json").read_text())
     assert record["settings"]["condition"] == "text" and record["settings"]["prompt"] == prompt

@@ -10,7 +10,8 @@ from codec.equivariance import Transform, draw_transform, transform_image, trans
 from codec.losses import CodecLoss, equivariance_loss, pixel_loss
 from codec.model import CodecForTraining, build_autoencoder
 
-TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False)
+TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,
+                   mid_block_add_attention=False)
 ONE = torch.zeros(())  # s = 0: the likelihood scale e^s is 1
 
 

@@ -91,7 +91,8 @@ def test_reconstruction_in_tiles_is_the_plain_one_when_one_tile_covers_the_image
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         assert torch.equal(reconstruct_posterior_mean(tiny_vae, x, tile_size=64), reconstruct(tiny_vae, x))
-        assert reconstruct_posterior_mean(tiny_vae, torch.rand(1, 3, 96, 80) * 2 - 1, tile_size=32).shape == (1, 3, 96, 80)
+        assert reconstruct_posterior_mean(tiny_vae, torch.rand(1, 3, 96, 80) * 2 - 1,
+                                          tile_size=32).shape == (1, 3, 96, 80)
 
 
 def test_rfid_without_a_usable_inception_file_is_an_error_not_a_missing_number(tmp_path):

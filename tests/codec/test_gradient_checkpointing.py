@@ -43,7 +43,8 @@ def _codec_step(vae, images, draws):
     recon, mean, logvar = model(images, draws)
     after_forward = list(counts)
     # A loss touching every output: pixels, the posterior's mean and log-variance, the learned NLL scale.
-    loss = (recon - images).abs().mean() / model.logvar.exp() + model.logvar + 1e-2 * (mean.pow(2).mean() + logvar.exp().mean())
+    loss = ((recon - images).abs().mean() / model.logvar.exp() + model.logvar
+            + 1e-2 * (mean.pow(2).mean() + logvar.exp().mean()))
     loss.backward()
     for h in handles:
         h.remove()
@@ -91,7 +92,8 @@ def test_trainer_turns_checkpointing_on_from_the_config(tiny_config, fresh_accel
         counts.append(found)
 
     monkeypatch.setattr(CodecForTraining, "__init__", init_and_count)
-    train_module.train_codec(tiny_config("train.max_steps=2", "train.gradient_checkpointing=true", "train.ema_decay=null"))
+    train_module.train_codec(tiny_config("train.max_steps=2", "train.gradient_checkpointing=true",
+                                         "train.ema_decay=null"))
 
     assert built[0].is_gradient_checkpointing
     # 2 steps, each a forward and a recomputation in backward; export's latent statistics run without grad.

@@ -12,8 +12,10 @@ from codec.model import build_autoencoder
 from codec.warm_start import thumbnail_init
 from tests.conftest import load_script
 
-TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False)
-WARM = ModelConfig(block_out_channels=[16, 16, 16, 16], layers_per_block=1, norm_num_groups=1, mid_block_add_attention=False)
+TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,
+                   mid_block_add_attention=False)
+WARM = ModelConfig(block_out_channels=[16, 16, 16, 16], layers_per_block=1, norm_num_groups=1,
+                   mid_block_add_attention=False)
 
 
 def cosine(n: int, k: int) -> torch.Tensor:
@@ -58,7 +60,8 @@ def test_a_smooth_codec_has_less_high_frequency_power_than_white_noise(bundled_d
     warm = analyze_codec(thumbnail_init(build_autoencoder(WARM)).eval(), images.split(2))
     spectrum = warm["spectrum"]
     assert spectrum["latent_high_frequency_share"] < 0.5 < 1 - math.pi / 16
-    assert 0 < spectrum["image_high_frequency_share"] < spectrum["latent_high_frequency_share"]  # its fitted 4th channel
+    # its fitted 4th channel
+    assert 0 < spectrum["image_high_frequency_share"] < spectrum["latent_high_frequency_share"]
     assert warm["images"] == 2 and warm["latent_shape"] == [4, 16, 16]
     assert len(warm["channels"]["std"]) == 4 and all(s > 0 for s in warm["channels"]["std"])
     assert set(warm["equivariance_psnr"]) == {"scale 0.5", "scale 0.25", "rotate 90", "rotate 180", "rotate 270"}

@@ -73,7 +73,8 @@ def test_a_full_checkpoint_holding_the_vae_under_first_stage_model_loads(tmp_pat
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     vae.save_pretrained(tmp_path / "folder")
     assert torch.equal(_outputs(load_ldm_vae(tmp_path / "sd.safetensors", tmp_path / "folder"), x), _outputs(vae, x))
-    assert load_ldm_vae(tmp_path / "sd.safetensors", tmp_path / "folder").config.scaling_factor == vae.config.scaling_factor
+    assert (load_ldm_vae(tmp_path / "sd.safetensors", tmp_path / "folder").config.scaling_factor
+            == vae.config.scaling_factor)
 
 
 def test_bad_files_are_refused_in_one_line_naming_the_file(tmp_path):
@@ -140,7 +141,8 @@ def _preset_on_meta(name: str) -> AutoencoderKL:
 
 @pytest.mark.parametrize("preset,loaders", [
     ("kl-f8", ["diffusers", "ComfyUI", "AUTOMATIC1111"]),
-    ("f8c16", ["diffusers", "ComfyUI"]),  # 16 latent channels: SD3/Flux-shaped, which AUTOMATIC1111's SD configs are not
+    # 16 latent channels: SD3/Flux-shaped, which AUTOMATIC1111's SD configs are not
+    ("f8c16", ["diffusers", "ComfyUI"]),
     ("small", ["diffusers"]), ("tiny", ["diffusers"]), ("compress-f4", ["diffusers"]), ("beta-study", ["diffusers"]),
 ])
 def test_the_export_names_the_tools_that_load_each_preset(preset, loaders):
@@ -149,7 +151,8 @@ def test_the_export_names_the_tools_that_load_each_preset(preset, loaders):
     have, because = tools_that_load(to_ldm_state_dict(_preset_on_meta(preset)))
     assert have == loaders
     if "ComfyUI" not in loaders:
-        assert "ComfyUI and AUTOMATIC1111" in because and "128-256-512-512" in because and "keys differ, e.g. " in because and "SD's network has" in because
+        assert ("ComfyUI and AUTOMATIC1111" in because and "128-256-512-512" in because
+                and "keys differ, e.g. " in because and "SD's network has" in because)
     elif "AUTOMATIC1111" not in loaders:
         assert because.startswith("AUTOMATIC1111") and "16 latent channels" in because
     else:

@@ -25,7 +25,8 @@ from codec.losses import (
 )
 from codec.model import CodecForTraining, build_autoencoder
 
-TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False)
+TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,
+                   mid_block_add_attention=False)
 
 
 def test_kl_matches_torch_distributions():

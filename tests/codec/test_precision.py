@@ -22,7 +22,8 @@ from codec.losses import (
 from codec.metrics import ssim
 from codec.model import CodecForTraining, build_autoencoder, latent_statistics, per_sample_noise
 
-TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False)
+TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,
+                   mid_block_add_attention=False)
 
 
 def bf16():
@@ -113,7 +114,8 @@ def test_latent_statistics_under_bf16_equal_fp32():
     assert have["channel_mean"] == pytest.approx(want["channel_mean"], rel=1e-4, abs=1e-6)
 
 
-def _gan_weight(model: CodecForTraining, disc: torch.nn.Module, images: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def _gan_weight(model: CodecForTraining, disc: torch.nn.Module, images: torch.Tensor,
+                scale: float = 1.0) -> torch.Tensor:
     recon, mean, logvar = model(images)
     nll = scale * (recon - images).abs().mean()
     return adaptive_gan_weight(nll, scale * generator_gan_loss(disc, recon), model.vae.decoder.conv_out.weight)

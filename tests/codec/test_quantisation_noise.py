@@ -35,8 +35,9 @@ def test_each_example_draws_its_step_log_uniformly_within_the_range():
     widths = 2 * noise.flatten(1).abs().amax(1)
     assert widths.max() <= 1.6 and widths.min() >= 0.97 * 0.1
     # log Δ uniform on [log 0.1, log 1.6]: a quarter of the rows in each quarter of that interval.
-    quarters = torch.bucketize(torch.log(widths / 0.97), torch.linspace(torch.log(torch.tensor(0.1)),
-                                                                         torch.log(torch.tensor(1.6)), 5)[1:-1].double())
+    quarters = torch.bucketize(torch.log(widths / 0.97),
+                               torch.linspace(torch.log(torch.tensor(0.1)), torch.log(torch.tensor(1.6)),
+                                              5)[1:-1].double())
     counts = torch.bincount(quarters, minlength=4)
     assert counts.min() >= 70, counts  # 100 expected in each
 

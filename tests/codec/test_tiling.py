@@ -180,7 +180,8 @@ def test_whole_image_statistics_are_the_untiled_pass_statistics(photos):
         rows = cols = tile_spans(20, 16, 4)
         tiles = [(i, j) for i in range(2) for j in range(2)]
         shared.measure(lambda i, j: vae.decode(z[:, :, rows[i][0]:rows[i][1], cols[j][0]:cols[j][1]]), tiles,
-                       lambda i, j: (lambda s: blend_weights(rows, i, 4, scale=s), lambda s: blend_weights(cols, j, 4, scale=s), 16, 16))
+                       lambda i, j: (lambda s: blend_weights(rows, i, 4, scale=s),
+                                     lambda s: blend_weights(cols, j, 4, scale=s), 16, 16))
         shared.remove()
     assert len(shared.stats) == len(reference) == 21
     for (norm, mean, var), (got_mean, got_var), ran in zip(reference, shared.stats, shared.order):

@@ -60,7 +60,8 @@ def test_tiny_training_lowers_validation_l1_and_exports_a_diffusers_codec(tiny_c
     assert (result.final.parent / "samples" / "step_00000150.png").is_file()
 
 
-def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_config, fresh_accelerate_state, tmp_path, monkeypatch):
+def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_config, fresh_accelerate_state, tmp_path,
+                                                                monkeypatch):
     common = ("train.max_steps=8", "train.checkpoint_every=4", "optim.warmup_steps=2")
     straight = train_codec(tiny_config(*common, f"train.output_dir={tmp_path / 'straight'}"))
 
@@ -73,7 +74,8 @@ def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_config, fre
 
     assert resumed.step == straight.step == 8
     assert_same_safetensors(tmp_path / "straight", tmp_path / "resumed",
-                            ("checkpoints/step_00000008/model.safetensors", "final/diffusion_pytorch_model.safetensors"))
+                            ("checkpoints/step_00000008/model.safetensors",
+                             "final/diffusion_pytorch_model.safetensors"))
 
     # 8 GroupNorm groups instead of 4 keeps every parameter's shape, so accelerate would load the checkpoint
     # without a word and continue a different network.
@@ -148,7 +150,8 @@ def test_time_budget_stops_early_and_still_validates_and_checkpoints(tiny_config
     # The budget counts training steps only, and the last step may start just before it runs out (a step
     # takes ~0.2 s here, several seconds on a loaded machine; without the budget 100000 steps would run).
     assert 1.2 <= history[-1]["train_seconds"] < 60
-    state = json.loads((tmp_path / "run" / "checkpoints" / f"step_{result.step:08d}" / "trainer_state.json").read_text())
+    state = json.loads((tmp_path / "run" / "checkpoints" / f"step_{result.step:08d}" / "trainer_state.json")
+                       .read_text())
     assert state["step"] == result.step and state["train_seconds"] >= 1.2
 
 
@@ -185,8 +188,8 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(bundled_
     # 9e-3, while 1 process with batch 2 (half the global batch) differs from batch 4 by 1e-2. With the packages a
     # fresh install resolved on 2026-12-05 (diffusers 0.42.1, huggingface-hub 2.x; the same at the commit before
     # this one) the two runs still agree to 1.2e-6 after step 4, and step 5 moves them 2.7e-4 apart at once, with
-    # the same λ to 6 digits (a jump, not a drift: most likely a hinge of the patch-GAN flipping on a last bit). The bound
-    # sits between that float noise and the 9e-3 of the rank-local λ it is here to catch.
+    # the same λ to 6 digits (a jump, not a drift: most likely a hinge of the patch-GAN flipping on a last bit). The
+    # bound sits between that float noise and the 9e-3 of the rank-local λ it is here to catch.
     assert max(weights.values()) < 1e-3, weights
     gan_weights = [[row["loss/gan_weight"] for row in read_history(tmp_path / run) if "loss/gan_weight" in row]
                    for run in ("one", "two")]
@@ -220,7 +223,8 @@ def test_a_time_budget_stops_every_process_on_the_same_step(bundled_dir, tmp_pat
     (tmp_path / "skew").mkdir()
     (tmp_path / "skew" / "sitecustomize.py").write_text(SKEWED_CLOCK)
     env = launch_env(tmp_path / "skew")
-    cmd = [*TWO_PROCESSES, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"), "--max-steps", "100000",
+    cmd = [*TWO_PROCESSES, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"),
+           "--max-steps", "100000",
            "--set", f"data.bundled_dir={bundled_dir}", "--set", "train.max_minutes=0.2", "--set", "train.batch_size=1",
            "--set", "train.checkpoint_every=100000", "--set", "train.validate_every=0", "--set", "data.num_workers=0",
            "--output-dir", str(tmp_path / "run")]

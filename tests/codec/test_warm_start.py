@@ -12,7 +12,8 @@ from codec.warm_start import normalisable_layout, thumbnail_init
 
 SHAPES = [
     ModelConfig(block_out_channels=[32, 64, 128, 128], layers_per_block=1, norm_num_groups=8),
-    ModelConfig(block_out_channels=[16, 16, 16, 16], layers_per_block=1, norm_num_groups=1, mid_block_add_attention=False),
+    ModelConfig(block_out_channels=[16, 16, 16, 16], layers_per_block=1, norm_num_groups=1,
+                mid_block_add_attention=False),
     ModelConfig(block_out_channels=[16, 32, 32, 32], layers_per_block=2, norm_num_groups=2),
 ]
 

@@ -13,7 +13,8 @@ from tests.conftest import CONFIGS
 
 def _attention_codec():
     torch.manual_seed(0)
-    return build_autoencoder(load_codec_config(CONFIGS / "codec" / "tiny.yaml", ["model.mid_block_add_attention=true"]).model)
+    return build_autoencoder(load_codec_config(CONFIGS / "codec" / "tiny.yaml",
+                                               ["model.mid_block_add_attention=true"]).model)
 
 
 def _processors(model) -> list[str]:

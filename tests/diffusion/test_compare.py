@@ -21,8 +21,8 @@ def test_steps_to_reach_interpolates_between_evaluations():
 
 
 def test_a_repeated_evaluation_keeps_its_last_value():
-    history = [{"step": 0, "val/denoising_loss": 1.0}, {"step": 10, "loss": 0.9}, {"step": 100, "val/denoising_loss": 0.7},
-               {"step": 100, "val/denoising_loss": 0.6}]
+    history = [{"step": 0, "val/denoising_loss": 1.0}, {"step": 10, "loss": 0.9},
+               {"step": 100, "val/denoising_loss": 0.7}, {"step": 100, "val/denoising_loss": 0.6}]
     assert curve(history) == [(0, 1.0), (100, 0.6)]
 
 

@@ -18,7 +18,8 @@ def _record(out, stem):
 def test_text_to_image_writes_pngs_and_settings_and_is_reproducible(generate, pipeline_dir, tiny_pipeline, tmp_path):
     out = tmp_path / "out"
     assert generate(["--model", str(pipeline_dir), "--prompt", "a red motorcycle", "--steps", "4", "--guidance", "3",
-                     "--seed", "3", "--num-images", "2", "--scheduler", "dpm", "--device", "cpu", "--out", str(out)]) == 0
+                     "--seed", "3", "--num-images", "2", "--scheduler", "dpm", "--device", "cpu",
+                     "--out", str(out)]) == 0
     record = _record(out, "txt2img-seed3")
     assert record["files"] == ["txt2img-seed3-0.png", "txt2img-seed3-1.png"]
     assert record["settings"]["scheduler"] == "dpm" and record["settings"]["guidance"] == 3.0

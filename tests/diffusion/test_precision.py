@@ -29,7 +29,8 @@ def _half_pipeline(tiny_pipeline):
     """The tiny pipeline with its own fp16 codec and U-Net, and the fp32 codec those fp16 weights upcast to."""
     vae = copy.deepcopy(tiny_pipeline.vae).to(torch.float16)
     reference = copy.deepcopy(vae).to(torch.float32)  # what an fp32 redo computes with: the same rounded weights
-    pipe = LatentDiffusionPipeline(**dict(tiny_pipeline.components, vae=vae, unet=copy.deepcopy(tiny_pipeline.unet).half()))
+    pipe = LatentDiffusionPipeline(**dict(tiny_pipeline.components, vae=vae,
+                                          unet=copy.deepcopy(tiny_pipeline.unet).half()))
     pipe.set_progress_bar_config(disable=True)
     return pipe, reference
 

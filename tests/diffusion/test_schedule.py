@@ -128,9 +128,11 @@ def test_training_loss_is_min_snr_gamma_times_the_x0_space_mse(prediction_type):
     expected = (torch.clamp(snr_t, max=gamma) * _x0_mse_per_sample(scheduler, prediction, noisy, x0, timesteps)).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # The closed form in the model's own space gives the same number.
-    target = eps if prediction_type == "epsilon" else alpha_bar.sqrt().view(-1, 1, 1, 1) * eps - (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * x0
+    target = (eps if prediction_type == "epsilon"
+              else alpha_bar.sqrt().view(-1, 1, 1, 1) * eps - (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * x0)
     own_mse = (prediction.double() - target).pow(2).flatten(1).mean(1)
     denominator = snr_t if prediction_type == "epsilon" else snr_t + 1
     assert loss.item() == pytest.approx((torch.clamp(snr_t, max=gamma) / denominator * own_mse).mean().item(), rel=1e-5)
     # snr_gamma null: the plain MSE in the model's space.
-    assert training_loss(scheduler, prediction, x0, eps, timesteps, None).item() == pytest.approx(own_mse.mean().item(), rel=1e-5)
+    assert training_loss(scheduler, prediction, x0, eps, timesteps, None).item() == pytest.approx(own_mse.mean().item(),
+                                                                                                  rel=1e-5)

@@ -87,7 +87,8 @@ def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_shards, tin
     assert resumed.step == straight.step == 6
     # Raw weights in the checkpoint, EMA weights in the exported U-Net: both bit for bit.
     assert_same_safetensors(tmp_path / "straight", tmp_path / "resumed",
-                            ("checkpoints/step_00000006/model.safetensors", "pipeline/unet/diffusion_pytorch_model.safetensors"))
+                            ("checkpoints/step_00000006/model.safetensors",
+                             "pipeline/unet/diffusion_pytorch_model.safetensors"))
 
     # Another head count keeps every parameter's shape: without the recorded architecture the checkpoint would
     # load silently into a different network.
@@ -153,7 +154,8 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_sha
     env = launch_env()
     common = ["--config", str(CONFIGS / "unet" / "tiny.yaml"), "--shards", str(tiny_shards), "--codec",
               str(tiny_codec_dir), "--max-steps", "5", "--set", "train.checkpoint_every=5"]
-    _run([*TWO_PROCESSES, "scripts/train_unet.py", *common, "--output-dir", str(tmp_path / "two"), "--set", "train.batch_size=2"], env)
+    _run([*TWO_PROCESSES, "scripts/train_unet.py", *common, "--output-dir", str(tmp_path / "two"),
+          "--set", "train.batch_size=2"], env)
     _run([sys.executable, "scripts/train_unet.py", *common, "--output-dir", str(tmp_path / "one"),
           "--set", "train.batch_size=4"], env)
 

@@ -15,7 +15,8 @@ def test_keyed_generator_depends_on_every_part_only():
 
 def test_keyed_generator_is_the_same_in_another_process():
     # Python's hash() is salted per process; a key that used it would give each rank its own noise.
-    code = "import torch; from codec.common.draws import keyed_generator; print(torch.randn(3, generator=keyed_generator('crop', 5, 11)).tolist())"
+    code = ("import torch; from codec.common.draws import keyed_generator; "
+            "print(torch.randn(3, generator=keyed_generator('crop', 5, 11)).tolist())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert other.strip() == str(torch.randn(3, generator=keyed_generator("crop", 5, 11)).tolist())
 

@@ -23,7 +23,7 @@ def other_codec_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_files(tiny_shards, tmp_path_factory) -> dict[str, Path]:
+def model_files(tiny_shards, tmp_path_factory) -> dict[str, Path]:  # noqa: F811 (the imported fixture)
     """{name: model file} fit for 40 steps on the tiny shards: enough to be a model, not a good one."""
     from codec.entropy.fit import FitSettings, fit_entropy_model
 
@@ -45,7 +45,7 @@ def model_files(tiny_shards, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def photo(caption_images) -> Image.Image:
+def photo(caption_images) -> Image.Image:  # noqa: F811 (the imported fixture)
     """A 64x64 RGB photo (the cat)."""
     return Image.open(caption_images / "chelsea.png").convert("RGB")
 

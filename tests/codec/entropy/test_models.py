@@ -201,7 +201,8 @@ def test_fitting_lowers_the_bits_and_records_the_shards(model_files, tiny_shards
         assert fitted.scaling_factor == shards.scaling_factor
         symbols = y if fitted.transform is None else torch.round(fitted.transform.forward(z) / step)
         channels = symbols.shape[1]
-        untrained = (FactorizedModel(channels) if fitted.kind == "factorized" else ContextModel(channels, 4, 8)).double()
+        untrained = (FactorizedModel(channels) if fitted.kind == "factorized"
+                     else ContextModel(channels, 4, 8)).double()
         with torch.no_grad():
             before = -torch.log2(untrained.bin_probability(symbols, step)).mean()
             after = -torch.log2(fitted.network.bin_probability(symbols, step)).mean()

@@ -221,7 +221,7 @@ def test_the_script_writes_the_json_the_plot_and_the_report(rd_main, tiny_codec_
             "images", "resolution", "overhead_bytes"} <= result.keys()
     assert result["images"] == 2 and result["resolution"] == [32, 32]
     assert list(result["curves"]) == ["factorized", "context", "jpeg", "webp"]
-    for label, points in result["curves"].items():
+    for _label, points in result["curves"].items():
         assert len(points) == 2 and [p["bpp"] for p in points] == sorted(p["bpp"] for p in points)
         for p in points:
             assert {"bpp", "psnr", "ms_ssim", "encode_seconds", "decode_seconds", "bytes"} <= p.keys()

@@ -68,7 +68,8 @@ def test_quick_report_shows_what_was_not_measured():
     text = markdown(_results(quick=True))
     assert text.startswith("# Benchmark\n\nWritten by `scripts/benchmark.py --quick` on")
     # Not measured shows as "–", whatever the column's precision.
-    kl_f8_row = "| kl-f8 preset (= SD's AutoencoderKL) | AutoencoderKL | 12.3 | 102 / 310 | 0.512 | – | 198 / – | 170 | 46 / – |"
+    kl_f8_row = ("| kl-f8 preset (= SD's AutoencoderKL) | AutoencoderKL | 12.3 | 102 / 310 | 0.512 | – | 198 / – | "
+                 "170 | 46 / – |")
     assert f"\n{kl_f8_row}\n" in text
     assert "\n\nkl-f8 decode: skipped in --quick\n\n" in text
     assert "faster than kl-f8" not in text

@@ -56,7 +56,8 @@ def test_a_three_run_study_measures_the_rate_and_writes_its_table_plot_and_prior
     study.write_text(json.dumps({
         "codec_config": str(ROOT / "configs/codec/beta-study.yaml"), "shapes": str(shapes),
         "output_dir": str(tmp_path / "out"), "heldout_count": 8, "prior_samples": 8,
-        "overrides": ["train.max_steps=2", "optim.warmup_steps=0", "train.batch_size=4", "data.crop_size=32", "data.resize=32",
+        "overrides": ["train.max_steps=2", "optim.warmup_steps=0", "train.batch_size=4", "data.crop_size=32",
+                      "data.resize=32",
                       "data.val_size=32", "data.val_count=2", "train.checkpoint_every=0", "data.num_workers=0",
                       "train.latent_stats_images=4", "model.block_out_channels=[8,8,16,16]", "model.norm_num_groups=4"],
         "runs": [{"name": "small", "overrides": ["loss.kl_weight=1e-6"]},

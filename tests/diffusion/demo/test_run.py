@@ -24,17 +24,20 @@ def test_the_whole_chain_runs_at_toy_size_and_writes_the_report(tmp_path, bundle
         "output_dir": str(tmp_path / "demo"),
         "shapes": {"out": str(shapes), "count": 12, "seed": 0, "size": 64},
         "codec": {"config": "configs/codec/tiny.yaml", "overrides": [
-            f"data.bundled_dir={bundled_dir}", f"data.extra_train=[{shapes}]", "data.extra_train_limit=4", "train.max_steps=2",
+            f"data.bundled_dir={bundled_dir}", f"data.extra_train=[{shapes}]", "data.extra_train_limit=4",
+            "train.max_steps=2",
             "train.latent_stats_images=4", "data.crop_size=32", "data.resize=64"]},
         "evaluate": {"resolution": 64, "bundled_dir": str(bundled_dir)},
         "vae_study": {"config": str(study), "cvae_run": "cvae beta=1"},
         "shapes_decoder": {"config": "configs/codec/finetune-decoder.yaml", "overrides": [
             "loss.perceptual=none", "train.max_steps=2", "train.batch_size=4", "data.crop_size=32", "data.resize=64",
-            "data.val_size=32", "data.val_count=2", "optim.lr=1e-3", "train.validate_every=0", "train.checkpoint_every=0",
+            "data.val_size=32", "data.val_count=2", "optim.lr=1e-3", "train.validate_every=0",
+            "train.checkpoint_every=0",
             "data.num_workers=0", "train.latent_stats_images=4"]},
         "encode": {"resolution": 64, "batch_size": 8},
         "unet": {"config": "configs/unet/tiny.yaml", "overrides": ["train.max_steps=2", "train.batch_size=4"]},
-        "generate": {"prompts": PROMPTS, "images_per_prompt": 1, "steps": 2, "guidance": 3.0, "seed": 0, "sampler": "ddim"},
+        "generate": {"prompts": PROMPTS, "images_per_prompt": 1, "steps": 2, "guidance": 3.0, "seed": 0,
+                     "sampler": "ddim"},
     }
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -52,8 +55,10 @@ def test_the_whole_chain_runs_at_toy_size_and_writes_the_report(tmp_path, bundle
     # The pipeline draws with the decoder fine-tuned on shapes, from the codec's own (unchanged) encoder.
     from codec.model import codec_identity, encoder_identity, load_codec
 
-    codec, pipeline_vae = load_codec(tmp_path / "demo" / "codec" / "final"), load_codec(tmp_path / "demo" / "unet" / "pipeline" / "vae")
-    assert encoder_identity(codec) == encoder_identity(pipeline_vae) and codec_identity(codec) != codec_identity(pipeline_vae)
+    codec, pipeline_vae = (load_codec(tmp_path / "demo" / "codec" / "final"),
+                           load_codec(tmp_path / "demo" / "unet" / "pipeline" / "vae"))
+    assert (encoder_identity(codec) == encoder_identity(pipeline_vae)
+            and codec_identity(codec) != codec_identity(pipeline_vae))
     assert abs(adherence["conditional"]["chance_percent"]["color"] - 100 / 7) < 1e-6
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 0
     stages = json.loads((tmp_path / "demo" / "stages.json").read_text())

@@ -146,7 +146,8 @@ def test_two_processes_write_exactly_the_shards_one_process_writes(codec_dir, ph
     assert one["latent_stats"] == manifest["latent_stats"]
 
 
-def test_interrupted_encode_resumes_to_identical_output_and_verify_catches_damage(codec_dir, photos, tmp_path, monkeypatch):
+def test_interrupted_encode_resumes_to_identical_output_and_verify_catches_damage(codec_dir, photos, tmp_path,
+                                                                                  monkeypatch):
     kwargs = dict(resolution=RES, shard_size=3, batch_size=2, crop="random", seed=1, num_workers=1, progress=False)
     encode_dataset(codec_dir, photos, tmp_path / "whole", **kwargs)
 
@@ -162,7 +163,8 @@ def test_interrupted_encode_resumes_to_identical_output_and_verify_catches_damag
     monkeypatch.setattr(encode_module, "write_shard", killed_after_two)
     with pytest.raises(RuntimeError, match="killed"):
         encode_dataset(codec_dir, photos, tmp_path / "resumed", **kwargs)
-    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["shard-00000.safetensors",
+                                                                        "shard-00001.safetensors"]
     before = {name: (tmp_path / "resumed" / name).stat().st_mtime_ns for name in written}
     monkeypatch.setattr(encode_module, "write_shard", real_write)
     encode_dataset(codec_dir, photos, tmp_path / "resumed", **kwargs)
@@ -237,7 +239,8 @@ def test_unusual_modes_are_encoded_and_the_broken_file_is_rejected(codec_dir, tm
         img = resize_shorter_side(decode_image(str(tmp_path / "odd" / name)), RES)
         assert [img.size[1], img.size[0]] == shard.resized_size[row].tolist()
         left, top, right, bottom = shard.crop_box[row].tolist()
-        assert right - left == RES and bottom - top == RES and 0 <= left and right <= img.size[0] and bottom <= img.size[1]
+        assert (right - left == RES and bottom - top == RES and 0 <= left and right <= img.size[0]
+                and bottom <= img.size[1])
         pixels = pil_to_tensor(img.crop((left, top, right, bottom)))
         pixels = pixels.flip(-1) if shard.flip[row] else pixels
         with torch.inference_mode():
@@ -267,7 +270,8 @@ def test_captions_from_metadata_jsonl_and_from_txt_sidecars(codec_dir, tmp_path)
     a = encode_dataset(codec_dir, tmp_path / "jsonl", tmp_path / "a", **kwargs)
     b = encode_dataset(codec_dir, tmp_path / "txt", tmp_path / "b", **kwargs)
     assert a["data"]["captions"] == "column:text" and b["data"]["captions"] == "sidecar:.txt"
-    assert read_shard(tmp_path / "a" / shard_filename(0)).captions == ["photo number 0", "photo number 1", "photo number 2"]
+    assert read_shard(tmp_path / "a" / shard_filename(0)).captions == ["photo number 0", "photo number 1",
+                                                                       "photo number 2"]
     assert read_shard(tmp_path / "b" / shard_filename(0)).captions == ["photo number 0", "", "photo number 2"]
     assert b["data"]["captions_missing"] == 1
     with pytest.raises(ValueError, match="'prompt' is not a column"):
@@ -319,5 +323,6 @@ def test_benchmark_encode_rates_are_consistent_and_timings_change_no_output(code
     assert result["end_to_end_images_per_s"] == pytest.approx(9 / result["end_to_end_seconds"])
     assert result["codec_images_per_s"] == pytest.approx(9 / result["codec_seconds"])
     assert result["ratio"] == pytest.approx(result["end_to_end_images_per_s"] / result["codec_images_per_s"])
-    assert result["ratio_encode_loop"] == pytest.approx(9 / result["encode_loop_seconds"] / result["codec_images_per_s"])
+    assert result["ratio_encode_loop"] == pytest.approx(9 / result["encode_loop_seconds"]
+                                                        / result["codec_images_per_s"])
     assert result["ratio_encode_loop"] >= result["ratio"]

@@ -68,7 +68,8 @@ def test_shards_normalise_in_the_codec_form_with_the_dataset_statistics(encoded)
     shards = LatentShards(shards_dir)
     mean = shards[2]["mean"]
     gap = float((shards.latents(2, sample=False) - by_hand(mean, form, stats)).abs().max())
-    assert gap < 1e-5, f"{form}: the shards' latents are {gap:.4g} from diffusers' formula with the dataset's statistics"
+    assert gap < 1e-5, (f"{form}: the shards' latents are {gap:.4g} from diffusers' formula with the dataset's "
+                        "statistics")
     assert float((shards.unscale(shards.scale(mean)) - mean).abs().max()) < 1e-5
 
 
@@ -77,7 +78,8 @@ def test_the_unet_trainer_hands_the_shards_normalisation_to_the_pipeline(encoded
     stats = read_manifest(shards_dir)["latent_stats"]
     vae, shards, _ = codec_for_shards(str(codec), str(shards_dir))
     if form == "shift":
-        assert vae.config.shift_factor == pytest.approx(stats["mean"], rel=1e-9), (vae.config.shift_factor, stats["mean"])
+        assert vae.config.shift_factor == pytest.approx(stats["mean"], rel=1e-9), (vae.config.shift_factor,
+                                                                                     stats["mean"])
     else:
         assert vae.config.latents_mean == pytest.approx(stats["channel_mean"], rel=1e-9), vae.config.latents_mean
     pipe = LatentDiffusionPipeline(**{**tiny_pipeline.components, "vae": vae})

@@ -61,7 +61,8 @@ def test_manifest_scaling_factor_gives_unit_std_latents_sampled_through_the_read
     sf = manifest["scaling_factor"]
     assert sf < 0.7  # the codec's latents really needed scaling
     shards = LatentShards(shards_dir)
-    sampled = [shards.latents(i, keyed_generator("posterior", 0, epoch, i)) for epoch in range(4) for i in range(len(shards))]
+    sampled = [shards.latents(i, keyed_generator("posterior", 0, epoch, i))
+               for epoch in range(4) for i in range(len(shards))]
     z = torch.stack(sampled)  # 88 samples x 256 values
     assert z.std().item() == pytest.approx(1.0, abs=0.05)
     assert z.mean().item() == pytest.approx(manifest["latent_stats"]["mean"] * sf, abs=0.05)
