@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How diffusable is a codec's latent space? Statistics, spectrum and equivariance of its latents, on your images.
+r"""How diffusable is a codec's latent space? Statistics, spectrum and equivariance of its latents, on your images.
 
     python scripts/analyze_latents.py --codec runs/demo/codec/final --data bundled --resolution 256 --out runs/analysis
     python scripts/analyze_latents.py --codec plain=runs/a/final --codec eq=runs/b/final --data data/shapes \

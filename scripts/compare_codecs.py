@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""A/B codecs for diffusion: train the same U-Net on each codec's latents and see which learns fastest.
+r"""A/B codecs for diffusion: train the same U-Net on each codec's latents and see which learns fastest.
 
     python scripts/compare_codecs.py --codec plain=runs/plain/final --codec eq=runs/eq/final \
         --data data/shapes --resolution 64 --steps 1200 --out runs/ab

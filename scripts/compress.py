@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compress images into entropy-coded latent files, or decompress such files into PNGs.
+r"""Compress images into entropy-coded latent files, or decompress such files into PNGs.
 
     python scripts/compress.py photo.jpg scan.png --codec runs/codec/final --model context.safetensors \
         --out compressed/ --bpp 0.1

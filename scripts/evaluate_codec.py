@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a trained codec next to the reference lines it must beat, on the same images in the same run.
+r"""Evaluate a trained codec next to the reference lines it must beat, on the same images in the same run.
 
     python scripts/evaluate_codec.py --codec runs/demo/codec/final --data bundled --resolution 256
     python scripts/evaluate_codec.py --codec runs/my-codec/final --data /path/to/val_images --resolution 512 \

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fit a probability model of quantised latents on latent shards, for scripts/compress.py.
+r"""Fit a probability model of quantised latents on latent shards, for scripts/compress.py.
 
     python scripts/fit_entropy_model.py --shards shards/ --out runs/entropy/context.safetensors
     python scripts/fit_entropy_model.py --shards shards/ --out runs/entropy/factorized.safetensors --kind factorized

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate images with a trained pipeline: text-to-image, image-to-image, reconstruction, codec prior samples.
+r"""Generate images with a trained pipeline: text-to-image, image-to-image, reconstruction, codec prior samples.
 
     python scripts/generate.py --model runs/unet/pipeline --prompt "a tabby cat" --steps 25 --guidance 5 --seed 0
     python scripts/generate.py --model runs/unet/pipeline --prompt "a cat at night" --init-image cat.png --strength 0.6
@@ -8,13 +8,13 @@
     python scripts/generate.py --codec runs/codec/final --prior-samples 8              # decode z ~ N(0, I)
     python scripts/generate.py --codec runs/codec/final --interpolate a.png b.png --frames 7
     python scripts/generate.py --codec runs/cvae/final --prior-samples 8 \
---prompt "a red star at the top on a navy background"
+        --prompt "a red star at the top on a navy background"
     python scripts/generate.py --codec runs/cvae-class/final --prior-samples 8 --label star    # a class CVAE
 
 --model is a pipeline folder (scripts/train_unet.py writes <output-dir>/pipeline); for --reconstruct,
 --prior-samples and --interpolate a bare codec folder works too (--codec says so). A conditional codec
-(model.condition: text or class) takes its condition from --prompt or --label in those three modes: x ~ p(x | z, c). \
-Writes PNGs and a JSON of the settings used (with the image and
+(model.condition: text or class) takes its condition from --prompt or --label in those three modes:
+x ~ p(x | z, c). Writes PNGs and a JSON of the settings used (with the image and
 latent shapes and their element ratio, 48x for 512x512) into --out, and prints where.
 """
 
