@@ -37,8 +37,6 @@ from diffusion.codec_io import (  # noqa: F401
     prior_latents,
 )
 
-# The shards' statistics of z ~ q(z|x): the export measures the latent scale with the very same code.
-
 
 def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
     return AutoencoderKL(

@@ -10,7 +10,7 @@ r"""Compress images into entropy-coded latent files, or decompress such files in
 
 Each image (any size: padded to the codec's factor and cropped back; encoded in tiles when large) becomes
 <out>/<stem>.lcc: a 52-byte header (codec identity, probability model identity, image and latent size, step Δ,
-symbol range, symbol hash), the range-coded symbols y = round(z * scaling_factor / Δ) of its posterior mean, and
+symbol range, symbol hash), the range-coded symbols y = round(normalise(z) / Δ) of its posterior mean, and
 a CRC32. Decompressing needs the same codec and the same model file (scripts/fit_entropy_model.py): a file made
 with others, a truncated, corrupted or foreign file is refused with one line naming it. Every output appears
 complete or not at all.

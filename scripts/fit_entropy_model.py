@@ -4,7 +4,7 @@ r"""Fit a probability model of quantised latents on latent shards, for scripts/c
     python scripts/fit_entropy_model.py --shards shards/ --out runs/entropy/context.safetensors
     python scripts/fit_entropy_model.py --shards shards/ --out runs/entropy/factorized.safetensors --kind factorized
 
-The shards' posterior means, normalised as the U-Net sees them (z * the manifest's scaling_factor), are quantised
+The shards' posterior means, normalised as the U-Net sees them (the manifest's normalisation), are quantised
 at steps Δ drawn log-uniformly from [--step-min, --step-max] and the model learns to give them as few bits as
 possible (-log2 of each symbol's probability). `factorized`: one mixture of logistics per latent channel.
 `context`: channel groups and checkerboard halves coded in passes, each pass's Gaussians predicted by a small

@@ -1,6 +1,6 @@
 """Entropy coding of the codec's latents: a real compressed file, not a count of numbers.
 
-The encoder's posterior mean, normalised as the shards and the U-Net see it (z * scaling_factor), is quantised with
+The encoder's posterior mean, normalised as the shards and the U-Net see it (their normalisation), is quantised with
 step Δ (y = round(z / Δ)) and range-coded with `constriction` under a learned probability model.
 
     discrete.py    closed-form probabilities of quantisation bins (Gaussian, logistic mixture) and their bits

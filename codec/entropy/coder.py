@@ -2,7 +2,7 @@
 
 Compress: pad the image to a multiple of the codec's factor (edge pixels repeated: a constant border costs
 fewer bits than black and leaks no darkness into the crop), take the posterior mean (in tiles for large images,
-codec.tiling), normalise it as the model was fit (z * scaling_factor), quantise with step Δ and range-code.
+codec.tiling), normalise it as the model was fit (the shards' normalisation), quantise with step Δ and range-code.
 Decompress: the inverse, then crop back to the image's size. Rate control picks, per image, the finest step of a
 geometric ladder (8 steps per octave over the model's fitted Δ range) whose whole file fits a bit budget.
 """

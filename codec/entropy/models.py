@@ -1,6 +1,6 @@
 """The probability models of quantised latents, and their file.
 
-Both models give the probability of a symbol y = round(z / Δ) of the normalised latent z (z * scaling_factor, unit
+Both models give the probability of a symbol y = round(z / Δ) of the normalised latent z (normalise_latents, unit
 variance over the shards) at any step Δ, as the mass of its bin under a continuous density (discrete.py), so one
 model serves every Δ:
 
@@ -247,10 +247,9 @@ def model_identity(metadata: dict, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_model(network: nn.Module, path: str | os.PathLike, *, codec_identity: str, encoder_identity: str | None,
-               scaling_factor: float | None = None, fit: dict, transform: LatentTransform | None = None,
-               normalisation: dict | None = None) -> str:
-    """Write the model file atomically; returns its identity. `normalisation`: the shards' (LatentShards.normalisation),
-    shift and per-channel statistics included; `scaling_factor` alone stands for a global one."""
+               normalisation: dict, fit: dict, transform: LatentTransform | None = None) -> str:
+    """Write the model file atomically; returns its identity. `normalisation`: the shards'
+    (LatentShards.normalisation), shift and per-channel statistics included."""
     latent_channels = network.config["channels"] if transform is None else transform.channel_basis.shape[0]
     metadata = {
         "format": FORMAT,
@@ -259,8 +258,7 @@ def save_model(network: nn.Module, path: str | os.PathLike, *, codec_identity: s
         "codec": {"identity": codec_identity, "encoder_identity": encoder_identity},
         "latent_channels": latent_channels,
         # Only the keys set: a global normalisation's metadata, and so the model's identity, is what it always was.
-        "normalisation": {k: v for k, v in latent_norm(normalisation or {"scaling_factor": float(scaling_factor)})
-                          .items() if v is not None},
+        "normalisation": {k: v for k, v in latent_norm(normalisation).items() if v is not None},
         "fit": fit,
     }
     tensors = {name: t.detach().cpu().float().contiguous() for name, t in network.state_dict().items()}

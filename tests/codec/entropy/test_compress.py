@@ -130,7 +130,8 @@ def test_a_file_of_another_codec_and_missing_or_mismatched_models_are_refused(
     other_vae = load_codec(other_codec_dir)
     other_model = tmp_path / "other.safetensors"  # an (untrained) model of the other codec, so it can compress
     save_model(FactorizedModel(4), other_model, codec_identity=codec_identity(other_vae),
-               encoder_identity=encoder_identity(other_vae), scaling_factor=1.0, fit={"step_range": [0.1, 1.0]})
+               encoder_identity=encoder_identity(other_vae), normalisation={"scaling_factor": 1.0},
+               fit={"step_range": [0.1, 1.0]})
     assert run(compress_main, [images / "cat.png", "--codec", other_codec_dir, "--model", other_model, "--out",
                                tmp_path / "other", "--step", 0.5], capsys)[0] == 0
     ours = ["--codec", tiny_codec_dir, "--model", model_files["factorized"]]

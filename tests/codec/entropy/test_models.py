@@ -125,8 +125,8 @@ def test_model_file_round_trips_and_its_identity_follows_its_content(tmp_path):
     torch.manual_seed(0)
     network = ContextModel(channels=4, groups=2, hidden=4)
     path = tmp_path / "m.safetensors"
-    identity = save_model(network, path, codec_identity="ab" * 8, encoder_identity="cd" * 8, scaling_factor=0.5,
-                          fit={"step_range": [0.1, 1.0]})
+    identity = save_model(network, path, codec_identity="ab" * 8, encoder_identity="cd" * 8,
+                          normalisation={"scaling_factor": 0.5}, fit={"step_range": [0.1, 1.0]})
     loaded = load_model(path)
     assert loaded.identity == identity and loaded.kind == "context" and loaded.scaling_factor == 0.5
     for name, tensor in network.state_dict().items():
@@ -162,8 +162,8 @@ def test_a_missing_foreign_or_inconsistent_model_file_is_refused_naming_it(tmp_p
     assert str(other) in one_line(exc) and "not an entropy model" in one_line(exc)
 
     bad = tmp_path / "bad.safetensors"
-    save_model(FactorizedModel(4), bad, codec_identity="ab" * 8, encoder_identity=None, scaling_factor=1.0,
-               fit={"step_range": [0.1, 1.0]})
+    save_model(FactorizedModel(4), bad, codec_identity="ab" * 8, encoder_identity=None,
+               normalisation={"scaling_factor": 1.0}, fit={"step_range": [0.1, 1.0]})
     from safetensors import safe_open
     with safe_open(str(bad), framework="pt") as handle:
         metadata = json.loads(handle.metadata()["entropy_model"])
@@ -177,8 +177,8 @@ def test_a_missing_foreign_or_inconsistent_model_file_is_refused_naming_it(tmp_p
 
 def test_a_model_of_another_codec_is_refused_and_a_decoder_fine_tune_accepted(tmp_path):
     path = tmp_path / "m.safetensors"
-    save_model(FactorizedModel(4), path, codec_identity="ab" * 8, encoder_identity="cd" * 8, scaling_factor=1.0,
-               fit={"step_range": [0.1, 1.0]})
+    save_model(FactorizedModel(4), path, codec_identity="ab" * 8, encoder_identity="cd" * 8,
+               normalisation={"scaling_factor": 1.0}, fit={"step_range": [0.1, 1.0]})
     model = load_model(path)
     check_model_codec(model, "ab" * 8, "cd" * 8)
     check_model_codec(model, "99" * 8, "cd" * 8)  # same encoder: a decoder-only fine-tune makes the same latents
