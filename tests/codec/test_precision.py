@@ -21,9 +21,7 @@ from codec.losses import (
 )
 from codec.metrics import ssim
 from codec.model import CodecForTraining, build_autoencoder, latent_statistics, per_sample_noise
-
-TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,
-                   mid_block_add_attention=False)
+from tests.codec.test_losses import TINY  # the same tiny codec the losses are tested on
 
 
 def bf16():
