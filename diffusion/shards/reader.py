@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from codec.common.config import ConfigError
+from codec.common.precision import sample_gaussian
 from diffusion.codec_io import denormalise_latents, latent_norm, normalise_latents
 from diffusion.shards.format import read_manifest, read_shard_header
 
@@ -125,7 +126,7 @@ class LatentShards(torch.utils.data.Dataset):
         record = self[i]
         z = record["mean"]
         if sample:
-            z = z + torch.exp(0.5 * record["logvar"]) * torch.randn(z.shape, generator=generator)
+            z = sample_gaussian(z, record["logvar"], torch.randn(z.shape, generator=generator))
         return self.scale(z)
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
