@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from codec.common.draws import keyed_generator
+from codec.shards import LatentShards
+from codec.shards.format import read_shard_header
 from diffusion.config import DiffusionConfig
-from diffusion.shards import LatentShards
-from diffusion.shards.format import read_shard_header
 
 
 def shard_captions(shards: LatentShards) -> list[str]:

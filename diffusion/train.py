@@ -5,7 +5,7 @@ The codec stays frozen and its encoder is never run: the shards already hold eve
 (scripts/encode_dataset.py). The decoder is loaded only to draw validation samples, and the whole codec is
 copied into the exported pipeline folder.
 
-Reproducibility by construction, as in codec/train.py: every training example is a global draw number that
+Reproducibility by construction, as in codec/training/train.py: every training example is a global draw number that
 fixes its shard record, posterior sample, diffusion noise, timestep and caption dropout (diffusion/draws.py).
 
 Latent scale: the U-Net learns latents normalised by the shards' manifest (scaling_factor = 1/std of the encoded
@@ -40,15 +40,14 @@ from codec.common.distributed import make_accelerator
 from codec.common.draws import DrawSampler
 from codec.common.logs import append_history, flat_hparams, start_run_logging, stop_run_logging
 from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
-from codec.evaluate import save_png
-from codec.model import codec_identity, compression_ratio, encoder_identity, load_codec
-from diffusion.codec_io import latent_norm
+from codec.exchange.pipeline import LatentDiffusionPipeline, latent_norm, make_sampler
+from codec.measurement.evaluate import save_png
+from codec.network.model import codec_identity, compression_ratio, encoder_identity, load_codec
+from codec.network.text_encoder import CaptionEmbeddings, hidden_width, load_text_encoder
+from codec.shards import LatentShards, read_manifest
 from diffusion.config import UNetTrainingConfig
 from diffusion.draws import EvalSet, TrainingDraws, eval_set, shard_captions
-from diffusion.pipeline import LatentDiffusionPipeline, make_sampler
 from diffusion.schedule import build_noise_scheduler, per_sample_mse, training_loss, training_target
-from diffusion.shards import LatentShards, read_manifest
-from diffusion.text_encoder import CaptionEmbeddings, hidden_width, load_text_encoder
 from diffusion.unet import build_unet
 
 log = logging.getLogger("diffusion.train")
@@ -147,7 +146,7 @@ def sample_grid(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, g
 def export_pipeline(pipe: LatentDiffusionPipeline, output_dir: Path, info: dict) -> Path:
     """Save the whole pipeline (safetensors only) at <output_dir>/pipeline, renamed into place when complete. The
     folder carries its pipeline code, so stock diffusers loads it with trust_remote_code=True
-    (diffusion/pipeline.py)."""
+    (codec/exchange/pipeline.py)."""
     final = output_dir / "pipeline"
     with folder_atomically(final) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)

@@ -19,8 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from codec.equivariance import RESAMPLING
-from codec.latent_analysis import named_codec
+from codec.measurement.equivariance import RESAMPLING
+from codec.measurement.latent_analysis import named_codec
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     if len(codecs) != len(args.codec):
         print("error: --codec: two codecs have the same name; give NAME=FOLDER", file=sys.stderr)
         return 2
-    from codec.latent_analysis import analysis_table, analyze_codecs, load_images
+    from codec.measurement.latent_analysis import analysis_table, analyze_codecs, load_images
 
     try:
         images = load_images(args.data, args.resolution, args.limit, args.bundled_dir)

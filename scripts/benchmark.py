@@ -13,23 +13,28 @@ median of several runs after one untimed warm-up, batch 1, fp32, under torch.inf
 weights (cost does not depend on them). A shared machine makes absolute seconds noisy: compare rows of the
 same run, as ratios. FLOPs are counted by torch's FlopCounterMode on the meta device (no compute).
 
-The measurements are in diffusion/benchmark/ (run.py runs them all), the report's text in
-diffusion/benchmark/report_template.md.
+The measurements are in experiments/benchmark/ (run.py runs them all), the report's text in
+experiments/benchmark/report_template.md.
 """
 
 from __future__ import annotations
+
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # experiments/ runs from the checkout
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from diffusion.benchmark.codec import architecture_candidates
-from diffusion.benchmark.common import ROOT
-from diffusion.benchmark.inference import inference_options, tiling_quality
-from diffusion.benchmark.memory import memory_case
-from diffusion.benchmark.report import markdown
-from diffusion.benchmark.run import measure
+from experiments.benchmark.codec import architecture_candidates
+from experiments.benchmark.common import ROOT
+from experiments.benchmark.inference import inference_options, tiling_quality
+from experiments.benchmark.memory import memory_case
+from experiments.benchmark.report import markdown
+from experiments.benchmark.run import measure
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "prints JSON")
     p.add_argument("--side", type=int, default=512, help="image side for --tiling-quality (default 512)")
     p.add_argument("--tiles", type=int, nargs="+", default=[128, 256], help="tile sizes in pixels for --tiling-quality")
-    # Internal: memory rows run each case in a fresh process of this script (diffusion/benchmark/memory.py).
+    # Internal: memory rows run each case in a fresh process of this script (experiments/benchmark/memory.py).
     p.add_argument("--memory-case", nargs=3, metavar=("PRESET", "MODE", "SIDE"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

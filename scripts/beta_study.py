@@ -12,6 +12,11 @@ again without retraining; an interrupted one resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # experiments/ runs from the checkout
+
 import argparse
 import sys
 from pathlib import Path
@@ -32,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from codec.common.config import exit_status
-    from diffusion.demo.beta_study import load_study_config, run_study
+    from experiments.demo.beta_study import load_study_config, run_study
 
     def run() -> int:
         cfg = load_study_config(args.config, args.set)

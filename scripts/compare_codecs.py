@@ -19,12 +19,17 @@ U-Net run and samples under codecs/<name>/. Re-running the same command continue
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # experiments/ runs from the checkout
+
 import argparse
 import sys
 from pathlib import Path
 
 from codec.common.config import exit_status
-from codec.latent_analysis import named_codec
+from codec.measurement.latent_analysis import named_codec
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +77,7 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.eval_every < 1 or args.heldout < 1:
         print("error: --steps, --eval-every and --heldout must be >= 1", file=sys.stderr)
         return 2
-    from diffusion.compare.run import CompareSettings, compare_codecs
+    from experiments.compare.run import CompareSettings, compare_codecs
 
     settings = CompareSettings(
         codecs={name: str(Path(folder).resolve()) for name, folder in codecs.items()}, data=args.data,
@@ -84,7 +89,7 @@ def main(argv=None) -> int:
 
     def run() -> int:
         results = compare_codecs(settings)
-        from diffusion.compare.report import results_table
+        from experiments.compare.report import results_table
 
         print(results_table(results))
         print(f"report: {args.out / 'report.md'}")

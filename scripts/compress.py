@@ -29,7 +29,7 @@ from codec.data import UnreadableImage, decode_image
 from codec.entropy.bitstream import BitstreamError
 from codec.entropy.coder import compress_image, decompress_image, read_compressed
 from codec.entropy.models import check_model_codec, load_model
-from codec.model import codec_identity, downsample_factor, encoder_identity, load_codec
+from codec.network.model import codec_identity, downsample_factor, encoder_identity, load_codec
 
 SUFFIX = ".lcc"
 

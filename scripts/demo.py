@@ -13,11 +13,16 @@ demo. Delete the output folder (`make clean`) to start over. The report is <outp
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # experiments/ runs from the checkout
+
 import argparse
 import sys
 
 from codec.common.config import ConfigError
-from diffusion.demo.run import load_demo_config, run_demo
+from experiments.demo.run import load_demo_config, run_demo
 
 
 def main(argv=None) -> int:

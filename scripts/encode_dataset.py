@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "verify":
         args = verify_parser().parse_args(argv[1:])
-        from diffusion.shards.verify import verify_shards
+        from codec.shards.verify import verify_shards
 
         problems = verify_shards(args.shards_dir, args.codec)
         for problem in problems:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.shards_dir}: all shards match the manifest")
         return 0
     args = encode_parser().parse_args(argv)
-    from diffusion.shards.encode import encode_dataset
+    from codec.shards.encode import encode_dataset
 
     try:
         encode_dataset(args.codec, args.data, args.out, resolution=args.resolution, caption_column=args.caption_column,

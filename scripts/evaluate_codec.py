@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from codec.evaluate import evaluate_codec, quality_table
-from codec.metrics import InceptionUnavailable
+from codec.measurement.evaluate import evaluate_codec, quality_table
+from codec.measurement.metrics import InceptionUnavailable
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from codec.ldm_format import export_for_tools
+    from codec.exchange.ldm_format import export_for_tools
 
     try:
         result = export_for_tools(args.codec, args.out, args.name, torch.float16 if args.dtype == "fp16" else None)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fit the linear codec the thumbnail warm start sets (codec/linear_codec.py) and write its filters as JSON.
+"""Fit the linear codec the thumbnail warm start sets (codec/network/linear_codec.py) and write its filters as JSON.
 
 The shipped codec/linear_codec_f8c4.json was made by the defaults below, from the bundled *training* photos
 (the held-out astronaut and coffee are not used), and its held-out PSNR is printed next to the thumbnail
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from codec.data import CenterCrops, bundled_photos, load_image_dataset
-from codec.linear_codec import fit, fitted_path, initial
-from codec.metrics import psnr, quantise
-from codec.quality import thumbnail_baseline
+from codec.measurement.metrics import psnr, quantise
+from codec.measurement.quality import thumbnail_baseline
+from codec.network.linear_codec import fit, fitted_path, initial
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/ and data/ paths are relative to it
 

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 SAMPLER_CHOICES = ("ddim", "dpm", "euler")
-PRECISION_CHOICES = ("fp32", "bf16", "fp16")  # diffusion.pipeline.PRECISIONS (not imported: --help stays fast)
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")  # codec.exchange.pipeline.PRECISIONS (not imported: --help stays fast)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -132,7 +132,7 @@ def load_image(path: str, height: int | None, width: int | None, factor: int):
 def load_model(path: str, precision: str = "fp32"):
     """(pipeline, None) for a pipeline folder, (None, vae) for a codec folder, weights in `precision`.
     Safetensors weights only."""
-    from diffusion.pipeline import PRECISIONS, LatentDiffusionPipeline
+    from codec.exchange.pipeline import PRECISIONS, LatentDiffusionPipeline
 
     folder = Path(path)
     dtype = PRECISIONS[precision]
@@ -141,7 +141,7 @@ def load_model(path: str, precision: str = "fp32"):
         pipe.set_progress_bar_config(desc="denoise")
         return pipe, None
     if (folder / "config.json").is_file():
-        from codec.model import load_codec
+        from codec.network.model import load_codec
 
         try:
             return None, load_codec(folder, dtype, allow_conditional=True)
@@ -155,11 +155,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from codec.conditional import condition_tensor, is_conditional
     from codec.data import pil_to_tensor, tensor_to_pil
-    from codec.metrics import psnr
-    from codec.model import compression_ratio, downsample_factor, latent_blend, latent_shape, prior_latents
-    from diffusion.pipeline import decode_images, encode_mean, seeded_generator
+    from codec.exchange.pipeline import decode_images, encode_mean, seeded_generator
+    from codec.measurement.metrics import psnr
+    from codec.network.conditional import condition_tensor, is_conditional
+    from codec.network.model import compression_ratio, downsample_factor, latent_blend, latent_shape, prior_latents
 
     pipe, vae = load_model(args.model or args.codec, args.precision)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

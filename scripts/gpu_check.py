@@ -11,6 +11,11 @@ metric, latent or image is not finite. Without a CUDA device it exits 2 at once.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # experiments/ runs from the checkout
+
 import argparse
 import sys
 from pathlib import Path
@@ -25,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from diffusion.benchmark.gpu_check import CheckPlan, run_gpu_check
+    from experiments.benchmark.gpu_check import CheckPlan, run_gpu_check
 
     if not torch.cuda.is_available() and not args.tiny:
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine",

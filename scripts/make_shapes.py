@@ -13,6 +13,11 @@ their captions, so 'a red circle at the top left' stays true of its mirrored pic
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # experiments/ runs from the checkout
+
 import argparse
 import sys
 import time
@@ -39,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from diffusion.demo.shapes import preview_grid, scenes, write_shapes_dataset
+    from experiments.demo.shapes import preview_grid, scenes, write_shapes_dataset
 
     existed = Path(args.out).exists()
     start = time.perf_counter()

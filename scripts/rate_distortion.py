@@ -24,9 +24,9 @@ import torch
 from codec.common.config import ConfigError
 from codec.entropy.models import check_model_codec, load_model
 from codec.entropy.rate_distortion import geometric_steps, sweep, write_outputs
-from codec.fast import prepare_for_inference
-from codec.latent_analysis import load_images, named_codec
-from codec.model import codec_identity, encoder_identity, load_codec
+from codec.measurement.latent_analysis import load_images, named_codec
+from codec.network.fast import prepare_for_inference
+from codec.network.model import codec_identity, encoder_identity, load_codec
 
 JPEG_QUALITIES = [1, 2, 3, 5, 8, 10, 15, 20, 30, 40, 50, 65, 80, 95]
 WEBP_QUALITIES = [0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 40, 50, 65, 80, 95]

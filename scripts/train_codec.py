@@ -18,7 +18,7 @@ import json
 import sys
 
 from codec.common.config import exit_status, trainer_overrides
-from codec.config import load_codec_config
+from codec.training.config import load_codec_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.data and args.data != "bundled" and cfg.data.val == "bundled"
             and not any(o.startswith("data.val=") for o in args.set)):
         cfg.data.val = None  # validate on the user's own images, held out of their training set
-    from codec.train import train_codec
+    from codec.training.train import train_codec
 
     result = train_codec(cfg, resume=args.resume)
     # Flushed at once: every process of a launch prints this line into the same pipe, and a line left in a buffer

@@ -32,7 +32,7 @@ def bundled_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path, bundled_dir):
     """Build the tiny preset with test-specific overrides, writing into this test's tmp dir."""
-    from codec.config import load_codec_config
+    from codec.training.config import load_codec_config
 
     def make(*overrides: str):
         return load_codec_config(

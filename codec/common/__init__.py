@@ -1,7 +1,7 @@
 """What every long job of the toolkit shares, owned by none of them.
 
-The codec trainer (codec/train.py), the U-Net trainer (diffusion/train.py), the shard encoder
-(diffusion/shards/encode.py) and the demo build on these, each mechanism written once:
+The codec trainer (codec/training/train.py), the U-Net trainer (diffusion/train.py), the shard encoder
+(codec/shards/encode.py) and the demo build on these, each mechanism written once:
 
     config.py        the strict YAML -> typed dataclass loader (unknown keys are an error)
     atomic.py        files and folders written under a temporary name, then renamed into place

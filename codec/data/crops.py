@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 # Whole words that name a side: "left"/"right" and the forms built on them ("leftmost", "left-hand", "left-handed",
 # "leftward(s)", "top-left"). Only these: "east"/"west" or "clockwise" need the scene's orientation to be mirrored
 # correctly, and "right" meaning "correct" or "left" meaning "gone" ("left behind") are rewritten wrongly, which is
-# why a caller may refuse to mirror captioned images instead (diffusion/shards/encode.py --flip uncaptioned-only).
+# why a caller may refuse to mirror captioned images instead (codec/shards/encode.py --flip uncaptioned-only).
 _SIDE_WORD = re.compile(r"\b(left|right)(?=(?:most|wards?)?\b)", re.IGNORECASE)  # '-' ends a word: left-hand
 _OPPOSITE_SIDE = {"left": "right", "right": "left"}
 

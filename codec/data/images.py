@@ -17,9 +17,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-# Defined in diffusion/codec_io.py, which exported pipeline folders carry so that stock diffusers converts images
+# Defined in codec/exchange/pipeline.py, which exported pipeline folders carry so that stock diffusers converts images
 # exactly as the codec's data code does; re-exported here.
-from diffusion.codec_io import pil_to_tensor, tensor_to_pil, to_rgb  # noqa: F401
+from codec.exchange.pipeline import pil_to_tensor, tensor_to_pil, to_rgb  # noqa: F401
 
 
 class UnreadableImage(Exception):

@@ -4,7 +4,7 @@
     0       4     magic b"LCDC"
     4       1     format version (1)
     5       1     model kind (0 factorized, 1 context)
-    6       8     codec identity (codec.model.codec_identity, 16 hex digits as 8 bytes)
+    6       8     codec identity (codec.network.model.codec_identity, 16 hex digits as 8 bytes)
     14      8     probability model identity (codec.entropy.models.model_identity, likewise)
     22      4+4   image height, width (uint32)
     30      2x3   latent channels, height, width (uint16)

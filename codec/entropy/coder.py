@@ -1,8 +1,8 @@
 """Image -> compressed file -> image, with the codec and a probability model.
 
 Compress: pad the image to a multiple of the codec's factor (edge pixels repeated: a constant border costs
-fewer bits than black and leaks no darkness into the crop), take the posterior mean (in tiles for large images,
-codec.tiling), normalise it as the model was fit (the shards' normalisation), quantise with step Δ and range-code.
+fewer bits than black and leaks no darkness into the crop), take the posterior mean (in tiles for large images:
+network/tiling.py), normalise it as the model was fit (the shards' normalisation), quantise with step Δ and range-code.
 Decompress: the inverse, then crop back to the image's size. Rate control picks, per image, the finest step of a
 geometric ladder (8 steps per octave over the model's fitted Δ range) whose whole file fits a bit budget.
 """
@@ -28,9 +28,9 @@ from codec.entropy.symbols import (
     symbols_hash,
 )
 from codec.entropy.transform import pad_to_factor
-from codec.model import decode_latents, downsample_factor, encode_posterior
-from codec.tiling import tiled_decode, tiled_encode
-from diffusion.codec_io import pil_to_tensor, tensor_to_pil, to_rgb
+from codec.exchange.pipeline import pil_to_tensor, tensor_to_pil, to_rgb
+from codec.network.model import decode_latents, downsample_factor, encode_posterior
+from codec.network.tiling import tiled_decode, tiled_encode
 
 TILE, OVERLAP = 512, 64  # pixels: images with a side above the tile are encoded and decoded in tiles
 LADDER_STEPS_PER_OCTAVE = 8

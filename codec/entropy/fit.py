@@ -24,7 +24,7 @@ from codec.common.config import ConfigError, check_choice
 from codec.entropy.discrete import bits
 from codec.entropy.models import KINDS, build_network, save_model
 from codec.entropy.transform import SPATIAL, LatentTransform, fit_channel_basis
-from diffusion.shards.reader import LatentShards
+from codec.shards.reader import LatentShards
 
 BASIS_RECORDS = 4096  # enough for a C x C covariance; bounded so a large dataset is not read twice
 CHANNEL_BASES = ("identity", "klt")

@@ -41,8 +41,8 @@ from codec.common.atomic import write_bytes_atomically
 from codec.common.config import ConfigError
 from codec.entropy.discrete import gaussian_bin_probability, logistic_mixture_bin_probability
 from codec.entropy.transform import LatentTransform
-from diffusion.codec_io import denormalise_latents, latent_norm, normalise_latents
-from diffusion.shards.reader import codec_mismatch
+from codec.exchange.pipeline import denormalise_latents, latent_norm, normalise_latents
+from codec.shards.reader import codec_mismatch
 
 FORMAT = "entropy-model/1"
 METADATA_KEY = "entropy_model"

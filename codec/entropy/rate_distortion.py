@@ -3,7 +3,7 @@ probability model over steps Δ and for JPEG and WebP over quality, on the same 
 
 Rate is what a user stores: a file's bytes x 8 / (H·W), header included (our 52-byte header and CRC, bitstream.py;
 JPEG's and WebP's own headers). Distortion is scored on the decoded uint8 image against the original
-(codec.metrics), and speed is wall time per image of the whole path, PIL image -> bytes (encode, the VAE encoder
+(measurement/metrics.py); speed is wall time per image of the whole path, PIL image -> bytes (encode, the VAE encoder
 included) and bytes -> PIL image (decode, the VAE decoder included); every number is a mean over the images.
 
 A curve is a list of points (dicts with "bpp", "psnr", "ms_ssim", ...) sorted by bpp. Pure functions on curves
@@ -27,11 +27,11 @@ from codec.entropy.bitstream import OVERHEAD_BYTES
 from codec.entropy.coder import compress_image, decompress_image, read_compressed
 from codec.entropy.models import ProbabilityModel
 from codec.entropy.transform import pad_to_factor
-from codec.evaluate import _cell
-from codec.losses import kl_divergence, ms_ssim_scales
-from codec.metrics import mean_psnr, ms_ssim, psnr
-from codec.model import downsample_factor, encode_posterior
-from codec.quality import encode_jpeg, encode_webp
+from codec.measurement.evaluate import _cell
+from codec.measurement.metrics import mean_psnr, ms_ssim, psnr
+from codec.measurement.quality import encode_jpeg, encode_webp
+from codec.network.model import downsample_factor, encode_posterior
+from codec.training.losses import kl_divergence, ms_ssim_scales
 
 TARGET_BPP = 0.25  # issue 19: at equal rate, above JPEG at every rate up to here
 TARGET_SAVING = 0.10  # issue 19: the context model saves at least this share of the factorized model's bits

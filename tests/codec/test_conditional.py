@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 
-import codec.train as train_module
+import codec.training.train as train_module
 from codec.common.config import ConfigError
-from codec.conditional import ConditionalAutoencoderKL, TextConditions, condition_tensor
-from codec.config import ModelConfig
-from codec.losses import kl_divergence, vae_loss
-from codec.model import build_codec, encode_posterior, load_codec, reconstruct, sample_prior
-from codec.train import train_codec
-from diffusion.demo.shapes import write_shapes_dataset
+from codec.network.conditional import ConditionalAutoencoderKL, TextConditions, condition_tensor
+from codec.network.model import build_codec, encode_posterior, load_codec, reconstruct, sample_prior
+from codec.training.config import ModelConfig
+from codec.training.losses import kl_divergence, vae_loss
+from codec.training.train import train_codec
+from experiments.demo.shapes import write_shapes_dataset
 from tests.conftest import ROOT, assert_same_safetensors, killed_after_a_checkpoint, reset_accelerate
 
 TINY = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, latent_channels=4, norm_num_groups=4,
@@ -112,14 +112,14 @@ def test_beta_one_exact_loss_is_the_negative_elbo_computed_by_hand():
 
 
 def test_exact_nll_refuses_a_perceptual_term(tmp_path):
-    from codec.config import load_codec_config
+    from codec.training.config import load_codec_config
 
     with pytest.raises(ConfigError, match="perceptual: none"):
         load_codec_config(ROOT / "configs" / "codec" / "tiny.yaml", ["loss.nll=exact"])
 
 
 def _cvae_config(tmp_path, shapes, condition, *overrides):
-    from codec.config import load_codec_config
+    from codec.training.config import load_codec_config
 
     return load_codec_config(ROOT / "configs" / "codec" / "tiny.yaml", [
         f"data.train={shapes}", "data.val=null", "data.val_count=4", "data.crop_size=32", "data.resize=32",

@@ -1,7 +1,7 @@
 import pytest
 
 from codec.common.config import ConfigError, exit_status, trainer_overrides
-from codec.config import CodecConfig, load_codec_config
+from codec.training.config import CodecConfig, load_codec_config
 from tests.conftest import CONFIGS
 
 
@@ -74,8 +74,8 @@ def test_exit_status_is_2_with_one_line_for_a_config_error(capsys):
 
 
 def test_the_compression_preset_is_f4_and_starts_from_the_f4_warm_start():
-    from codec.model import build_autoencoder, latent_shape
-    from codec.warm_start import thumbnail_init
+    from codec.network.model import build_autoencoder, latent_shape
+    from codec.network.warm_start import thumbnail_init
 
     cfg = load_codec_config(CONFIGS / "codec" / "compress-f4.yaml")
     assert cfg.model.init == "thumbnail" and not cfg.model.mid_block_add_attention

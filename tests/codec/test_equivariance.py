@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from codec.common.config import ConfigError
-from codec.config import LossConfig, ModelConfig, load_codec_config
-from codec.equivariance import Transform, draw_transform, transform_image, transform_latent
-from codec.losses import CodecLoss, equivariance_loss, pixel_loss
-from codec.model import CodecForTraining, build_autoencoder
+from codec.measurement.equivariance import Transform, draw_transform, transform_image, transform_latent
+from codec.network.model import CodecForTraining, build_autoencoder
+from codec.training.config import LossConfig, ModelConfig, load_codec_config
+from codec.training.losses import CodecLoss, equivariance_loss, pixel_loss
 
 TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,
                    mid_block_add_attention=False)
@@ -133,7 +133,7 @@ def test_config_refuses_what_cannot_work():
 
 def test_training_with_the_term_logs_it_every_step(tmp_path, bundled_dir):
     from codec.common.logs import read_history
-    from codec.train import train_codec
+    from codec.training.train import train_codec
 
     cfg = load_codec_config("configs/codec/tiny.yaml", [
         f"train.output_dir={tmp_path / 'run'}", f"data.bundled_dir={bundled_dir}", "train.max_steps=6",

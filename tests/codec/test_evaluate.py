@@ -9,13 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from codec.config import load_codec_config
 from codec.data import CenterCrops, decode_image, load_image_dataset, resize_shorter_side
-from codec.evaluate import reconstruct_posterior_mean
-from codec.losses import ms_ssim_scales
-from codec.metrics import InceptionUnavailable, fid_inception, ms_ssim, psnr, to_uint8_range
-from codec.model import build_autoencoder, reconstruct
-from codec.quality import (
+from codec.measurement.evaluate import reconstruct_posterior_mean
+from codec.measurement.metrics import InceptionUnavailable, fid_inception, ms_ssim, psnr, to_uint8_range
+from codec.measurement.quality import (
     encode_jpeg,
     jpeg_at_budget,
     latent_budgets,
@@ -23,6 +20,9 @@ from codec.quality import (
     thumbnail_image,
     thumbnail_numbers,
 )
+from codec.network.model import build_autoencoder, reconstruct
+from codec.training.config import load_codec_config
+from codec.training.losses import ms_ssim_scales
 from tests.conftest import CONFIGS, load_script
 
 

@@ -5,9 +5,9 @@ import copy
 
 import torch
 
-import codec.train as train_module
-from codec.config import load_codec_config
-from codec.model import CodecForTraining, build_autoencoder
+import codec.training.train as train_module
+from codec.network.model import CodecForTraining, build_autoencoder
+from codec.training.config import load_codec_config
 from tests.conftest import CONFIGS
 
 

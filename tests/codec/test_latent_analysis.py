@@ -6,10 +6,16 @@ import math
 import pytest
 import torch
 
-from codec.config import ModelConfig
-from codec.latent_analysis import analyze_codec, high_frequency_share, power_spectrum_2d, radial_profile, radius_grid
-from codec.model import build_autoencoder
-from codec.warm_start import thumbnail_init
+from codec.measurement.latent_analysis import (
+    analyze_codec,
+    high_frequency_share,
+    power_spectrum_2d,
+    radial_profile,
+    radius_grid,
+)
+from codec.network.model import build_autoencoder
+from codec.network.warm_start import thumbnail_init
+from codec.training.config import ModelConfig
 from tests.conftest import load_script
 
 TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,
@@ -53,7 +59,7 @@ def test_white_noise_has_the_high_frequency_share_of_the_grid_area():
 def test_a_smooth_codec_has_less_high_frequency_power_than_white_noise(bundled_dir):
     # The thumbnail warm start's latents are box thumbnails of the photos (and a fitted luma channel, sharper): they
     # inherit the images' falling spectrum.
-    from codec.latent_analysis import load_images
+    from codec.measurement.latent_analysis import load_images
 
     images = load_images("bundled", 128, None, bundled_dir)
     torch.manual_seed(0)

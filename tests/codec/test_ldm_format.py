@@ -6,9 +6,9 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
-from codec.config import ModelConfig
-from codec.ldm_format import load_ldm_vae, save_ldm_vae, to_ldm_state_dict
-from codec.model import build_autoencoder, write_latent_stats
+from codec.exchange.ldm_format import load_ldm_vae, save_ldm_vae, to_ldm_state_dict
+from codec.network.model import build_autoencoder, write_latent_stats
+from codec.training.config import ModelConfig
 
 
 def _codec(latent_channels=4, attention=True, groups=4) -> AutoencoderKL:
@@ -133,7 +133,7 @@ def test_export_command_writes_both_forms_and_checks_the_round_trip(tmp_path):
 
 
 def _preset_on_meta(name: str) -> AutoencoderKL:
-    from codec.config import load_codec_config
+    from codec.training.config import load_codec_config
 
     with torch.device("meta"):  # the architecture only: kl-f8's 84 MB of weights are not needed to read its keys
         return build_autoencoder(load_codec_config(f"configs/codec/{name}.yaml").model)
@@ -146,7 +146,7 @@ def _preset_on_meta(name: str) -> AutoencoderKL:
     ("small", ["diffusers"]), ("tiny", ["diffusers"]), ("compress-f4", ["diffusers"]), ("beta-study", ["diffusers"]),
 ])
 def test_the_export_names_the_tools_that_load_each_preset(preset, loaders):
-    from codec.ldm_format import tools_that_load
+    from codec.exchange.ldm_format import tools_that_load
 
     have, because = tools_that_load(to_ldm_state_dict(_preset_on_meta(preset)))
     assert have == loaders
@@ -163,8 +163,8 @@ def test_sd_fixed_network_loads_an_sd_shaped_file_and_refuses_the_small_preset()
     """The check against the network ComfyUI builds agrees with a real load into that network: an SD-shaped codec
     (kl-f8's architecture, random weights) loads and decodes exactly; the small preset's weights hit a size mismatch
     even with strict=False, as they do in ComfyUI."""
-    from codec.config import load_codec_config
-    from codec.ldm_format import sd_fixed_network_config, sd_fixed_network_mismatches
+    from codec.exchange.ldm_format import sd_fixed_network_config, sd_fixed_network_mismatches
+    from codec.training.config import load_codec_config
 
     torch.manual_seed(0)
     sd_shaped = build_autoencoder(load_codec_config("configs/codec/kl-f8.yaml").model).eval()

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torchvision
 
-from codec.config import LossConfig, ModelConfig
-from codec.losses import (
+from codec.network.model import CodecForTraining, build_autoencoder
+from codec.training.config import LossConfig, ModelConfig
+from codec.training.losses import (
     CodecLoss,
     LPIPSBackboneMissing,
     PatchDiscriminator,
@@ -23,7 +24,6 @@ from codec.losses import (
     ms_ssim_scales,
     vae_loss,
 )
-from codec.model import CodecForTraining, build_autoencoder
 
 TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,
                    mid_block_add_attention=False)

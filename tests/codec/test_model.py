@@ -4,8 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from codec.config import load_codec_config
-from codec.model import (
+from codec.network.model import (
     CodecForTraining,
     build_autoencoder,
     compression_ratio,
@@ -18,6 +17,7 @@ from codec.model import (
     sample_prior,
     write_latent_stats,
 )
+from codec.training.config import load_codec_config
 from tests.conftest import CONFIGS
 
 
@@ -117,7 +117,7 @@ def test_saved_folder_loads_with_diffusers(tiny_vae, tmp_path):
 
 
 def test_codec_identity_follows_weights_not_location(tiny_vae, tmp_path):
-    from codec.model import codec_identity
+    from codec.network.model import codec_identity
 
     tiny_vae.save_pretrained(tmp_path / "a")
     a = AutoencoderKL.from_pretrained(tmp_path / "a")

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from codec.common.precision import autocast_off, in_fp32, runs_in_fp32
-from codec.config import ModelConfig
-from codec.losses import (
+from codec.measurement.metrics import ssim
+from codec.network.model import CodecForTraining, build_autoencoder, latent_statistics, per_sample_noise
+from codec.training.config import ModelConfig
+from codec.training.losses import (
     PerceptualLoss,
     adaptive_gan_weight,
     generator_gan_loss,
@@ -19,8 +21,6 @@ from codec.losses import (
     ms_ssim_distance,
     vae_loss,
 )
-from codec.metrics import ssim
-from codec.model import CodecForTraining, build_autoencoder, latent_statistics, per_sample_noise
 from tests.codec.test_losses import TINY  # the same tiny codec the losses are tested on
 
 
@@ -190,7 +190,7 @@ def test_in_fp32_keeps_float64_inputs_in_float64():
     kl_bits_per_pixel pass float64 to get the exact value; in_fp32 must not cast it back down."""
     import math
 
-    from diffusion.demo.beta_study import rate_bits
+    from experiments.demo.beta_study import rate_bits
 
     mean = torch.zeros(1, 4, 8, 8, dtype=torch.float64)
     logvar = torch.full_like(mean, 2**-12)
@@ -251,7 +251,7 @@ def test_training_forward_samples_the_posterior_in_fp32_under_bf16():
 
 
 def test_conditional_codec_forward_samples_the_posterior_in_fp32_under_bf16():
-    from codec.model import build_codec
+    from codec.network.model import build_codec
 
     torch.manual_seed(0)
     cfg = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,

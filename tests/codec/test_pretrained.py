@@ -10,10 +10,10 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
-import codec.train as train_module
+import codec.training.train as train_module
 from codec.common.config import ConfigError
-from codec.config import load_codec_config
-from codec.model import (
+from codec.exchange.pretrained import load_parent
+from codec.network.model import (
     ENCODER_PREFIXES,
     build_autoencoder,
     codec_identity,
@@ -21,8 +21,8 @@ from codec.model import (
     encode_posterior,
     encoder_identity,
 )
-from codec.pretrained import load_parent
-from codec.train import train_codec
+from codec.training.config import load_codec_config
+from codec.training.train import train_codec
 from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, killed_after_a_checkpoint, launch_env, reset_accelerate
 
 TINY = ("model.block_out_channels=[8,8,16,16]", "model.layers_per_block=1", "model.norm_num_groups=4",
@@ -183,7 +183,7 @@ def _bad_parents(tmp_path, parent):
 
 
 def test_an_ldm_single_file_parent_is_the_same_codec_as_its_folder(parent, tmp_path):
-    from codec.ldm_format import save_ldm_vae, to_ldm_state_dict
+    from codec.exchange.ldm_format import save_ldm_vae, to_ldm_state_dict
 
     folder_vae = AutoencoderKL.from_pretrained(parent)
     file = save_ldm_vae(folder_vae, tmp_path / "parent.safetensors")

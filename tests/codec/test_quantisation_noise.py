@@ -6,10 +6,16 @@ import torch
 from diffusers import AutoencoderKL
 
 from codec.common.config import ConfigError
-from codec.config import load_codec_config
-from codec.model import CodecForTraining, build_autoencoder, decode_latents, encode_posterior, quantisation_noise
-from codec.train import train_codec
-from codec.warm_start import thumbnail_init
+from codec.network.model import (
+    CodecForTraining,
+    build_autoencoder,
+    decode_latents,
+    encode_posterior,
+    quantisation_noise,
+)
+from codec.network.warm_start import thumbnail_init
+from codec.training.config import load_codec_config
+from codec.training.train import train_codec
 from tests.codec.test_pretrained import _pretrained, _val_images, make_parent
 from tests.codec.test_warm_start import SHAPES, _held_out
 from tests.conftest import reset_accelerate
@@ -116,7 +122,7 @@ def test_a_decoder_trained_with_the_noise_decodes_quantised_latents_better(tiny_
 def test_the_noise_and_a_file_share_the_units_of_delta(tmp_path, monkeypatch, norm):
     """Δ 1 in the fine-tune and Δ 1 in a file are the same raw width in every channel: 1 / 0.25 = 4 for a global
     or shifted scale, 4 · latents_std_c with per-channel statistics."""
-    import codec.model as model_module
+    import codec.network.model as model_module
     from codec.entropy.models import FactorizedModel, load_model, save_model
 
     vae = AutoencoderKL.from_pretrained(make_parent(tmp_path / "p", scaling_factor=0.25)).eval()

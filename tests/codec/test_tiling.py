@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from codec.config import load_codec_config
 from codec.data import CenterCrops, load_image_dataset
-from codec.model import build_autoencoder, encode_posterior
-from codec.tiling import blend_weights, seam_ratio, tile_borders, tile_spans, tiled_decode, tiled_encode
+from codec.network.model import build_autoencoder, encode_posterior
+from codec.network.tiling import blend_weights, seam_ratio, tile_borders, tile_spans, tiled_decode, tiled_encode
+from codec.training.config import load_codec_config
 from tests.conftest import CONFIGS
 
 
@@ -160,7 +160,7 @@ def test_whole_image_groupnorm_statistics_remove_the_per_tile_tone(photos, seed)
 def test_whole_image_statistics_are_the_untiled_pass_statistics(photos):
     """The mechanism itself: every decoder GroupNorm's (mean, variance) gathered tile by tile equals what the
     untiled pass computes, in the same order, up to edge effects."""
-    import codec.tiling as tiling
+    import codec.network.tiling as tiling
 
     vae = tiny_codec(0)
     reference = []
@@ -211,7 +211,7 @@ def test_refuses_diffusers_builtin_tiling_and_bad_tile_sizes(photos):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_evaluation_reconstructs_through_tiles_with_either_norm(photos, seed):
-    from codec.evaluate import reconstruct_posterior_mean
+    from codec.measurement.evaluate import reconstruct_posterior_mean
 
     vae = tiny_codec(seed)
     with torch.no_grad():

@@ -10,13 +10,13 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-import codec.train as train_module
+import codec.training.train as train_module
 from codec.common.config import ConfigError
 from codec.common.logs import read_history
 from codec.data import CenterCrops, load_image_dataset
-from codec.evaluate import evaluate_reconstructions
-from codec.model import build_autoencoder
-from codec.train import train_codec
+from codec.measurement.evaluate import evaluate_reconstructions
+from codec.network.model import build_autoencoder
+from codec.training.train import train_codec
 from tests.conftest import (
     CONFIGS,
     ROOT,
@@ -128,7 +128,7 @@ def test_gan_and_learned_logvar_train(tiny_config, fresh_accelerate_state, tmp_p
     disc = load_file(ckpt / "model_1.safetensors")
     assert all(torch.isfinite(v).all() for v in disc.values())
     # D was stepped at steps 2 and 3 (disc_start=2): its weights moved away from a fresh initialisation.
-    from codec.losses import PatchDiscriminator
+    from codec.training.losses import PatchDiscriminator
 
     set_seed(cfg.train.seed)
     build_autoencoder(cfg.model)

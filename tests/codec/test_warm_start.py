@@ -2,13 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codec.config import ModelConfig
 from codec.data import CenterCrops, bundled_photos, load_image_dataset
-from codec.linear_codec import LinearCodec, fit, fitted_path, initial
-from codec.metrics import psnr, quantise
-from codec.model import build_autoencoder, encode_posterior, reconstruct
-from codec.quality import thumbnail_baseline
-from codec.warm_start import normalisable_layout, thumbnail_init
+from codec.measurement.metrics import psnr, quantise
+from codec.measurement.quality import thumbnail_baseline
+from codec.network.linear_codec import LinearCodec, fit, fitted_path, initial
+from codec.network.model import build_autoencoder, encode_posterior, reconstruct
+from codec.network.warm_start import normalisable_layout, thumbnail_init
+from codec.training.config import ModelConfig
 
 SHAPES = [
     ModelConfig(block_out_channels=[32, 64, 128, 128], layers_per_block=1, norm_num_groups=8),

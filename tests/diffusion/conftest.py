@@ -54,8 +54,8 @@ def caption_images(bundled_dir) -> Path:
 def save_tiny_codec(folder: Path, seed: int) -> Path:
     """The tiny codec preset with random weights drawn from `seed`, saved as a diffusers folder (f8, 4 latent
     channels) at folder/final; another seed is another codec, with another identity."""
-    from codec.config import load_codec_config
-    from codec.model import build_autoencoder
+    from codec.network.model import build_autoencoder
+    from codec.training.config import load_codec_config
 
     torch.manual_seed(seed)
     vae = build_autoencoder(load_codec_config(CONFIGS / "codec" / "tiny.yaml").model)
@@ -75,7 +75,7 @@ def tiny_shards(tiny_codec_dir, caption_images, tmp_path_factory) -> Path:
     """The captioned photos encoded by the tiny codec: 8 records of 4x8x8 latents in two shards."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from diffusion.shards.encode import encode_dataset
+    from codec.shards.encode import encode_dataset
 
     out = tmp_path_factory.mktemp("shards") / "tiny"
     encode_dataset(tiny_codec_dir, caption_images, out, resolution=64, shard_size=4, batch_size=4, num_workers=0,
@@ -88,7 +88,7 @@ def tiny_shards(tiny_codec_dir, caption_images, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm():
     """(tokenizer, model) of the bundled MiniLM, with the tiny preset's 16-token captions."""
-    from diffusion.text_encoder import load_text_encoder
+    from codec.network.text_encoder import load_text_encoder
 
     tokenizer, model = load_text_encoder("minilm")
     tokenizer.model_max_length = 16
@@ -105,10 +105,10 @@ def tiny_unet_config():
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_codec_dir, minilm, tiny_unet_config):
     """An untrained tiny U-Net (fixed seed) with the tiny codec and MiniLM, DDIM sampler, 64x64 images."""
-    from codec.model import load_codec
-    from diffusion.pipeline import LatentDiffusionPipeline, make_sampler
+    from codec.exchange.pipeline import LatentDiffusionPipeline, make_sampler
+    from codec.network.model import load_codec
+    from codec.network.text_encoder import hidden_width
     from diffusion.schedule import build_noise_scheduler
-    from diffusion.text_encoder import hidden_width
     from diffusion.unet import build_unet
 
     tokenizer, model = minilm

@@ -4,9 +4,9 @@ softmax(QK^T) path must not come back silently (an (HW)^2 matrix per head: 4096^
 
 import torch
 
-from codec.config import load_codec_config
-from codec.model import build_autoencoder, load_codec
-from diffusion.pipeline import LatentDiffusionPipeline
+from codec.exchange.pipeline import LatentDiffusionPipeline
+from codec.network.model import build_autoencoder, load_codec
+from codec.training.config import load_codec_config
 from diffusion.unet import build_unet
 from tests.conftest import CONFIGS
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from codec.config import load_codec_config
-from codec.model import build_autoencoder
-from diffusion.compare.report import curve, race, steps_to_reach
-from diffusion.demo.shapes import write_shapes_dataset
+from codec.network.model import build_autoencoder
+from codec.training.config import load_codec_config
+from experiments.compare.report import curve, race, steps_to_reach
+from experiments.demo.shapes import write_shapes_dataset
 from tests.conftest import CONFIGS, load_script
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.pipeline import LatentDiffusionPipeline
+from codec.exchange.pipeline import LatentDiffusionPipeline
 from tests.conftest import ROOT
 
 
@@ -64,7 +64,7 @@ def test_image_to_image_reconstruction_and_prior(generate, pipeline_dir, tiny_co
 def test_interpolation_between_two_images_starts_and_ends_at_their_reconstructions(generate, tiny_codec_dir,
                                                                                   tmp_path):
     from codec.data import pil_to_tensor
-    from codec.model import latent_blend, load_codec, reconstruct
+    from codec.network.model import latent_blend, load_codec, reconstruct
 
     rng = np.random.default_rng(1)
     paths = []

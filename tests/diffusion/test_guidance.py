@@ -4,7 +4,7 @@ predicts and samples at guidance 5 (it runs both branches as one batch)."""
 
 import torch
 
-from diffusion.pipeline import LatentDiffusionPipeline
+from codec.exchange.pipeline import LatentDiffusionPipeline
 
 PROMPT, GUIDANCE, STEPS = "a red motorcycle in a room", 5.0, 5
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from codec.model import reconstruct, sample_prior
-from diffusion.pipeline import LatentDiffusionPipeline, guided_prediction
+from codec.exchange.pipeline import LatentDiffusionPipeline, guided_prediction
+from codec.network.model import reconstruct, sample_prior
 
 STEPS = 6
 
@@ -158,8 +158,8 @@ def _by_hand(z: torch.Tensor, norm: dict) -> torch.Tensor:
 @pytest.mark.parametrize("norm", [SHIFTED, PER_CHANNEL], ids=["shift", "per_channel"])
 def test_encode_and_reconstruct_normalise_with_the_shift_and_statistics_and_decode_the_latent_back(
         tiny_pipeline, tiny_codec_dir, norm):
-    from codec.model import load_codec
-    from diffusion.pipeline import decode_images, encode_mean
+    from codec.exchange.pipeline import decode_images, encode_mean
+    from codec.network.model import load_codec
 
     vae = load_codec(tiny_codec_dir)
     vae.register_to_config(**norm)

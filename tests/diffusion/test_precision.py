@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.pipeline import LatentDiffusionPipeline, decode_images, encode_mean
+from codec.exchange.pipeline import LatentDiffusionPipeline, decode_images, encode_mean
 
 
 def _overflowing(module):
@@ -36,7 +36,7 @@ def _half_pipeline(tiny_pipeline):
 
 
 def _warnings(caplog, what):
-    return [r for r in caplog.records if r.name == "diffusion.pipeline" and r.levelno == logging.WARNING
+    return [r for r in caplog.records if r.name == "codec.exchange.pipeline" and r.levelno == logging.WARNING
             and what in r.getMessage() and "redoing it in float32" in r.getMessage()]
 
 
@@ -46,7 +46,7 @@ def test_decoder_overflow_in_fp16_is_redone_in_fp32_with_a_warning(tiny_pipeline
     scaled = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     assert not torch.isfinite(pipe.vae.decode(scaled.half()).sample).any()  # the stand-in really overflows
 
-    with caplog.at_level(logging.WARNING, logger="diffusion.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="codec.exchange.pipeline"):
         images = pipe.decode(scaled)
     assert torch.equal(images, decode_images(reference, pipe.unscale_latents(scaled)))  # exactly the fp32 decode
     assert len(_warnings(caplog, "codec decode")) == 1
@@ -54,7 +54,7 @@ def test_decoder_overflow_in_fp16_is_redone_in_fp32_with_a_warning(tiny_pipeline
 
     # The whole text-to-image call: finite images, the fp32 decode of the latents it denoised in fp16.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="diffusion.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="codec.exchange.pipeline"):
         out = pipe("a rocket", num_inference_steps=4, guidance_scale=3.0, seed=0, output_type="pt")
     assert out.latents.dtype == torch.float16 and torch.isfinite(out.images).all()
     assert torch.equal(out.images, decode_images(reference, pipe.unscale_latents(out.latents)))
@@ -68,14 +68,14 @@ def test_encoder_overflow_is_redone_in_fp32_for_reconstruction_and_image_to_imag
     _overflowing(pipe.vae.encoder)
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
 
-    with caplog.at_level(logging.WARNING, logger="diffusion.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="codec.exchange.pipeline"):
         rec = pipe.reconstruct(image, output_type="pt")
     expected_mean = encode_mean(reference, image)
     assert torch.equal(pipe.unscale_latents(rec.latents), expected_mean)
     assert torch.isfinite(rec.images).all() and len(_warnings(caplog, "codec encode")) == 1
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="diffusion.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="codec.exchange.pipeline"):
         out = pipe("a rocket", image=image, strength=0.5, num_inference_steps=4, seed=0, output_type="pt")
     assert torch.isfinite(out.images).all() and len(_warnings(caplog, "codec encode")) == 1
 

@@ -5,11 +5,11 @@ import json
 
 import torch
 
-from codec.config import load_codec_config
-from codec.train import train_codec
+from codec.exchange.pipeline import LatentDiffusionPipeline
+from codec.shards.encode import encode_dataset
+from codec.training.config import load_codec_config
+from codec.training.train import train_codec
 from diffusion.config import load_unet_config
-from diffusion.pipeline import LatentDiffusionPipeline
-from diffusion.shards.encode import encode_dataset
 from diffusion.train import train_unet
 from tests.conftest import CONFIGS, reset_accelerate
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.pipeline import LatentDiffusionPipeline, encode_prompts
+from codec.exchange.pipeline import LatentDiffusionPipeline, encode_prompts
 from diffusion.train import export_pipeline
 from tests.conftest import ROOT
 
@@ -88,7 +88,6 @@ def legacy_copy(folder: Path, dest: Path, keep_code: bool) -> Path:
     index.write_text(json.dumps(config, indent=2))
     if not keep_code:
         (dest / "pipeline.py").unlink()
-        (dest / "codec_io.py").unlink()
     return dest
 
 
@@ -102,8 +101,8 @@ def test_export_carries_the_pipeline_code_and_names_it(exported):
     config = json.loads((exported / "model_index.json").read_text())
     assert config["_class_name"] == ["pipeline", "LatentDiffusionPipeline"]
     # One implementation: the folder's code is our files, byte for byte.
-    assert (exported / "pipeline.py").read_bytes() == (ROOT / "diffusion" / "pipeline.py").read_bytes()
-    assert (exported / "codec_io.py").read_bytes() == (ROOT / "diffusion" / "codec_io.py").read_bytes()
+    assert (exported / "pipeline.py").read_bytes() == (ROOT / "codec" / "exchange" / "pipeline.py").read_bytes()
+    assert sorted(p.name for p in exported.glob("*.py")) == ["pipeline.py"]  # one file carries all the code
     assert config["text_encoder"] == ["transformers", "BertModel"]
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusion.text_encoder import (
+from codec.network.text_encoder import (
     CaptionEmbeddings,
     bundled_minilm_path,
     encode_prompts,

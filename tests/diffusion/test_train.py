@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 
 import diffusion.train as train_module
 from codec.common.config import ConfigError
+from codec.exchange.pipeline import LatentDiffusionPipeline
+from codec.network.text_encoder import CaptionEmbeddings
+from codec.shards import LatentShards
 from diffusion.config import load_unet_config
 from diffusion.draws import TrainingDraws, eval_set
-from diffusion.pipeline import LatentDiffusionPipeline
 from diffusion.schedule import build_noise_scheduler
-from diffusion.shards import LatentShards
-from diffusion.text_encoder import CaptionEmbeddings
 from diffusion.train import codec_for_shards, denoising_loss, train_unet
 from tests.conftest import (
     CONFIGS,
@@ -120,8 +120,8 @@ def test_a_draw_fixes_record_noise_timestep_and_dropout(tiny_shards, tiny_unet_c
 
 
 def test_shards_of_another_codec_are_refused(tiny_shards, tmp_path):
-    from codec.config import load_codec_config
-    from codec.model import build_autoencoder
+    from codec.network.model import build_autoencoder
+    from codec.training.config import load_codec_config
 
     torch.manual_seed(123)
     build_autoencoder(load_codec_config(CONFIGS / "codec" / "tiny.yaml").model).save_pretrained(tmp_path / "other")
@@ -211,7 +211,7 @@ def test_v_prediction_with_zero_terminal_snr_trains_and_every_sampler_stays_fini
 @pytest.fixture(scope="module")
 def held_out_shards(tiny_codec_dir, caption_images, tmp_path_factory):
     """Three of the captioned photos encoded on their own: their manifest's scale is not the training shards'."""
-    from diffusion.shards.encode import encode_dataset
+    from codec.shards.encode import encode_dataset
 
     out = tmp_path_factory.mktemp("held") / "shards"
     encode_dataset(tiny_codec_dir, caption_images, out, resolution=64, batch_size=4, num_workers=0, progress=False,

@@ -9,7 +9,7 @@ import torch
 
 from codec.common.config import ConfigError
 from codec.common.distributed import make_accelerator, process_state
-from codec.config import load_codec_config
+from codec.training.config import load_codec_config
 from diffusion.config import load_unet_config
 from tests.conftest import CONFIGS, reset_accelerate
 

@@ -13,7 +13,7 @@ import pytest
 import codec.common.checkpoints as checkpoints
 from codec.common.checkpoints import resolve_resume, resume_disagreement
 from codec.common.config import ConfigError
-from codec.train import train_codec
+from codec.training.train import train_codec
 from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, launch_env
 
 

@@ -147,13 +147,13 @@ def test_center_crop_takes_the_middle(tmp_path):
 
 def test_a_text_codecs_mirrored_crops_are_conditioned_on_their_mirrored_captions(tmp_path):
     # A text CVAE trained with data.flip (the default) must not learn "on the left" from a shape on the right: a
-    # mirrored crop comes with the embedding of its mirrored caption (the rule of diffusion/shards/encode.py --flip).
-    from codec.conditional import TextConditions
-    from codec.config import load_codec_config
+    # mirrored crop comes with the embedding of its mirrored caption (the rule of codec/shards/encode.py --flip).
+    from codec.network.conditional import TextConditions
+    from codec.training.config import load_codec_config
     from codec.data.crops import mirror_caption
-    from codec.train import load_data
-    from diffusion.demo.adherence import detect, parse_prompt
-    from diffusion.demo.shapes import write_shapes_dataset
+    from codec.training.train import load_data
+    from experiments.demo.adherence import detect, parse_prompt
+    from experiments.demo.shapes import write_shapes_dataset
     from tests.conftest import ROOT
 
     shapes = write_shapes_dataset(tmp_path / "shapes", count=12, seed=0, size=32)

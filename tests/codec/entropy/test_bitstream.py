@@ -22,7 +22,7 @@ from codec.entropy.symbols import (
     quantize,
     symbol_bits,
 )
-from codec.model import codec_identity, load_codec
+from codec.network.model import codec_identity, load_codec
 from tests.codec.entropy.conftest import KINDS, MODELS
 
 SOURCE = "photo.lcc"

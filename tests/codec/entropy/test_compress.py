@@ -12,7 +12,7 @@ from codec.entropy.bitstream import unpack
 from codec.entropy.coder import compress_latent, decode_latent, encode_latent, step_ladder
 from codec.entropy.models import FactorizedModel, load_model, save_model
 from codec.entropy.symbols import dequantize, quantize
-from codec.model import codec_identity, encoder_identity, load_codec
+from codec.network.model import codec_identity, encoder_identity, load_codec
 from tests.codec.entropy.conftest import MODELS
 from tests.conftest import load_script
 

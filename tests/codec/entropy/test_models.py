@@ -189,7 +189,7 @@ def test_a_model_of_another_codec_is_refused_and_a_decoder_fine_tune_accepted(tm
 
 def test_fitting_lowers_the_bits_and_records_the_shards(model_files, tiny_shards):
     """40 steps on 8 records: the recorded bits are below what the untrained model gives the same latents."""
-    from diffusion.shards.reader import LatentShards
+    from codec.shards.reader import LatentShards
 
     shards = LatentShards(tiny_shards)
     z = torch.stack([shards.scale(shards[i]["mean"]) for i in range(len(shards))]).double()

@@ -25,8 +25,8 @@ from codec.entropy.rate_distortion import (
     pillow_point,
 )
 from codec.entropy.symbols import symbol_bits
-from codec.model import codec_identity, downsample_factor, load_codec
-from codec.quality import encode_jpeg, encode_webp
+from codec.measurement.quality import encode_jpeg, encode_webp
+from codec.network.model import codec_identity, downsample_factor, load_codec
 from tests.codec.entropy.test_compress import refused, run
 from tests.conftest import load_script
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from codec.common.logs import append_history
-from diffusion.benchmark.gpu_check import CheckPlan, non_finite_history, prepare_output, run_gpu_check
+from experiments.benchmark.gpu_check import CheckPlan, non_finite_history, prepare_output, run_gpu_check
 from tests.conftest import ROOT, reset_accelerate
 
 

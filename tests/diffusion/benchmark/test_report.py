@@ -1,4 +1,4 @@
-"""diffusion/benchmark/report.py and scripts/benchmark.py --from-json: the report of a results dict."""
+"""experiments/benchmark/report.py and scripts/benchmark.py --from-json: the report of a results dict."""
 
 def _codec_row(name: str, decode_s: float | None) -> dict:
     measured = decode_s is not None
@@ -9,7 +9,7 @@ def _codec_row(name: str, decode_s: float | None) -> dict:
 
 
 def _results(quick: bool) -> dict:
-    """A results dict shaped as diffusion.benchmark.run.measure returns it, with made-up numbers."""
+    """A results dict shaped as experiments.benchmark.run.measure returns it, with made-up numbers."""
     kl_f8 = _codec_row("kl-f8", None if quick else 14.2)
     if quick:
         kl_f8["decode_note"] = "skipped in --quick"
@@ -40,7 +40,7 @@ def _results(quick: bool) -> dict:
 
 
 def test_report_renders_every_section_from_the_results():
-    from diffusion.benchmark.report import markdown
+    from experiments.benchmark.report import markdown
 
     text = markdown(_results(quick=False))
     for heading in ("# Benchmark", "## Codecs: one 512x512 image", "## Memory: one 2048x2048 decode, tiled vs untiled",
@@ -63,7 +63,7 @@ def test_report_renders_every_section_from_the_results():
 
 
 def test_quick_report_shows_what_was_not_measured():
-    from diffusion.benchmark.report import markdown
+    from experiments.benchmark.report import markdown
 
     text = markdown(_results(quick=True))
     assert text.startswith("# Benchmark\n\nWritten by `scripts/benchmark.py --quick` on")
@@ -74,14 +74,14 @@ def test_quick_report_shows_what_was_not_measured():
     assert "\n\nkl-f8 decode: skipped in --quick\n\n" in text
     assert "faster than kl-f8" not in text
     assert "measured only without --quick" in text
-    assert text.endswith("latents vs pixels (diffusion.benchmark.unet)\n\nskipped in --quick\n")
+    assert text.endswith("latents vs pixels (experiments.benchmark.unet)\n\nskipped in --quick\n")
 
 
 def test_from_json_rewrites_the_report_of_a_saved_run_without_measuring(tmp_path, capsys):
     import importlib.util
     import json
 
-    from diffusion.benchmark.report import markdown
+    from experiments.benchmark.report import markdown
     from tests.conftest import ROOT
 
     spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")

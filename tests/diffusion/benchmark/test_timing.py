@@ -1,8 +1,8 @@
-"""diffusion/benchmark/timing.py: the one take-turns timing loop."""
+"""experiments/benchmark/timing.py: the one take-turns timing loop."""
 
 
 def test_take_turns_times_every_step_each_round_after_one_warm_up():
-    from diffusion.benchmark.timing import take_turns
+    from experiments.benchmark.timing import take_turns
 
     calls = []
     seconds = take_turns({"a": lambda k: calls.append(("a", k)), "b": lambda k: calls.append(("b", k))}, rounds=2)

@@ -1,8 +1,8 @@
-"""diffusion/benchmark/unet.py: FLOPs and the U-Net timings behind docs/benchmark.md."""
+"""experiments/benchmark/unet.py: FLOPs and the U-Net timings behind docs/benchmark.md."""
 
 import pytest
 
-from diffusion.benchmark.unet import benchmark_latent_vs_pixel, benchmark_training_throughput, forward_flops
+from experiments.benchmark.unet import benchmark_latent_vs_pixel, benchmark_training_throughput, forward_flops
 from tests.conftest import CONFIGS
 
 
@@ -60,7 +60,7 @@ def test_a_pixel_pass_over_budget_is_timed_smaller_and_scaled_by_flops(tiny_unet
 
 
 def test_attention_head_variants_time_the_same_network_split_differently(tiny_unet_config):
-    from diffusion.benchmark.unet import benchmark_attention_heads
+    from experiments.benchmark.unet import benchmark_attention_heads
 
     rows = benchmark_attention_heads(tiny_unet_config.unet, {"per level": [1, 2], "8 heads": 8},
                                      latent_shape=(4, 8, 8), batch_size=2, steps=1, text_tokens=16)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from diffusion.demo.adherence import (
+from experiments.demo.adherence import (
     SHAPE_MOMENTS,
     Prompt,
     blob_moments,
@@ -22,7 +22,7 @@ from diffusion.demo.adherence import (
     score,
     summarise,
 )
-from diffusion.demo.shapes import BACKGROUND_COLORS, OBJECT_COLORS, POSITIONS, SHAPES, caption, render, scenes
+from experiments.demo.shapes import BACKGROUND_COLORS, OBJECT_COLORS, POSITIONS, SHAPES, caption, render, scenes
 
 PAIRS = 210  # 30 per object colour
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from codec.model import encode_posterior, load_codec
-from diffusion.demo.adherence import shows_one_shape
-from diffusion.demo.beta_study import (
+from codec.network.model import encode_posterior, load_codec
+from experiments.demo.adherence import shows_one_shape
+from experiments.demo.beta_study import (
     active_channels,
     heldout_shapes,
     load_study_config,
@@ -16,7 +16,7 @@ from diffusion.demo.beta_study import (
     rate_bits,
     run_study,
 )
-from diffusion.demo.shapes import render, scenes, write_shapes_dataset
+from experiments.demo.shapes import render, scenes, write_shapes_dataset
 from tests.conftest import ROOT
 
 

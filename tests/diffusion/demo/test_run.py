@@ -5,7 +5,7 @@ import json
 import torch
 import yaml
 
-from diffusion.demo.run import load_demo_config, run_demo
+from experiments.demo.run import load_demo_config, run_demo
 
 PROMPTS = ["a red circle in the center on a black background", "a blue square at the top left on a navy background"]
 
@@ -53,7 +53,7 @@ def test_the_whole_chain_runs_at_toy_size_and_writes_the_report(tmp_path, bundle
     assert adherence["conditional"]["n"] == adherence["cvae_prior"]["n"] == len(PROMPTS)
     assert (tmp_path / "demo" / "vae-study" / "rate_distortion.png").is_file()
     # The pipeline draws with the decoder fine-tuned on shapes, from the codec's own (unchanged) encoder.
-    from codec.model import codec_identity, encoder_identity, load_codec
+    from codec.network.model import codec_identity, encoder_identity, load_codec
 
     codec, pipeline_vae = (load_codec(tmp_path / "demo" / "codec" / "final"),
                            load_codec(tmp_path / "demo" / "unet" / "pipeline" / "vae"))

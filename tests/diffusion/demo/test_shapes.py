@@ -13,8 +13,8 @@ import pytest
 
 from codec.data import decode_image, load_image_dataset
 from codec.data.crops import mirror_caption
-from diffusion.demo.adherence import detect
-from diffusion.demo.shapes import (
+from experiments.demo.adherence import detect
+from experiments.demo.shapes import (
     BACKGROUND_COLORS,
     GRADIENT_STRENGTH,
     OBJECT_COLORS,
@@ -64,7 +64,7 @@ def test_palette_is_far_apart_even_at_the_gradient_extremes():
         np.linalg.norm(color - np.asarray(bg, float) * (1 + sign * GRADIENT_STRENGTH))
         for color in objects.values() for bg in BACKGROUND_COLORS.values() for sign in (-1, 1)
     )
-    assert closest_objects >= 140 and closest_to_background >= 125  # the numbers diffusion/demo/shapes.py promises
+    assert closest_objects >= 140 and closest_to_background >= 125  # the numbers experiments/demo/shapes.py promises
 
 
 def test_caption_grammar():
@@ -79,7 +79,7 @@ def test_caption_grammar():
 
 
 def test_a_mirrored_scene_is_captioned_by_the_mirrored_caption():
-    # What lets random crops mirror the shapes world (diffusion/shards/encode.py --flip swap-left-right): every word
+    # What lets random crops mirror the shapes world (codec/shards/encode.py --flip swap-left-right): every word
     # of the grammar either names a side and is swapped, or names no side and is kept.
     many = scenes(63, seed=4)
     assert len({s.position for s in many}) == 9

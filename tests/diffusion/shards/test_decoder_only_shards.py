@@ -8,10 +8,10 @@ import torch
 from diffusers import AutoencoderKL
 
 from codec.common.config import ConfigError
-from codec.config import load_codec_config
-from codec.model import build_autoencoder, codec_identity, encoder_identity
-from diffusion.shards import LatentShards
-from diffusion.shards.verify import verify_shards
+from codec.network.model import build_autoencoder, codec_identity, encoder_identity
+from codec.shards import LatentShards
+from codec.shards.verify import verify_shards
+from codec.training.config import load_codec_config
 from diffusion.train import codec_for_shards
 from tests.conftest import CONFIGS
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-import diffusion.shards.encode as encode_module
-from codec.config import load_codec_config
+import codec.shards.encode as encode_module
 from codec.data import decode_image, pil_to_tensor, resize_shorter_side
-from codec.model import build_autoencoder, codec_identity, encode_posterior, load_codec
-from diffusion.benchmark.shards import benchmark_encode
-from diffusion.shards.encode import encode_dataset
-from diffusion.shards.format import read_shard, shard_filename
-from diffusion.shards.verify import verify_shards
+from codec.network.model import build_autoencoder, codec_identity, encode_posterior, load_codec
+from codec.shards.encode import encode_dataset
+from codec.shards.format import read_shard, shard_filename
+from codec.shards.verify import verify_shards
+from codec.training.config import load_codec_config
+from experiments.benchmark.shards import benchmark_encode
 from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, launch_env
 
 RES = 64  # tiny codec is f8: 64x64 images -> 4x8x8 latents

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import diffusion.shards.encode as encode_module
-from diffusion.shards.encode import NON_FINITE_REASON, ShardImages, encode_dataset
-from diffusion.shards.format import (
+import codec.shards.encode as encode_module
+from codec.shards.encode import NON_FINITE_REASON, ShardImages, encode_dataset
+from codec.shards.format import (
     file_sha256,
     read_manifest,
     read_shard,
@@ -22,7 +22,7 @@ from diffusion.shards.format import (
     shard_filename,
     write_shard,
 )
-from diffusion.shards.verify import verify_shards
+from codec.shards.verify import verify_shards
 from tests.conftest import ROOT, TWO_PROCESSES, launch_env
 from tests.diffusion.shards.test_encode import RES, assert_same_shards, load_script
 
@@ -40,7 +40,7 @@ RECORD_HASHING = '''
 import os
 if os.environ.get("RANK") is not None:
     import torch.distributed
-    import diffusion.shards.format as fmt
+    import codec.shards.format as fmt
 
     def _record(line):
         with open(os.environ["SCALE_LOG"], "a") as fh:

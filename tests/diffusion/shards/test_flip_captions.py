@@ -10,10 +10,10 @@ import torch
 
 from codec.data import decode_image, load_image_dataset, pil_to_tensor
 from codec.data.crops import mirror_caption
-from diffusion.demo.adherence import detect, parse_prompt
-from diffusion.demo.shapes import write_shapes_dataset
-from diffusion.shards.encode import ShardImages, crop_position, encode_dataset
-from diffusion.shards.format import read_shard
+from codec.shards.encode import ShardImages, crop_position, encode_dataset
+from codec.shards.format import read_shard
+from experiments.demo.adherence import detect, parse_prompt
+from experiments.demo.shapes import write_shapes_dataset
 from tests.diffusion.shards.test_encode import RES, load_script, write_image_folder
 
 COUNT = 24  # with seed 3, 16 records are mirrored and 11 of those have a left or right in their caption

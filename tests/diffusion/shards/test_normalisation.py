@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from codec.config import load_codec_config
 from codec.data import load_image_dataset
-from codec.model import build_autoencoder, latent_statistics, load_codec
-from diffusion.pipeline import LatentDiffusionPipeline
-from diffusion.shards import LatentShards, read_manifest
-from diffusion.shards.encode import ShardImages, encode_dataset
+from codec.exchange.pipeline import LatentDiffusionPipeline
+from codec.network.model import build_autoencoder, latent_statistics, load_codec
+from codec.shards import LatentShards, read_manifest
+from codec.shards.encode import ShardImages, encode_dataset
+from codec.training.config import load_codec_config
 from diffusion.train import codec_for_shards
 from tests.conftest import CONFIGS
 from tests.diffusion.shards.test_encode import write_image_folder
@@ -89,7 +89,7 @@ def test_the_unet_trainer_hands_the_shards_normalisation_to_the_pipeline(encoded
 
 
 def test_the_export_measures_the_scale_the_shards_measure(encoded, photos):
-    """codec/train.py's export and the shards' manifest: one definition (1/std of z ~ q(z|x)), one number on the
+    """codec.training.train's export and the shards' manifest: one definition (1/std of z ~ q(z|x)), one number on the
     same images (apart from the shards' float16 storage)."""
     _, codec, shards_dir = encoded
     dataset, column = load_image_dataset(str(photos), None)

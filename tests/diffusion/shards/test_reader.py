@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from codec.common.draws import keyed_generator
-from codec.model import codec_identity, load_codec
-from diffusion.shards import LatentShards, read_manifest
-from diffusion.shards.encode import encode_dataset
-from diffusion.shards.format import read_shard, shard_filename
+from codec.network.model import codec_identity, load_codec
+from codec.shards import LatentShards, read_manifest
+from codec.shards.encode import encode_dataset
+from codec.shards.format import read_shard, shard_filename
 from tests.diffusion.shards.test_encode import make_codec, write_image_folder
 
 

@@ -1,0 +1,250 @@
+"""The β trade-off, measured: codecs trained for one budget at β from the latent-diffusion value to above 1.
+
+Each run is the codec trainer (codec.training.train) on the shapes world with the exact likelihood (loss.nll: exact), so
+β = 1 is the article's VAE and its loss the negative ELBO. Every trained codec is then measured on held-out shapes
+rendered from another seed:
+
+- distortion: PSNR of posterior-mean reconstructions;
+- rate: KL(q(z|x) || N(0, I)) in bits per image, what the latent carries about the image (Alemi et al., 2018);
+- active channels: latent channels whose posterior mean varies with the image (Burda et al.'s active units:
+  Var_x E_q[z] > 0.01, averaged over the channel's positions); the rest have collapsed onto the prior;
+- prior samples: z ~ N(0, I) decoded. Unconditional: the share showing one shape of a palette colour at all
+  (adherence.shows_one_shape). Conditional: the adherence to the condition, per attribute (adherence.score).
+
+The runs and their budgets are listed in a YAML file (configs/beta_study.yaml); this module has no numbers of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from codec.common.atomic import save_figure, write_text_atomically
+from codec.common.config import ConfigError, load_config
+
+ATTRIBUTES = ("color", "position", "shape", "background")
+
+
+@dataclass
+class StudyRun:
+    name: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BetaStudyConfig:
+    codec_config: str = "configs/codec/beta-study.yaml"
+    shapes: str = "data/shapes"
+    output_dir: str = "runs/beta-study"
+    overrides: list[str] = field(default_factory=list)  # for every run, before its own
+    heldout_count: int = 64
+    heldout_seed: int = 1
+    prior_samples: int = 64
+    runs: list[StudyRun] = field(default_factory=list)
+    only: list[str] = field(default_factory=list)  # names of the runs to do (empty: all), e.g. a shorter demo
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ConfigError("runs: list at least one run (a name and its --set overrides)")
+        names = [r.name for r in self.runs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"runs: names must differ, got {names}")
+        unknown = [name for name in self.only if name not in names]
+        if unknown:
+            raise ConfigError(f"only: {unknown} are not runs of this study; its runs are {names}")
+        if self.only:
+            self.runs = [r for r in self.runs if r.name in self.only]
+
+
+def load_study_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> BetaStudyConfig:
+    return load_config(BetaStudyConfig, path, overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measures (pure functions of a codec and images)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def rate_bits(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) || N(0, I)) per image, in bits: the rate of the posterior against the prior."""
+    from codec.training.losses import kl_divergence
+
+    return kl_divergence(mean.double(), logvar.double()) / math.log(2)
+
+
+def active_channels(means: torch.Tensor, threshold: float = 0.01) -> int:
+    """Latent channels c with mean over positions of Var_x μ_c(x) above `threshold`; means: (N, C, h, w)."""
+    variance = means.double().var(dim=0, unbiased=False).flatten(1).mean(1)
+    return int((variance > threshold).sum())
+
+
+@torch.no_grad()
+def measure_codec(vae, images: torch.Tensor, conditions: torch.Tensor | None, prior_conditions: torch.Tensor | None,
+                  prior_captions: list[str] | None, prior_count: int, seed: int = 0) -> tuple[dict, torch.Tensor]:
+    """The study's numbers for one codec on held-out `images` ((N, 3, H, W) in [-1, 1]), and its prior samples."""
+    from codec.data import tensor_to_pil
+    from codec.measurement.metrics import psnr
+    from codec.network.model import decode_latents, encode_posterior, prior_latents
+    from experiments.demo.adherence import score, shows_one_shape, summarise
+
+    means, rates, psnrs = [], [], []
+    for k in range(0, len(images), 32):
+        x = images[k : k + 32]
+        c = None if conditions is None else conditions[k : k + 32]
+        posterior = encode_posterior(vae, x, c)
+        recon = decode_latents(vae, posterior.mode(), c).clamp(-1, 1)
+        means.append(posterior.mean)
+        rates.append(rate_bits(posterior.mean, posterior.logvar))
+        psnrs.append(psnr(x, recon))
+    height, width = images.shape[2:]
+    z = prior_latents(vae, prior_count, height, width, torch.Generator().manual_seed(seed))
+    samples = decode_latents(vae, z, prior_conditions).clamp(-1, 1)
+    pils = [tensor_to_pil(s) for s in samples]
+    numbers = {
+        "psnr_db": float(torch.cat(psnrs).mean()),
+        "rate_bits": float(torch.cat(rates).mean()),
+        "active_channels": active_channels(torch.cat(means)),
+        "latent_channels": int(vae.config.latent_channels),
+        "prior_one_shape_percent": 100.0 * sum(shows_one_shape(p) for p in pils) / len(pils),
+    }
+    if prior_captions is not None:
+        summary = summarise([score(p, caption) for p, caption in zip(pils, prior_captions)])
+        numbers["prior_adherence_percent"] = {a: summary["percent"][a] for a in (*ATTRIBUTES, "all")}
+    return numbers, samples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The study
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def heldout_shapes(count: int, seed: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    from codec.data import pil_to_tensor
+    from experiments.demo.shapes import caption, render, scenes
+
+    held = scenes(count, seed)
+    return torch.stack([pil_to_tensor(render(s, size)) for s in held]), [caption(s) for s in held]
+
+
+def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
+    """Train (or reuse) every run's codec, measure it, write results.json, report.md and the plots; returns results."""
+    from codec.common.distributed import reset_accelerate_state
+    from codec.measurement.evaluate import save_png
+    from codec.network.conditional import TextConditions, is_conditional
+    from codec.network.model import load_codec
+    from codec.training.config import load_codec_config
+    from codec.training.train import train_codec
+
+    out = root / cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    heldout: dict[int, tuple[torch.Tensor, list[str]]] = {}  # by image size: rendered once, measured by every run
+    for run in cfg.runs:
+        codec_cfg = load_codec_config(root / cfg.codec_config, [
+            f"data.train={json.dumps(str(root / cfg.shapes))}", f"train.output_dir={json.dumps(str(out / run.name))}",
+            *cfg.overrides, *run.overrides])
+        final = out / run.name / "final"
+        if not (final / "config.json").is_file():
+            print(f"== beta study: {run.name}", flush=True)
+            reset_accelerate_state()
+            train_codec(codec_cfg, resume="latest")
+            reset_accelerate_state()
+        vae = load_codec(final, allow_conditional=True)
+        size = codec_cfg.data.val_size
+        if size not in heldout:
+            heldout[size] = heldout_shapes(cfg.heldout_count, cfg.heldout_seed, size)
+        images, captions = heldout[size]
+        conditions = prior_conditions = prior_captions = None
+        if is_conditional(vae):
+            if vae.config.condition != "text":
+                raise ConfigError(f"run {run.name}: the study scores text-conditioned codecs only "
+                                  "(prompts are captions)")
+            text = TextConditions(vae.config.text_encoder, vae.config.text_max_length)
+            prior_captions = [captions[k % len(captions)] for k in range(cfg.prior_samples)]
+            conditions, prior_conditions = text(captions), text(prior_captions)
+        numbers, samples = measure_codec(vae, images, conditions, prior_conditions, prior_captions, cfg.prior_samples)
+        history = json.loads((final / "codec_training.json").read_text())
+        loss = history["config"]["loss"]
+        model = history["config"]["model"]
+        condition = model["condition"]
+        if condition != "none":  # runs recorded before the key were concatenations
+            condition = f"{condition} ({model.get('condition_injection', 'concat')})"
+        numbers.update(name=run.name, beta=loss["kl_weight"], schedule=loss["kl_schedule"], condition=condition,
+                       steps=history["steps"])
+        save_png(_grid(samples[:16]), out / prior_file(run.name))
+        results.append(numbers)
+        print(f"  {run.name}: {_line(numbers)}", flush=True)
+    summary = {"runs": results, "heldout": {"count": cfg.heldout_count, "seed": cfg.heldout_seed}}
+    write_text_atomically(out / "results.json", json.dumps(summary, indent=2))
+    plot_rate_distortion(results, out / "rate_distortion.png")
+    write_text_atomically(out / "report.md", report_markdown(results, cfg))
+    return summary
+
+
+def prior_file(name: str) -> str:
+    """prior_<name>.png with every character but letters, digits, '.' and '-' as '_' (Markdown links break on
+    spaces)."""
+    return "prior_" + re.sub(r"[^A-Za-z0-9.\-]", "_", name) + ".png"
+
+
+def _grid(samples: torch.Tensor):
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid((samples.float().cpu() + 1) / 2, nrow=8, padding=2, pad_value=1.0)
+    return Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+
+
+def _line(n: dict) -> str:
+    text = (f"PSNR {n['psnr_db']:.2f} dB, rate {n['rate_bits']:.0f} bits/image, active channels "
+            f"{n['active_channels']}/{n['latent_channels']}, prior one shape {n['prior_one_shape_percent']:.0f}%")
+    if "prior_adherence_percent" in n:
+        text += ", prior adherence " + "/".join(f"{n['prior_adherence_percent'][a]:.0f}" for a in ATTRIBUTES)
+    return text
+
+
+def plot_rate_distortion(results: list[dict], path: Path) -> Path:
+    """Rate (bits per image, log axis) against distortion (PSNR), each point named by its run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        marker = "s" if r["condition"] != "none" else ("o" if r["schedule"] == "constant" else "^")
+        ax.scatter(max(r["rate_bits"], 1e-2), r["psnr_db"], marker=marker, s=40)
+        ax.annotate(r["name"], (max(r["rate_bits"], 1e-2), r["psnr_db"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set(xlabel="rate: KL(q(z|x) || N(0, I)), bits per image (log)", ylabel="distortion: held-out PSNR (dB)",
+           title="β trade-off on the shapes world (o constant, ^ annealed/cyclical, s conditional)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
+def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:
+    lines = [
+        "# β trade-off on the shapes world", "",
+        f"Codec preset `{cfg.codec_config}` on `{cfg.shapes}`, every run for the same budget; measured on "
+        f"{cfg.heldout_count} held-out shapes (seed {cfg.heldout_seed}) and {cfg.prior_samples} prior samples.", "",
+        "| run | β | schedule | condition | steps | PSNR (dB) | rate (bits/image) | active channels | "
+        "prior: one shape | prior adherence c/p/s/b |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        adherence = ("/".join(f"{r['prior_adherence_percent'][a]:.0f}" for a in ATTRIBUTES)
+                     if "prior_adherence_percent" in r else "-")
+        lines.append(f"| {r['name']} | {r['beta']:g} | {r['schedule']} | {r['condition']} | {r['steps']} | "
+                     f"{r['psnr_db']:.2f} | {r['rate_bits']:.1f} | {r['active_channels']}/{r['latent_channels']} | "
+                     f"{r['prior_one_shape_percent']:.0f}% | {adherence} |")
+    lines += ["", "![rate against distortion](rate_distortion.png)", ""]
+    lines += ["Prior samples, z ~ N(0, I) decoded (the CVAE's with the held-out captions), one grid per run:", ""]
+    lines += [f"`{r['name']}`: ![prior samples of {r['name']}]({prior_file(r['name'])})" for r in results]
+    return "\n".join(lines) + "\n"
