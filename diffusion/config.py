@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codec.common.config import ConfigError, check_choice, check_loop_settings, load_config
+from codec.common.config import ConfigError, check_choice, load_config
+from codec.common.loop import LoopSettings
 from codec.common.optim import OptimConfig as SharedOptimConfig
 
 UNET_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
@@ -117,19 +118,15 @@ class OptimConfig(SharedOptimConfig):
 
 
 @dataclass
-class TrainConfig:
-    seed: int = 0
-    batch_size: int = 32  # per process; the global batch is batch_size * processes * grad_accum
-    grad_accum: int = 1
+class TrainConfig(LoopSettings):
+    """The loop settings both trainers share (codec/common/loop.py), with the diffusion defaults, and these."""
+
+    batch_size: int = 32
     max_steps: int = 10000
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
-    # How long a barrier or all-reduce waits for the slowest process before the run fails. torch's NCCL default
-    # (10 min) is shorter than some legitimate waits: one process writing a checkpoint, the export or validation.
-    process_group_timeout_minutes: float = 30.0
-    ema_decay: float | None = 0.9999  # null disables EMA; the export then holds the raw weights
+    ema_decay: float | None = 0.9999
     checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
     validate_every: int = 500  # eval loss on fixed noise + a sample grid decoded by the codec; 0 disables
+    output_dir: str = "runs/unet"
     eval_items: int = 16  # latents (with fixed draw-keyed noise and timesteps) in the eval loss
     # Held-out latent shards of the same codec for the eval loss (encoded like the training shards, from images the
     # U-Net never trains on); null: the first eval_items records of the training shards.
@@ -138,20 +135,14 @@ class TrainConfig:
     # eval_items latents and noise); empty: eval_items timesteps spread evenly over the schedule, one per latent.
     eval_timesteps: list[int] = field(default_factory=list)
     validate_samples: bool = True  # false: validation measures the loss only, no sample grid (for frequent evals)
-    log_every: int = 10
-    output_dir: str = "runs/unet"
     num_workers: int = 0  # shards are memory-mapped; workers rarely pay off
-    # Recompute the U-Net blocks' activations in the backward pass instead of storing them (diffusers'
-    # enable_gradient_checkpointing): less activation memory (larger batches or the sd shape on one GPU) for about
-    # one more forward pass of compute.
-    gradient_checkpointing: bool = False
     # Validation grid: these prompts (empty list: the first captions of the shards), sampled with DDIM.
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 25
     sample_guidance: float = 5.0
 
     def __post_init__(self) -> None:
-        check_loop_settings(self)
+        super().__post_init__()
         if self.eval_items < 1:
             raise ConfigError(f"train.eval_items must be >= 1, got {self.eval_items}")
         if len(set(self.eval_timesteps)) != len(self.eval_timesteps):

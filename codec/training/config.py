@@ -6,7 +6,8 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codec.common.config import ConfigError, check_choice, check_loop_settings, load_config
+from codec.common.config import ConfigError, check_choice, load_config
+from codec.common.loop import LoopSettings
 from codec.common.optim import OptimConfig
 from codec.measurement.equivariance import EQUIVARIANCE_KINDS, RESAMPLING
 
@@ -206,24 +207,12 @@ TRAINABLE = ("all", "decoder", "encoder")
 
 
 @dataclass
-class TrainConfig:
-    seed: int = 0
-    batch_size: int = 8  # per process; the global batch is batch_size * processes * grad_accum
-    grad_accum: int = 1
-    max_steps: int = 1000
+class TrainConfig(LoopSettings):
+    """The loop settings both trainers share (codec/common/loop.py, whose defaults are the codec's), and these."""
+
     # Optional wall-clock budget for training steps (validation excluded). The learning-rate schedule then
     # follows whichever runs out first; such runs are not bit-reproducible (they depend on machine speed).
     max_minutes: float | None = None
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
-    # How long a barrier or all-reduce waits for the slowest process before the run fails. torch's NCCL default
-    # (10 min) is shorter than some legitimate waits: one process writing a checkpoint, the export or validation.
-    process_group_timeout_minutes: float = 30.0
-    ema_decay: float | None = 0.999  # null disables EMA; the export then holds the raw weights
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    validate_every: int = 250
-    log_every: int = 10
-    output_dir: str = "runs/codec"
     # How the export sets the latent scale (statistics are measured and recorded in every case):
     # global: scaling_factor = 1/std | shift: shift_factor = mean and scaling_factor = 1/std (SD3/Flux) |
     # per_channel: latents_mean/std | keep: the parent's, untouched |
@@ -232,16 +221,13 @@ class TrainConfig:
     latent_norm: str = "auto"
     latent_stats_images: int = 64
     channels_last: bool = False
-    # Recompute each encoder/decoder block's activations in the backward pass instead of storing them (diffusers'
-    # enable_gradient_checkpointing): less activation memory for about one more forward pass of compute.
-    gradient_checkpointing: bool = False
     # What the optimizer updates. decoder: decoder + post_quant_conv (+ the learned NLL log-variance); the encoder
     # and quant_conv stay bit-identical, so the child's latents are the parent's and shards made with the parent
     # stay valid (how sd-vae-ft-mse was made). encoder: the mirror image (encoder + quant_conv).
     trainable: str = "all"  # all | decoder | encoder
 
     def __post_init__(self) -> None:
-        check_loop_settings(self)
+        super().__post_init__()
         check_choice("train.latent_norm", self.latent_norm, LATENT_NORMS)
         check_choice("train.trainable", self.trainable, TRAINABLE)
 
