@@ -203,6 +203,27 @@ def _final_layout(norm: nn.GroupNorm, anchor: float, signals: int, where: str) -
     return layout
 
 
+def _conv_in(half: nn.Module, anchor: float, signals: int, where: str, weight: torch.Tensor,
+             bias: torch.Tensor | None = None) -> tuple[Layout, Layout]:
+    """conv_in of the encoder or decoder `half` as signal pairs; returns (its layout, the last norm's layout).
+    The last norm's layout comes first: it decides how wide the early layers' layouts may be."""
+    final = _final_layout(half.conv_norm_out, anchor, signals, where)
+    layout = _best_layout(half.conv_in.out_channels, final)
+    _split_into_pairs(half.conv_in, layout, weight, bias)
+    return layout, final
+
+
+def _levels(blocks: nn.ModuleList, resamplers: str, layout: Layout, final: Layout, kernels: torch.Tensor) -> Layout:
+    """Each level's resnets, then its `resamplers` ("downsamplers" or "upsamplers") conv as kernels[level]."""
+    level = 0
+    for block in blocks:
+        layout = _resnets(block, layout, final)
+        for resampler in getattr(block, resamplers) or []:
+            _depthwise(resampler.conv, layout, layout, kernels[level])
+            level += 1
+    return layout
+
+
 def thumbnail_init(vae: AutoencoderKL, linear: LinearCodec | None = None, anchor: float = 10.0, offset: float = 16.0,
                    logvar: float = -12.0) -> AutoencoderKL:
     """Overwrite the main path of `vae` in place so it computes `linear` (default: the shipped fit, see the
@@ -218,15 +239,8 @@ def thumbnail_init(vae: AutoencoderKL, linear: LinearCodec | None = None, anchor
                          "channels (use model.init=random, or fit filters for it with scripts/fit_warm_start.py)")
 
     # ---- encoder: conv_in -> (resnets, down-sampling conv) per level -> mid -> norm -> SiLU -> conv_out
-    enc_final = _final_layout(enc.conv_norm_out, anchor, signals, "encoder")
-    layout = _best_layout(enc.conv_in.out_channels, enc_final)
-    _split_into_pairs(enc.conv_in, layout, linear.enc_in)
-    level = 0
-    for block in enc.down_blocks:
-        layout = _resnets(block, layout, enc_final)
-        for down in block.downsamplers or []:
-            _depthwise(down.conv, layout, layout, linear.enc_down[level])
-            level += 1
+    layout, enc_final = _conv_in(enc, anchor, signals, "encoder", linear.enc_in)
+    layout = _levels(enc.down_blocks, "downsamplers", layout, enc_final, linear.enc_down)
     layout = _mid_block(enc.mid_block, layout, enc_final)
     _read_out(enc.conv_norm_out, enc.conv_out, layout, enc_final, offset, "encoder", torch.eye(signals))
     with torch.no_grad():  # log-variance channels: a small constant σ, so sampling barely perturbs the latent
@@ -236,16 +250,9 @@ def thumbnail_init(vae: AutoencoderKL, linear: LinearCodec | None = None, anchor
     _identity_1x1(vae.post_quant_conv)
 
     # ---- decoder: conv_in -> mid -> (resnets, nearest x2 + conv) per level -> norm -> SiLU -> conv_out
-    dec_final = _final_layout(dec.conv_norm_out, anchor, signals, "decoder")
-    layout = _best_layout(dec.conv_in.out_channels, dec_final)
-    _split_into_pairs(dec.conv_in, layout, linear.dec_in, linear.dec_in_bias)
+    layout, dec_final = _conv_in(dec, anchor, signals, "decoder", linear.dec_in, linear.dec_in_bias)
     layout = _mid_block(dec.mid_block, layout, dec_final)
-    level = 0
-    for block in dec.up_blocks:
-        layout = _resnets(block, layout, dec_final)
-        for up in block.upsamplers or []:
-            _depthwise(up.conv, layout, layout, linear.dec_up[level])
-            level += 1
+    layout = _levels(dec.up_blocks, "upsamplers", layout, dec_final, linear.dec_up)
     _read_out(dec.conv_norm_out, dec.conv_out, layout, dec_final, offset, "decoder", linear.dec_out,
               linear.dec_out_bias)
     return vae
