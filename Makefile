@@ -25,7 +25,7 @@ test: setup
 # The whole mission on bundled data (configs/demo.yaml): shapes world -> codec -> evaluation -> shards ->
 # U-Net -> generation + prompt adherence -> runs/demo/report.md. Re-running resumes; `make clean` starts over.
 demo: setup
-	$(PY) scripts/demo.py --config configs/demo.yaml
+	$(PY) -m experiments.demo --config configs/demo.yaml
 
 clean:
 	rm -rf runs data/shapes .pytest_cache

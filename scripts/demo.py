@@ -1,43 +1,9 @@
 #!/usr/bin/env python
-"""The whole mission on bundled data: what `make demo` runs.
+"""Old name of `python -m experiments.demo` (the same flags), which runs from the checkout."""
 
-    shapes world -> train codec -> evaluate codec -> encode shards -> train U-Net -> generate + adherence -> report
-
-Budgets (image counts, minutes, steps, prompts) are in --config; raise them there on a GPU. Each stage is skipped
-when its output is complete and the trainers resume from checkpoints, so re-running continues an interrupted
-demo. Delete the output folder (`make clean`) to start over. The report is <output_dir>/report.md.
-
-    python scripts/demo.py                                   # configs/demo.yaml, about 25 minutes on 2 CPU cores
-    python scripts/demo.py --set output_dir=runs/demo2 --set shapes.count=400
-"""
-
-from __future__ import annotations
-
-import sys as _sys
-from pathlib import Path as _Path
-
-_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # experiments/ runs from the checkout
-
-import argparse
+import runpy
 import sys
+from pathlib import Path
 
-from codec.common.config import ConfigError
-from experiments.demo.run import load_demo_config, run_demo
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/demo.yaml", help="the demo's budgets (default configs/demo.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set unet.overrides=[train.max_steps=50] (repeatable)")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_demo_config(args.config, args.set)
-    except ConfigError as exc:
-        p.error(str(exc))
-    run_demo(cfg)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is not installed: it runs from a checkout
+runpy.run_module("experiments.demo", run_name="__main__", alter_sys=True)

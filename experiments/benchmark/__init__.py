@@ -1,4 +1,8 @@
-"""Measurements behind docs/benchmark.md (`scripts/benchmark.py`): not part of the toolkit a user imports.
+"""Measurements behind docs/benchmark.md (`python -m experiments.benchmark`): not part of the toolkit a user imports.
+
+    __main__.py            the command line: the whole run, or one part of it (--inference-options, ...)
+    gpu_check.py           every stage at the real sizes in bf16 on one CUDA device (`python -m
+                           experiments.benchmark.gpu_check`)
 
     run.py                 one whole run, section by section, into the results dict (and the U-Net, shard rows)
     codec.py               the codecs' FLOPs and encode/decode seconds, the small preset against TAESD, widths

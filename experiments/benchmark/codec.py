@@ -13,7 +13,8 @@ from diffusers import AutoencoderTiny
 from codec.network.fast import prepare_for_inference
 from codec.network.model import build_autoencoder
 from codec.training.config import load_codec_config
-from experiments.benchmark.common import PRESETS, ROOT, SIDE, progress
+from experiments import CHECKOUT
+from experiments.benchmark.common import PRESETS, SIDE, progress
 from experiments.benchmark.environment import matmul_peak
 from experiments.benchmark.timing import median_seconds, take_turns
 from experiments.benchmark.unet import forward_flops
@@ -28,7 +29,7 @@ def build_codec(name: str, device: str = "cpu") -> torch.nn.Module:
     with torch.device(device):
         if name == "taesd":
             return AutoencoderTiny()
-        return build_autoencoder(load_codec_config(ROOT / "configs" / "codec" / f"{name}.yaml").model)
+        return build_autoencoder(load_codec_config(CHECKOUT / "configs" / "codec" / f"{name}.yaml").model)
 
 
 def encode_fn(vae: torch.nn.Module):
@@ -119,7 +120,7 @@ def decode_head_to_head(rounds: int) -> dict:
 def architecture_candidates(rounds: int) -> list[dict]:
     """Decode cost of the small preset at each of CANDIDATE_WIDTHS (and without the mid-block attention),
     in turns with TAESD: parameters, GFLOP, median seconds, speed relative to TAESD, achieved GFLOP/s."""
-    base = load_codec_config(ROOT / "configs" / "codec" / "small.yaml").model
+    base = load_codec_config(CHECKOUT / "configs" / "codec" / "small.yaml").model
     configs = {"-".join(map(str, w)): dataclasses.replace(base, block_out_channels=list(w)) for w in CANDIDATE_WIDTHS}
     configs["32-64-128-128 without mid-block attention"] = dataclasses.replace(
         base, block_out_channels=[32, 64, 128, 128], mid_block_add_attention=False)

@@ -1,19 +1,18 @@
-"""What every section of the benchmark shares: the fixed sizes and presets it measures, where the repository's
+"""What every section of the benchmark shares: the fixed sizes and presets it measures, where the checkout's
 configs and photos are, and where progress goes."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-# The repository checkout: the presets live in its configs/ (the package is installed editable, not as a wheel).
-ROOT = Path(__file__).resolve().parents[2]
+from experiments import CHECKOUT
+
 PRESETS = ("tiny", "small", "kl-f8")
 SIDE = 512
 MEMORY_SIDE = 2048
 # The U-Net rows (latent vs pixel, shards vs on the fly, attention heads) all time the CPU default preset.
-UNET_CONFIG = ROOT / "configs" / "unet" / "small.yaml"
-BUNDLED_PHOTOS = ROOT / "data" / "bundled_photos"
+UNET_CONFIG = CHECKOUT / "configs" / "unet" / "small.yaml"
+BUNDLED_PHOTOS = CHECKOUT / "data" / "bundled_photos"
 
 
 def progress(message: str) -> None:

@@ -1,19 +1,24 @@
-"""The GPU check: every stage at the real network sizes, in bf16, for a few minutes, on one CUDA device.
+"""Check the toolkit on a CUDA GPU in a few minutes: every stage at the real network sizes, in bf16.
 
-    shapes world (256²) -> kl-f8 codec (bf16, GAN on, LPIPS off) -> shards (bf16 encode) -> sd-shaped U-Net (bf16)
-    -> text-to-image (bf16 weights)
+    python -m experiments.benchmark.gpu_check         # writes runs/gpu-check/gpu_check.md (+ .json, generated.png)
+
+Stages: a shapes-world dataset (512 images of 256x256) -> the kl-f8 codec trained in bf16 with LPIPS off and the
+patch-GAN on from step 150 of 300 -> shards encoded in bf16 -> the sd-shaped U-Net trained in bf16 for 200 steps
+-> text-to-image with bf16 weights. About 5 minutes on one H200.
 
 What it proves: the CUDA paths (bf16 autocast, TF32, SDPA, the fp32 loss regions, the upcast on overflow) run at
-scale and give finite numbers. What it measures: each stage's throughput and peak GPU memory. It fails (exit 1) on
-any non-finite loss, metric, latent or image; without CUDA it exits 2 (scripts/gpu_check.py). `tiny=True` swaps in
-the tiny presets and a few steps so the test suite can run the same code on a CPU.
+scale and give finite numbers. What it measures: each stage's throughput and peak GPU memory, printed per stage.
+It fails (exit 1) on any non-finite loss, metric, latent or image; without CUDA it exits 2 at once. `--tiny`
+(CheckPlan.tiny()) swaps in the tiny presets and a few steps so the test suite can run the same code on a CPU.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +30,8 @@ from safetensors.torch import load_file
 from codec.common.atomic import write_text_atomically
 from codec.common.distributed import reset_accelerate_state
 from codec.common.logs import read_history
+from experiments import CHECKOUT
 
-ROOT = Path(__file__).resolve().parents[2]
 MARKER = "gpu_check.json"
 PROMPTS = 4  # captions of unseen shapes-world scenes (seed 1; the training images are seed 0)
 
@@ -123,7 +128,7 @@ def check_codec(plan: CheckPlan, data: Path, out: Path) -> tuple[StageResult, Pa
         f"train.validate_every={plan.codec_steps}", f"train.checkpoint_every={plan.codec_steps}", "train.log_every=10",
         f"train.output_dir={out}", "train.latent_stats_images=64",
     ]
-    cfg = load_codec_config(ROOT / plan.codec_config, overrides)
+    cfg = load_codec_config(CHECKOUT / plan.codec_config, overrides)
     result, seconds = _timed_training(train_codec, cfg)
     problems = non_finite_history(out)
     problems += [f"validation {k}={v}" for k, v in result.metrics.items() if not math.isfinite(v)]
@@ -162,7 +167,7 @@ def check_unet(plan: CheckPlan, codec: Path, shards: Path, out: Path) -> tuple[S
         "train.mixed_precision=bf16", "train.validate_every=0", f"train.checkpoint_every={plan.unet_steps}",
         "train.log_every=10", f"train.output_dir={out}", "optim.warmup_steps=10",
     ]
-    cfg = load_unet_config(ROOT / plan.unet_config, overrides)
+    cfg = load_unet_config(CHECKOUT / plan.unet_config, overrides)
     result, seconds = _timed_training(train_unet, cfg)
     problems = non_finite_history(out)
     rate = _rate(read_history(out), "latents_per_s")
@@ -238,3 +243,28 @@ def run_gpu_check(out: Path, plan: CheckPlan) -> tuple[bool, str]:
     write_text_atomically(out / MARKER, json.dumps({"environment": environment,
                                                     "stages": [r.__dict__ for r in results]}, indent=2) + "\n")
     return all(r.finite for r in results), text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.benchmark.gpu_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/gpu-check", help="working folder, wiped at the start when it holds an "
+                   "earlier check (default runs/gpu-check); any other non-empty folder is refused")
+    p.add_argument("--tiny", action="store_true", help="tiny presets and a few steps, allowed without CUDA: for the "
+                   "test suite, which runs the same code on a CPU")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() and not args.tiny:
+        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine",
+              file=sys.stderr)
+        return 2
+    try:
+        finite, text = run_gpu_check(Path(args.out), CheckPlan.tiny() if args.tiny else CheckPlan())
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    return 0 if finite else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Peak memory of one 2048x2048 decode, tiled vs untiled: why codec.network.tiling exists.
 
-A process's resident high-water mark never goes down, so each case runs in a fresh process: the command-line
-entry point's hidden `--memory-case PRESET MODE SIDE` flag runs `memory_case` and prints its row as JSON.
+A process's resident high-water mark never goes down, so each case runs in a fresh process: `python -m
+experiments.benchmark --memory-case PRESET MODE SIDE` (a hidden flag) runs `memory_case` and prints its row as JSON.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import torch
 
 from codec.network.fast import prepare_for_inference
 from codec.network.tiling import tiled_decode
+from experiments import CHECKOUT
 from experiments.benchmark.codec import build_codec, latent_channels
-from experiments.benchmark.common import MEMORY_SIDE, ROOT, progress
+from experiments.benchmark.common import MEMORY_SIDE, progress
 
-ENTRY_POINT = ROOT / "scripts" / "benchmark.py"
+# The benchmark's own command line, run from the checkout (where `-m` finds experiments/).
+MEMORY_CASE = [sys.executable, "-m", "experiments.benchmark", "--memory-case"]
 
 
 def _proc_status_mb(field: str) -> float:
@@ -65,16 +67,16 @@ def memory_case(preset: str, mode: str, side: int) -> dict:
     }
 
 
-def memory_rows(quick: bool, entry_point: Path = ENTRY_POINT) -> list[dict]:
-    """Peak memory of a 2048x2048 decode, tiled vs untiled, each case a fresh `entry_point --memory-case`."""
+def memory_rows(quick: bool) -> list[dict]:
+    """Peak memory of a 2048x2048 decode, tiled vs untiled, each case a fresh `MEMORY_CASE` process."""
     cases = [("small", "untiled"), ("small", "tiled")]
     if not quick:
         cases.append(("small", "tiled-image"))  # one partial pass over the 25 tiles per GroupNorm: minutes
         cases.append(("kl-f8", "tiled"))  # untiled kl-f8 at 2048² needs tens of GB: the reason tiling exists
     rows = []
     for preset, mode in cases:
-        command = [sys.executable, str(entry_point), "--memory-case", preset, mode, str(MEMORY_SIDE)]
-        done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+        command = [*MEMORY_CASE, preset, mode, str(MEMORY_SIDE)]
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), cwd=CHECKOUT)
         if done.returncode != 0:
             raise RuntimeError(f"memory case {preset} {mode} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -1,4 +1,4 @@
-"""One whole benchmark run, as `scripts/benchmark.py` makes it: every section in order at the run's fixed
+"""One whole benchmark run, as `python -m experiments.benchmark` makes it: every section in order at the run's fixed
 settings (full or --quick), into the results dict that report.py renders and --json saves.
 
 The U-Net and shard modules are imported inside the functions that use them: every --memory-case child process
@@ -11,15 +11,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments import CHECKOUT
 from experiments.benchmark.codec import build_codec, codec_rows, decode_head_to_head
-from experiments.benchmark.common import BUNDLED_PHOTOS, ROOT, SIDE, UNET_CONFIG, progress
+from experiments.benchmark.common import BUNDLED_PHOTOS, SIDE, UNET_CONFIG, progress
 from experiments.benchmark.environment import environment, matmul_peak
 from experiments.benchmark.inference import inference_options
-from experiments.benchmark.memory import ENTRY_POINT, memory_rows
+from experiments.benchmark.memory import memory_rows
 
 
-def measure(quick: bool, entry_point: Path = ENTRY_POINT) -> dict:
-    """Every section, in the order the report shows them; `entry_point` runs the memory cases (--memory-case)."""
+def measure(quick: bool) -> dict:
+    """Every section, in the order the report shows them."""
     repeats = 2 if quick else 5
     started = time.perf_counter()
     results: dict = {"quick": quick, "repeats": repeats, "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -31,7 +32,7 @@ def measure(quick: bool, entry_point: Path = ENTRY_POINT) -> dict:
     progress("decode head to head: small vs TAESD")
     results["head_to_head"] = decode_head_to_head(rounds=5 if quick else 9)
     progress("memory")
-    results["memory"] = memory_rows(quick, entry_point)
+    results["memory"] = memory_rows(quick)
     progress("inference options")
     results["inference_options"] = inference_options(repeats=3 if quick else 7, try_compile=not quick)
     progress("shard encoding")
@@ -78,7 +79,7 @@ def diffusion_rows(quick: bool) -> dict:
 
     if quick:
         return {"status": "skipped in --quick: the pixel-space forward alone takes about 70 s"}
-    return {"status": "measured", "unet_config": str(UNET_CONFIG.relative_to(ROOT)),
+    return {"status": "measured", "unet_config": str(UNET_CONFIG.relative_to(CHECKOUT)),
             **benchmark_latent_vs_pixel(UNET_CONFIG)}
 
 
@@ -112,7 +113,7 @@ def training_rows(quick: bool) -> list[dict]:
                            num_workers=0, progress=False)
             result = benchmark_training_throughput(UNET_CONFIG, shards, codec_dir, batch_size=batch_size, steps=steps,
                                                    images_dir=train)
-        rows.append({"codec": name, "unet_config": str(UNET_CONFIG.relative_to(ROOT)), **result})
+        rows.append({"codec": name, "unet_config": str(UNET_CONFIG.relative_to(CHECKOUT)), **result})
         progress(f"  {name}: shards {result['shards_images_per_s']:.2f} images/s, on the fly "
                  f"{result['on_the_fly_images_per_s']:.2f} images/s, {result['speedup']:.1f}x")
     return rows

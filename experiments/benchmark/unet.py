@@ -1,5 +1,6 @@
 """Why latent diffusion: measured cost of the same U-Net in latent vs pixel space, and of training from shards vs
-encoding every batch on the fly. Importable functions returning plain dicts (scripts/benchmark.py prints them).
+encoding every batch on the fly. Importable functions returning plain dicts (`python -m experiments.benchmark`
+prints them).
 
 Timings on a shared CPU are noisy: each function measures both sides in the same call, so read the ratios.
 """

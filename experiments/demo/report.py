@@ -222,7 +222,7 @@ def write_report(cfg, paths, seconds: dict) -> Path:
     if study.is_file():
         lines += ["## The VAE itself: β and a conditional VAE", "",
                   "Codecs trained for one budget at several β with the exact likelihood (β = 1 is the ELBO), and a "
-                  "conditional VAE; measured on held-out shapes (scripts/beta_study.py).", "",
+                  "conditional VAE; measured on held-out shapes (experiments/demo/beta_study.py).", "",
                   _demote(study.read_text().strip().replace("](", f"]({paths.vae_study.relative_to(root)}/")), ""]
     lines += ["## Training curves", "", f"![curves]({plot.relative_to(root)})", ""]
     report = root / "report.md"

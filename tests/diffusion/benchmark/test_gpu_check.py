@@ -13,8 +13,8 @@ from tests.conftest import ROOT, reset_accelerate
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_without_cuda_the_gpu_check_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path / "check")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "experiments.benchmark.gpu_check", "--out", str(tmp_path / "check")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "no CUDA device" in proc.stderr
     assert not (tmp_path / "check").exists()  # refused before touching anything

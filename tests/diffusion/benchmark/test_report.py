@@ -1,4 +1,4 @@
-"""experiments/benchmark/report.py and scripts/benchmark.py --from-json: the report of a results dict."""
+"""experiments/benchmark/report.py and `python -m experiments.benchmark --from-json`: the report of a results dict."""
 
 def _codec_row(name: str, decode_s: float | None) -> dict:
     measured = decode_s is not None
@@ -47,7 +47,7 @@ def test_report_renders_every_section_from_the_results():
                     "## Inference-path options: the small preset, one 512x512 image", "## Shard encoding",
                     "## Diffusion training", "## U-Net training step: attention heads", "## Diffusion: the same U-Net"):
         assert f"\n{heading}" in text or text.startswith(heading), heading
-    assert text.startswith("Written by `scripts/benchmark.py` on 2026-01-02 03:04", len("# Benchmark\n\n"))
+    assert text.startswith("Written by `python -m experiments.benchmark` on 2026-01-02 03:04", len("# Benchmark\n\n"))
     assert "**172 GFLOP/s**" in text
     # A table row: numbers to the column's precision, fractions of the matmul peak as percentages.
     assert "\n| small preset | AutoencoderKL | 12.3 | 102 / 310 | 0.512 | 0.876 | 198 / 354 | 170 | 46 / 66 |\n" in text
@@ -66,7 +66,7 @@ def test_quick_report_shows_what_was_not_measured():
     from experiments.benchmark.report import markdown
 
     text = markdown(_results(quick=True))
-    assert text.startswith("# Benchmark\n\nWritten by `scripts/benchmark.py --quick` on")
+    assert text.startswith("# Benchmark\n\nWritten by `python -m experiments.benchmark --quick` on")
     # Not measured shows as "–", whatever the column's precision.
     kl_f8_row = ("| kl-f8 preset (= SD's AutoencoderKL) | AutoencoderKL | 12.3 | 102 / 310 | 0.512 | – | 198 / – | "
                  "170 | 46 / – |")
@@ -78,17 +78,13 @@ def test_quick_report_shows_what_was_not_measured():
 
 
 def test_from_json_rewrites_the_report_of_a_saved_run_without_measuring(tmp_path, capsys):
-    import importlib.util
     import json
 
+    from experiments.benchmark.__main__ import main
     from experiments.benchmark.report import markdown
-    from tests.conftest import ROOT
 
-    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     saved, out = tmp_path / "results.json", tmp_path / "report" / "benchmark.md"
     saved.write_text(json.dumps(_results(quick=True)))
-    assert script.main(["--from-json", str(saved), "--out", str(out)]) == 0
+    assert main(["--from-json", str(saved), "--out", str(out)]) == 0
     assert out.read_text() == markdown(_results(quick=True))
     assert f"written to {out} from {saved}" in capsys.readouterr().out

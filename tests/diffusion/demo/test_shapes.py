@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 from collections import Counter
@@ -26,7 +25,7 @@ from experiments.demo.shapes import (
     scenes,
     write_shapes_dataset,
 )
-from tests.conftest import ROOT
+from experiments.demo.shapes import main as make_shapes
 
 
 def pixels(scene: ShapeScene, size: int) -> np.ndarray:
@@ -144,21 +143,13 @@ def test_saved_dataset_round_trips_through_the_codec_loader(tmp_path):
         write_shapes_dataset(out, count=10, seed=3, size=32)
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("make_shapes_script", ROOT / "scripts" / "make_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_command_line(tmp_path, capsys):
-    script = load_script()
     with pytest.raises(SystemExit) as help_exit:
-        script.parse_args(["--help"])
+        make_shapes(["--help"])
     assert help_exit.value.code == 0
     text = capsys.readouterr().out
     assert all(flag in text for flag in ("--out", "--count", "--seed", "--size", "--preview"))
-    assert script.main(["--out", str(tmp_path / "s"), "--count", "3", "--size", "16",
-                             "--preview", str(tmp_path / "p.png")]) == 0
+    assert make_shapes(["--out", str(tmp_path / "s"), "--count", "3", "--size", "16",
+                        "--preview", str(tmp_path / "p.png")]) == 0
     assert "3 images of 16x16 (seed 0)" in capsys.readouterr().out and (tmp_path / "p.png").stat().st_size > 0
-    assert script.main(["--out", str(tmp_path / "s"), "--count", "4", "--size", "16"]) == 2
+    assert make_shapes(["--out", str(tmp_path / "s"), "--count", "4", "--size", "16"]) == 2
