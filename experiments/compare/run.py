@@ -8,7 +8,7 @@
 Fair by construction: every U-Net has the same config, seed (so the same initial weights when the codecs'
 latents have the same shape), data order (draws keyed by seed and record, diffusion/draws.py), noise, timesteps
 and held-out examples; each learns its codec's latents scaled by its own shards' factor, and the eval loss of
-held-out shards takes that factor too. The encoders and trainers run as the commands a user runs (scripts/*.py,
+held-out shards takes that factor too. The encoders and trainers run as the command a user runs (`latent-codec`,
 a subprocess each, optionally under `accelerate launch`); every stage is skipped when its output is complete, and
 the trainers resume from their latest checkpoint, so re-running the same command continues an interrupted A/B.
 """
@@ -25,9 +25,8 @@ from pathlib import Path
 from codec.common.atomic import folder_atomically, write_text_atomically
 from codec.common.config import ConfigError
 from codec.common.logs import read_history
+from experiments import CHECKOUT
 from experiments.compare.report import MEAN, curve, plot_losses, race, report_markdown
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -61,12 +60,14 @@ class CompareSettings:
 
 def _run(cmd: list[str]) -> None:
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, cwd=CHECKOUT)
 
 
-def _command(settings: CompareSettings, script: str) -> list[str]:
+def _command(settings: CompareSettings, group: str, verb: str) -> list[str]:
+    """`latent-codec <group> <verb>` run as a module: under this Python, or after the --launch prefix (`accelerate
+    launch` takes -m too)."""
     prefix = shlex.split(settings.launch) if settings.launch else [sys.executable]
-    return [*prefix, str(ROOT / "scripts" / script)]
+    return [*prefix, "-m", "latent_codec", group, verb]
 
 
 def split_data(settings: CompareSettings, out: Path) -> tuple[Path, Path, int]:
@@ -108,15 +109,15 @@ def unet_command(settings: CompareSettings, name: str, codec: str, paths: dict) 
             f"train.validate_every={settings.eval_every}", f"train.eval_shards={paths['heldout_shards']}",
             f"train.eval_timesteps=[{','.join(map(str, settings.eval_timesteps))}]",
             f"train.eval_items={settings.heldout}", "train.validate_samples=false"]
-    return [*_command(settings, "train_unet.py"), "--config", str(ROOT / settings.unet_config), "--shards",
-            str(paths["shards"]), "--codec", codec, "--output-dir", str(paths["unet"]), "--resume", "latest",
+    return [*_command(settings, "unet", "train"), "--config", str(CHECKOUT / settings.unet_config), "--shards",
+            str(paths["shards"]), "--codec", codec, "--out", str(paths["unet"]), "--resume", "latest",
             *[a for s in sets for a in ("--set", s)]]
 
 
 def _encode(settings: CompareSettings, codec: str, data: Path, out: Path) -> None:
     if (out / "manifest.json").is_file():
         return
-    _run([*_command(settings, "encode_dataset.py"), "--codec", codec, "--data", str(data), "--out", str(out),
+    _run([*_command(settings, "shards", "encode"), "--codec", codec, "--data", str(data), "--out", str(out),
           "--resolution", str(settings.resolution), "--batch-size", str(settings.encode_batch_size),
           "--seed", str(settings.seed)])
 

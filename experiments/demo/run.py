@@ -5,7 +5,7 @@
     shards -> train U-Net from shards -> generate for fixed prompts (U-Net and CVAE prior) + score adherence
     -> report.md
 
-The first five stages run the same commands a user runs (scripts/*.py, in a subprocess each). Generation and
+The first five stages run the same command a user runs (`latent-codec`, in a subprocess each). Generation and
 scoring run in this process (report.py), through the pipeline class a user loads
 (LatentDiffusionPipeline.from_pretrained), because each prompt is drawn twice from the same noise, with and
 without its text, and every image is scored as it is made.
@@ -25,8 +25,7 @@ from pathlib import Path
 
 from codec.common.atomic import write_text_atomically
 from codec.common.config import ConfigError, load_config
-
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: scripts/ and configs/ are beside the packages
+from experiments import CHECKOUT
 
 
 @dataclass
@@ -53,7 +52,7 @@ class EvaluateStage:
 
 @dataclass
 class VAEStudyStage:
-    # scripts/beta_study.py's config; `overrides` are --set assignments of that config (not of the codec's).
+    # experiments.demo.beta_study's config; `overrides` are --set assignments of that config (not of the codec's).
     config: str = "configs/beta_study.yaml"
     overrides: list[str] = field(default_factory=list)
     cvae_run: str = "cvae beta=1"  # the study run whose conditional codec draws prior samples for the prompts
@@ -151,11 +150,17 @@ class Paths:
 
 def _run(cmd: list[str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, cwd=CHECKOUT)
 
 
-def _script(name: str) -> list[str]:
-    return [sys.executable, str(ROOT / "scripts" / name)]
+def _latent_codec(group: str, verb: str) -> list[str]:
+    """The installed command, run as a module of this Python (the one the demo runs under)."""
+    return [sys.executable, "-m", "latent_codec", group, verb]
+
+
+def _experiment(module: str) -> list[str]:
+    """An experiment of this checkout; it runs with cwd at the checkout, so `-m` finds experiments/ there."""
+    return [sys.executable, "-m", module]
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -185,44 +190,44 @@ def run_demo(cfg: DemoConfig) -> Path:
     """Run (or resume) every stage; returns the report's path."""
     from experiments.demo.report import generate_and_score, write_report  # heavy imports only when running
 
-    paths = Paths(ROOT / cfg.output_dir)
+    paths = Paths(CHECKOUT / cfg.output_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
     clock = StageClock(paths.stages)
-    shapes_dir = ROOT / cfg.shapes.out
+    shapes_dir = CHECKOUT / cfg.shapes.out
 
     clock.run("shapes world", (shapes_dir / "shapes.json").exists(), lambda: _run(
-        _script("make_shapes.py") + ["--out", str(shapes_dir), "--count", str(cfg.shapes.count), "--seed",
-                                     str(cfg.shapes.seed), "--size", str(cfg.shapes.size),
-                                     "--preview", str(paths.root / "shapes_preview.png")]))
+        _experiment("experiments.demo.shapes") + [
+            "--out", str(shapes_dir), "--count", str(cfg.shapes.count), "--seed", str(cfg.shapes.seed),
+            "--size", str(cfg.shapes.size), "--preview", str(paths.root / "shapes_preview.png")]))
     clock.run("codec training", (paths.codec / "config.json").exists(), lambda: _run(
-        _script("train_codec.py") + ["--config", str(ROOT / cfg.codec.config), "--output-dir", str(paths.codec_run),
-                                     "--resume", "latest", *_sets(cfg.codec.overrides)]))
+        _latent_codec("codec", "train") + ["--config", str(CHECKOUT / cfg.codec.config), "--out", str(paths.codec_run),
+                                           "--resume", "latest", *_sets(cfg.codec.overrides)]))
     clock.run("codec evaluation", (paths.evaluation / "summary.json").exists(), lambda: _run(
-        _script("evaluate_codec.py") + ["--codec", str(paths.codec), "--data", "bundled",
-                                        "--bundled-dir", cfg.evaluate.bundled_dir,
-                                        "--resolution", str(cfg.evaluate.resolution),
-                                        "--out", str(paths.evaluation)]))
+        _latent_codec("codec", "evaluate") + ["--codec", str(paths.codec), "--data", "bundled",
+                                              "--bundled-dir", cfg.evaluate.bundled_dir,
+                                              "--resolution", str(cfg.evaluate.resolution),
+                                              "--out", str(paths.evaluation)]))
     # The codec the U-Net's shards and pipeline use: the decoder fine-tune when the demo makes one (same encoder).
     diffusion_codec = paths.codec
     if cfg.shapes_decoder.config:
         diffusion_codec = paths.shapes_decoder_run / "final"
         clock.run("shapes decoder", (diffusion_codec / "config.json").exists(), lambda: _run(
-            _script("train_codec.py") + ["--config", str(ROOT / cfg.shapes_decoder.config),
-                                         "--pretrained", str(paths.codec),
-                                         "--data", str(shapes_dir), "--output-dir", str(paths.shapes_decoder_run),
-                                         "--resume", "latest", *_sets(cfg.shapes_decoder.overrides)]))
+            _latent_codec("codec", "train") + ["--config", str(CHECKOUT / cfg.shapes_decoder.config),
+                                               "--pretrained", str(paths.codec),
+                                               "--data", str(shapes_dir), "--out", str(paths.shapes_decoder_run),
+                                               "--resume", "latest", *_sets(cfg.shapes_decoder.overrides)]))
     clock.run("VAE study (β, CVAE)", (paths.vae_study / "results.json").exists(), lambda: _run(
-        _script("beta_study.py") + ["--config", str(ROOT / cfg.vae_study.config), "--set",
-                                    f"output_dir={paths.vae_study}", "--set", f"shapes={shapes_dir}",
-                                    *_sets(cfg.vae_study.overrides)]))
+        _experiment("experiments.demo.beta_study") + [
+            "--config", str(CHECKOUT / cfg.vae_study.config), "--set", f"output_dir={paths.vae_study}",
+            "--set", f"shapes={shapes_dir}", *_sets(cfg.vae_study.overrides)]))
     clock.run("encode shards", (paths.shards / "manifest.json").exists(), lambda: _run(
-        _script("encode_dataset.py") + ["--codec", str(diffusion_codec), "--data", str(shapes_dir),
-                                        "--out", str(paths.shards), "--resolution", str(cfg.encode.resolution),
-                                        "--batch-size", str(cfg.encode.batch_size)]))
+        _latent_codec("shards", "encode") + ["--codec", str(diffusion_codec), "--data", str(shapes_dir),
+                                             "--out", str(paths.shards), "--resolution", str(cfg.encode.resolution),
+                                             "--batch-size", str(cfg.encode.batch_size)]))
     clock.run("U-Net training", (paths.pipeline / "model_index.json").exists(), lambda: _run(
-        _script("train_unet.py") + ["--config", str(ROOT / cfg.unet.config), "--shards", str(paths.shards), "--codec",
-                                    str(diffusion_codec), "--output-dir", str(paths.unet_run), "--resume", "latest",
-                                    *_sets(cfg.unet.overrides)]))
+        _latent_codec("unet", "train") + ["--config", str(CHECKOUT / cfg.unet.config), "--shards", str(paths.shards),
+                                          "--codec", str(diffusion_codec), "--out", str(paths.unet_run),
+                                          "--resume", "latest", *_sets(cfg.unet.overrides)]))
     clock.run("generate + adherence", (paths.generated / "adherence.json").exists(),
               lambda: generate_and_score(paths.pipeline, cfg.generate, paths.generated,
                                          cvae_dir=paths.vae_study / cfg.vae_study.cvae_run / "final"))

@@ -7,9 +7,10 @@ import torch
 
 from codec.network.model import build_autoencoder
 from codec.training.config import load_codec_config
+from experiments.compare.__main__ import main
 from experiments.compare.report import curve, race, steps_to_reach
 from experiments.demo.shapes import write_shapes_dataset
-from tests.conftest import CONFIGS, load_script
+from tests.conftest import CONFIGS
 
 
 def test_steps_to_reach_interpolates_between_evaluations():
@@ -51,7 +52,6 @@ def test_the_ab_writes_its_report_and_continues_where_it_stopped(two_codecs, tmp
             "--data", str(world), "--steps", "4", "--eval-every", "2", "--heldout", "4", "--out", str(out),
             "--unet-config", "configs/unet/tiny.yaml", "--set", "train.batch_size=4",
             "--adherence-prompts", "2", "--images-per-prompt", "1", "--sample-steps", "2", "--analysis-images", "4"]
-    main = load_script("compare_codecs").main
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["codecs"]) == ["a", "b"] and results["settings"]["train_images"] == 16
