@@ -39,6 +39,7 @@ from codec.common.config import ConfigError, to_dict
 from codec.common.distributed import make_accelerator
 from codec.common.draws import DrawSampler
 from codec.common.logs import append_history, flat_hparams, start_run_logging, stop_run_logging
+from codec.common.loop import LoopResult
 from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
 from codec.exchange.pipeline import LatentDiffusionPipeline, latent_norm, make_sampler
 from codec.measurement.evaluate import save_png
@@ -59,10 +60,8 @@ log = logging.getLogger("diffusion.train")
 
 
 @dataclass
-class TrainResult:
+class TrainResult(LoopResult):
     pipeline: Path  # the exported pipeline folder
-    step: int
-    metrics: dict  # the last validation's numbers (EMA weights, the same that are exported)
     history: list = field(default_factory=list)  # every validation's (step, metrics)
 
 

@@ -1,4 +1,4 @@
-"""What both trainers' loops share: the `train:` section's loop settings."""
+"""What both trainers' loops share: the `train:` section's loop settings and what a finished loop returns."""
 
 from __future__ import annotations
 
@@ -36,3 +36,10 @@ class LoopSettings:
     def __post_init__(self) -> None:
         check_loop_settings(self)
 
+
+@dataclass
+class LoopResult:
+    """What every trainer returns; each adds the folder it exported."""
+
+    step: int
+    metrics: dict  # the last validation's numbers (EMA weights, the same that are exported)

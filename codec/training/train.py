@@ -37,6 +37,7 @@ from codec.common.config import ConfigError, to_dict
 from codec.common.distributed import agreed_seconds, make_accelerator
 from codec.common.draws import DrawSampler
 from codec.common.logs import append_history, flat_hparams, start_run_logging, stop_run_logging
+from codec.common.loop import LoopResult
 from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
 from codec.data import CenterCrops, TrainCrops, bundled_photos, load_image_dataset
 from codec.data.crops import mirror_caption
@@ -74,10 +75,8 @@ log = logging.getLogger("codec.training.train")
 
 
 @dataclass
-class TrainResult:
+class TrainResult(LoopResult):
     final: Path  # the exported diffusers folder
-    step: int
-    metrics: dict  # the last validation's numbers (EMA weights, the same that are exported)
 
 
 @dataclass
