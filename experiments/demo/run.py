@@ -101,51 +101,24 @@ def load_demo_config(path: str | Path, overrides: list[str] | tuple[str, ...] = 
     return load_config(DemoConfig, path, overrides)
 
 
-@dataclass
+# Where every stage writes, relative to the demo's output folder.
+LAYOUT = {
+    "codec_run": "codec", "codec": "codec/final", "evaluation": "evaluation", "shapes_decoder_run": "shapes-decoder",
+    "vae_study": "vae-study", "shards": "shards", "unet_run": "unet", "pipeline": "unet/pipeline",
+    "generated": "generated", "stages": "stages.json",
+}
+
+
+@dataclass(frozen=True)
 class Paths:
-    """Where every stage writes, under the demo's output folder."""
+    """Where every stage writes, under the demo's output folder: `paths.codec` is root / LAYOUT["codec"]."""
 
     root: Path
 
-    @property
-    def codec_run(self) -> Path:
-        return self.root / "codec"
-
-    @property
-    def codec(self) -> Path:
-        return self.root / "codec" / "final"
-
-    @property
-    def evaluation(self) -> Path:
-        return self.root / "evaluation"
-
-    @property
-    def shapes_decoder_run(self) -> Path:
-        return self.root / "shapes-decoder"
-
-    @property
-    def vae_study(self) -> Path:
-        return self.root / "vae-study"
-
-    @property
-    def shards(self) -> Path:
-        return self.root / "shards"
-
-    @property
-    def unet_run(self) -> Path:
-        return self.root / "unet"
-
-    @property
-    def pipeline(self) -> Path:
-        return self.root / "unet" / "pipeline"
-
-    @property
-    def generated(self) -> Path:
-        return self.root / "generated"
-
-    @property
-    def stages(self) -> Path:
-        return self.root / "stages.json"
+    def __getattr__(self, name: str) -> Path:
+        if name in LAYOUT:
+            return self.root / LAYOUT[name]
+        raise AttributeError(name)
 
 
 def _run(cmd: list[str]) -> None:
