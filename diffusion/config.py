@@ -151,7 +151,7 @@ class TrainConfig(LoopSettings):
 
 @dataclass
 class UNetTrainingConfig:
-    shards: str | None = None  # latent shards folder (scripts/encode_dataset.py); --shards sets it
+    shards: str | None = None  # latent shards folder (`latent-codec shards encode`); --shards sets it
     codec: str | None = None  # the codec folder that wrote them (decoder for samples, exported vae); --codec
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)

@@ -1,8 +1,8 @@
 """Train the text-conditioned latent U-Net on latent shards: one loop, top to bottom.
 
-Run it through `accelerate launch scripts/train_unet.py --config configs/unet/small.yaml --shards S --codec C`.
+Run it through `accelerate launch -m latent_codec unet train --config small --shards S --codec C`.
 The codec stays frozen and its encoder is never run: the shards already hold every image's posterior
-(scripts/encode_dataset.py). The decoder is loaded only to draw validation samples, and the whole codec is
+(`latent-codec shards encode`). The decoder is loaded only to draw validation samples, and the whole codec is
 copied into the exported pipeline folder.
 
 Reproducibility by construction, as in codec/training/train.py: every training example is a global draw number that
@@ -86,7 +86,7 @@ def codec_for_shards(codec_dir: str, shards_dir: str) -> tuple[AutoencoderKL, La
     if vae.config.latent_channels != shard_channels:
         raise ConfigError(f"--codec {codec_dir} makes {vae.config.latent_channels}-channel latents but {shards_dir} "
                           f"holds {shard_channels}-channel ones: pass the codec that encoded them, or re-encode the "
-                          f"dataset with scripts/encode_dataset.py --codec {codec_dir}")
+                          f"dataset with `latent-codec shards encode --codec {codec_dir}`")
     identity = codec_identity(vae)
     shards = LatentShards(shards_dir, verify_codec=identity, verify_encoder=encoder_identity(vae))
     had = latent_norm(vae.config)

@@ -111,3 +111,10 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def command(words: str):
+    """`latent-codec <words> ...` in-process, as main(argv) -> exit status (argparse errors raise SystemExit(2))."""
+    from latent_codec.cli import main
+
+    return lambda argv: main([*words.split(), *map(str, argv)])

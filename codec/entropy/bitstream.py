@@ -70,7 +70,7 @@ def unpack(data: bytes, source: str) -> tuple[Header, np.ndarray]:
         raise BitstreamError(f"{source}: truncated ({len(data)} bytes)")
     if data[: len(MAGIC)] != MAGIC:
         raise BitstreamError(f"{source}: not a compressed image of this codec toolkit (no {MAGIC.decode()} magic); "
-                             f"scripts/compress.py writes them")
+                             f"`latent-codec compress` writes them")
     if len(data) < OVERHEAD_BYTES:
         raise BitstreamError(f"{source}: truncated ({len(data)} bytes, shorter than the {OVERHEAD_BYTES}-byte header "
                              f"and checksum)")

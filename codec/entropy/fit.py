@@ -17,6 +17,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -33,11 +34,11 @@ CHANNEL_BASES = ("identity", "klt")
 @dataclass
 class FitSettings:
     kind: str = "context"
-    steps: int = 2000
+    max_steps: int = 2000
     batch_size: int = 16
     lr: float = 3e-3
-    step_min: float = 1 / 16  # Δ range in normalised (unit-variance) latent units
-    step_max: float = 2.0
+    delta_min: float = 1 / 16  # Δ range in normalised (unit-variance) latent units
+    delta_max: float = 2.0
     components: int = 3  # factorized: logistics per channel
     groups: int = 4  # context: channel groups (at most the latent channels)
     hidden: int = 32  # context: width of each pass's network
@@ -53,10 +54,10 @@ class FitSettings:
         check_choice("--spatial", self.spatial, SPATIAL)
         if not 0 <= self.levels <= 4:
             raise ConfigError(f"--levels: expected 0 to 4, got {self.levels}")
-        if not 0 < self.step_min <= self.step_max:
-            raise ConfigError(f"step range: need 0 < --step-min <= --step-max, got {self.step_min}, {self.step_max}")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("--steps and --batch-size must be >= 1 and --lr > 0")
+        if not 0 < self.delta_min <= self.delta_max:
+            raise ConfigError(f"Δ range: need 0 < delta_min <= delta_max, got {self.delta_min}, {self.delta_max}")
+        if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("max_steps and batch_size must be >= 1 and lr > 0")
 
 
 def network_for(settings: FitSettings, channels: int):
@@ -86,14 +87,15 @@ def draw_batch(shards: LatentShards, settings: FitSettings, generator: torch.Gen
     z = torch.stack([shards.scale(shards[i]["mean"]) for i in rows])
     if transform is not None:
         z = transform.forward(z).float()
-    low, high = math.log(settings.step_min), math.log(settings.step_max)
+    low, high = math.log(settings.delta_min), math.log(settings.delta_max)
     step = torch.exp(low + (high - low) * torch.rand(len(rows), 1, 1, 1, generator=generator))
     return torch.round(z / step), step
 
 
 def fit_entropy_model(shards_dir: str | os.PathLike, out: str | os.PathLike, settings: FitSettings,
                       log: Callable[[str], None] = print) -> str:
-    """Fit the model `settings` describes on the shards and write it to `out`; returns the model's identity."""
+    """Fit the model `settings` describes on the shards and write it to the file `out` (its folder created);
+    returns the model's identity."""
     settings.check()
     shards = LatentShards(shards_dir)
     if len(shards) == 0:
@@ -110,20 +112,21 @@ def fit_entropy_model(shards_dir: str | os.PathLike, out: str | os.PathLike, set
     network = network_for(settings, coded[0]).train()
     optimizer = torch.optim.Adam(network.parameters(), lr=settings.lr)
     recent = []
-    for step in range(settings.steps):
+    for step in range(settings.max_steps):
         for group in optimizer.param_groups:  # cosine decay to a tenth: the last steps settle instead of jitter
-            group["lr"] = settings.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / settings.steps)))
+            group["lr"] = settings.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / settings.max_steps)))
         y, delta = draw_batch(shards, settings, generator, transform)
         loss = bits(network.bin_probability(y, delta)).mean()  # bits per latent element
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         recent = (recent + [loss.item()])[-settings.log_every:]
-        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-            log(f"step {step + 1}/{settings.steps}: {sum(recent) / len(recent):.4f} bits per latent element")
+        if (step + 1) % settings.log_every == 0 or step + 1 == settings.max_steps:
+            log(f"step {step + 1}/{settings.max_steps}: {sum(recent) / len(recent):.4f} bits per latent element")
     codec = shards.manifest["codec"]
-    fit = {**dataclasses.asdict(settings), "step_range": [settings.step_min, settings.step_max],
+    fit = {**dataclasses.asdict(settings), "step_range": [settings.delta_min, settings.delta_max],
            "shards": str(shards_dir), "records": len(shards), "final_bits_per_element": sum(recent) / len(recent)}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # only now: a refused fit leaves no folder behind
     return save_model(network.eval(), out, codec_identity=codec["identity"],
                       encoder_identity=codec.get("encoder_identity"), normalisation=shards.normalisation, fit=fit,
                       transform=transform)

@@ -275,7 +275,7 @@ def load_model(path: str | os.PathLike) -> ProbabilityModel:
     path = Path(path)
     if not path.is_file():
         raise EntropyModelError(f"--model {path}: no such file; fit one with "
-                                f"scripts/fit_entropy_model.py --shards <latent shards> --out {path}")
+                                f"`latent-codec entropy fit --shards <latent shards> --out <folder>`")
     try:
         with safe_open(str(path), framework="pt") as handle:
             stored = (handle.metadata() or {}).get(METADATA_KEY)
@@ -288,7 +288,7 @@ def load_model(path: str | os.PathLike) -> ProbabilityModel:
         metadata = None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise EntropyModelError(f"--model {path}: not an entropy model file of format {FORMAT} (no "
-                                f"'{METADATA_KEY}' metadata); fit one with scripts/fit_entropy_model.py")
+                                f"'{METADATA_KEY}' metadata); fit one with `latent-codec entropy fit`")
     network = build_network(metadata["kind"], metadata["config"])
     weights = {name: t for name, t in tensors.items() if name != BASIS_KEY}
     transform = None
@@ -317,5 +317,5 @@ def check_model_codec(model: ProbabilityModel, codec_identity: str, encoder_iden
         raise EntropyModelError(
             f"--model {model.path} was fit on latents of codec {made['identity']}, not of this codec "
             f"{codec_identity} (nor of a decoder-only fine-tune of it, which would share its encoder); fit one on "
-            f"shards of this codec: scripts/fit_entropy_model.py --shards <shards it encoded>"
+            f"shards of this codec: `latent-codec entropy fit --shards <shards it encoded>`"
         )

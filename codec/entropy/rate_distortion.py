@@ -1,5 +1,6 @@
 """The rate-distortion sweep: bits per pixel of real files against PSNR and MS-SSIM, for the codec with each
-probability model over steps Δ and for JPEG and WebP over quality, on the same images (scripts/rate_distortion.py).
+probability model over steps Δ and for JPEG and WebP over quality, on the same images
+(`latent-codec analyze rate-distortion`).
 
 Rate is what a user stores: a file's bytes x 8 / (H·W), header included (our 52-byte header and CRC, bitstream.py;
 JPEG's and WebP's own headers). Distortion is scored on the decoded uint8 image against the original
@@ -208,7 +209,7 @@ def _save(files_dir: Path | None, name: str, data: bytes) -> None:
 def codec_point(vae, model: ProbabilityModel, label: str, images: torch.Tensor, step: float, identity: str,
                 files_dir: Path | None = None) -> dict:
     """The codec with `model` at step Δ on images (N, 3, H, W) in [-1, 1] (uint8 levels): each image through
-    compress_image (the bytes scripts/compress.py writes) and back through read_compressed + decompress_image.
+    compress_image (the bytes `latent-codec compress` writes) and back through read_compressed + decompress_image.
     With files_dir, the files are kept there as <index>.lcc."""
     factor = downsample_factor(vae)
     sizes, encode_s, decode_s, decoded, model_bits = [], [], [], [], []
@@ -472,3 +473,45 @@ def write_outputs(result: dict, out_dir: str | Path, max_bpp: float = 1.0) -> di
     plot_rate_distortion(result, paths["rd.png"], max_bpp)
     write_text_atomically(paths["report.md"], report_markdown(result))
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several sweeps in one plot
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_sweep(spec: str) -> tuple[str, dict]:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not path:
+        raise ValueError(f"{spec}: expected LABEL=rd.json")
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable rd.json ({exc})") from None
+    if not isinstance(result, dict) or not {"curves", "kinds", "resolution", "images", "data"} <= result.keys():
+        raise ValueError(f"{path}: not an rd.json written by `latent-codec analyze rate-distortion`")
+    return label, result
+
+
+def merge_sweeps(sweeps: list[tuple[str, dict]], curves: list[str] | None = None) -> dict:
+    """One result whose curves are each sweep's codec curves, labelled "LABEL: curve", and the first sweep's
+    reference curves; `curves` keeps only the named curves (codec model names or jpeg / webp).
+    Backs `latent-codec analyze plot-rd`."""
+    first_label, first = sweeps[0]
+    for label, result in sweeps[1:]:
+        for key in ("resolution", "images", "data"):
+            if result[key] != first[key]:
+                raise ValueError(f"{label}: swept {key} {result[key]!r}, but {first_label} swept {first[key]!r}; "
+                                 "only sweeps of the same images compare")
+    merged = {**first, "curves": {}, "kinds": {}}
+    for label, result in sweeps:
+        for name, points in result["curves"].items():
+            kind = result["kinds"][name]
+            if curves is not None and name not in curves:
+                continue
+            if kind in REFERENCES:
+                if label == first_label:
+                    merged["curves"][name], merged["kinds"][name] = points, kind
+                continue
+            merged["curves"][f"{label}: {name}"], merged["kinds"][f"{label}: {name}"] = points, kind
+    return merged

@@ -1,6 +1,6 @@
 """Measure a codec on held-out images and draw what it does: reconstructions, prior samples, interpolation;
 and the full evaluation against reference lines (thumbnail, JPEG at the latent's size) that
-scripts/evaluate_codec.py runs."""
+`latent-codec codec evaluate` runs."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Codec evaluation against reference lines (scripts/evaluate_codec.py)
+# Codec evaluation against reference lines (`latent-codec codec evaluate`)
 # ---------------------------------------------------------------------------------------------------------------
 
 # Every row of the report, in order: the codec, then what else keeps about as little (codec.measurement.quality).

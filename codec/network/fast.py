@@ -1,6 +1,6 @@
 """Put a codec into its fastest measured inference configuration on this kind of CPU.
 
-What helps and what does not is measured in docs/performance.md (scripts/benchmark.py --inference-options);
+What helps and what does not is measured in docs/performance.md (experiments/benchmark --inference-options);
 the defaults here follow those measurements. Nothing here changes the network or its results beyond float
 rounding: the same weights, the same outputs to ~1e-5.
 """

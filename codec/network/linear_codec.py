@@ -14,7 +14,8 @@ grid, twice as densely as the thumbnail alone; the fit then refines that channel
 decoder by least squares on training photos. Measured on the held-out bundled photos at 256² (see
 docs/codec-recipe.md): thumbnail (box + bicubic) 20.56 dB, this chain with three channels 20.72 dB, with the
 quincunx luma channel 21.76 dB, with the fourth channel's filters fitted too (the shipped
-linear_codec_f8c4.json, made by scripts/fit_warm_start.py from the 7 training photos) 22.35 dB.
+linear_codec_f8c4.json, made by a checkout's `python -m experiments.fit_warm_start` from the 7 training photos)
+22.35 dB.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class LinearCodec:
     @classmethod
     def load(cls, path: str | Path = FITTED) -> LinearCodec:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no fitted linear codec here; make it with scripts/fit_warm_start.py")
+            raise FileNotFoundError(f"{path}: no fitted linear codec here; make it with a checkout's "
+                                    f"`python -m experiments.fit_warm_start`")
         data = json.loads(Path(path).read_text())
         return cls(**{name: torch.tensor(data[name], dtype=torch.float32) for name in cls.__dataclass_fields__})
 

@@ -91,7 +91,7 @@ def load_codec(codec_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if not (path / "config.json").is_file() or not (path / "diffusion_pytorch_model.safetensors").is_file():
         raise FileNotFoundError(
             f"--codec {codec_dir}: expected a diffusers AutoencoderKL folder with config.json and "
-            f"diffusion_pytorch_model.safetensors (scripts/train_codec.py exports one as <output-dir>/final)"
+            f"diffusion_pytorch_model.safetensors (`latent-codec codec train` exports one as <out>/final)"
         )
     cls = AutoencoderKL
     config = json.loads((path / "config.json").read_text())
@@ -99,7 +99,7 @@ def load_codec(codec_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
         if not allow_conditional:
             raise ValueError(f"--codec {codec_dir} is a conditional codec (condition: {config.get('condition')}); this "
                              f"command needs an unconditional AutoencoderKL (model.condition: none). A conditional "
-                             f"codec samples with scripts/generate.py --codec {codec_dir} --prior-samples N")
+                             f"codec samples with `latent-codec generate --codec {codec_dir} --prior-samples N`")
         cls = ConditionalAutoencoderKL
     vae = cls.from_pretrained(path, use_safetensors=True, dtype=dtype)
     return vae.eval().requires_grad_(False)

@@ -236,7 +236,8 @@ def thumbnail_init(vae: AutoencoderKL, linear: LinearCodec | None = None, anchor
     if vae.config.latent_channels != signals or len(downsamplers) != linear.levels or len(upsamplers) != linear.levels:
         raise ValueError(f"thumbnail warm start: the fitted linear codec is f{2 ** linear.levels}/c{signals}; this "
                          f"codec has {len(downsamplers)} down-sampling levels and {vae.config.latent_channels} latent "
-                         "channels (use model.init=random, or fit filters for it with scripts/fit_warm_start.py)")
+                         "channels (use model.init=random, or fit filters for it with a checkout's "
+                         "`python -m experiments.fit_warm_start`)")
 
     # ---- encoder: conv_in -> (resnets, down-sampling conv) per level -> mid -> norm -> SiLU -> conv_out
     layout, enc_final = _conv_in(enc, anchor, signals, "encoder", linear.enc_in)

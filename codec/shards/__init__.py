@@ -1,8 +1,8 @@
 """Latent shards: a dataset encoded once by the frozen codec, so the U-Net trains without the encoder.
 
     format.py   the files: one safetensors shard per block of dataset indices + manifest.json
-    encode.py   images -> shards (`scripts/encode_dataset.py`): resumable, identical for 1 or N processes
-    verify.py   shards -> a list of problems (`scripts/encode_dataset.py verify`)
+    encode.py   images -> shards (`latent-codec shards encode`): resumable, identical for 1 or N processes
+    verify.py   shards -> a list of problems (`latent-codec shards verify`)
     reader.py   shards -> records and scaled latents for the U-Net trainer (LatentShards)
 """
 

@@ -1,6 +1,6 @@
 """Encode a dataset once with the frozen codec into latent shards, so diffusion trains without the encoder.
 
-    accelerate launch scripts/encode_dataset.py --codec runs/codec/final --data photos/ --out shards/ --resolution 512
+    accelerate launch -m latent_codec shards encode --codec runs/codec/final --data photos/ --out shards/
 
 Shard k always holds dataset indices k*shard_size .. (k+1)*shard_size - 1 (minus rejected images), encoded in
 batches that start at the shard's first index. Which process encodes a shard (k mod processes) therefore changes

@@ -175,7 +175,7 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(
             f"{shards_dir}: no {MANIFEST}; it is written when an encode finishes. Run (or re-run, it resumes) "
-            f"scripts/encode_dataset.py --out {shards_dir}"
+            f"`latent-codec shards encode --out {shards_dir}`"
         )
     try:
         manifest = json.loads(path.read_text())

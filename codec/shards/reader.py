@@ -33,11 +33,12 @@ def codec_mismatch(made_codec: str, made_encoder: str | None, codec: str, encode
     if made_encoder is None:
         return (f"encoded by codec {made_codec}, not by codec {codec}, and written before shards recorded encoder "
                 f"identities (a decoder-only fine-tune cannot be recognised). Re-encode with "
-                f"scripts/encode_dataset.py --codec <yours>")
+                f"`latent-codec shards encode --codec <yours>`")
     theirs = f" (encoder {encoder})" if encoder is not None else ""
     return (f"encoded by codec {made_codec} (encoder {made_encoder}), not by codec {codec}{theirs}: its "
             f"latents mean nothing to the other codec's decoder. Use the codec that made them or a decoder-only "
-            f"fine-tune of it (train.trainable: decoder), or re-encode with scripts/encode_dataset.py --codec <yours>")
+            f"fine-tune of it (train.trainable: decoder), or re-encode with "
+            f"`latent-codec shards encode --codec <yours>`")
 
 
 class LatentShards(torch.utils.data.Dataset):
@@ -75,7 +76,7 @@ class LatentShards(torch.utils.data.Dataset):
             if header["records"] != entry["records"]:
                 raise ValueError(
                     f"{path} holds {header['records']} records but the manifest says {entry['records']}; run "
-                    f"`scripts/encode_dataset.py verify {shards_dir}` and re-encode the damaged shards"
+                    f"`latent-codec shards verify --shards {shards_dir}` and re-encode the damaged shards"
                 )
             self._starts.append(len(self._ids))
             self._files.append(path)

@@ -1,4 +1,4 @@
-"""Check encoded shards against their manifest: `scripts/encode_dataset.py verify DIR` exits non-zero on any
+"""Check encoded shards against their manifest: `latent-codec shards verify --shards DIR` exits non-zero on any
 problem, so a copy to another machine or a half-finished sync is caught before a U-Net trains on it."""
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ class LossConfig:
     # [Δ_min, Δ_max]: decode the posterior mean plus uniform noise of width Δ, Δ drawn log-uniformly per example, in
     # the units a compressed file quantises (the normalised latent, exchange.pipeline.normalise_latents with the codec's
     # scaling_factor, shift and per-channel statistics): the standard training proxy for quantisation
-    # (Ballé et al. 2017), so the decoder learns the latents scripts/compress.py sends. null: off.
+    # (Ballé et al. 2017), so the decoder learns the latents `latent-codec compress` sends. null: off.
     quantisation_noise: list[float] | None = None
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """Train the KL-VAE codec: one loop, top to bottom.
 
-Run it through `accelerate launch scripts/train_codec.py --config configs/codec/small.yaml`: accelerate decides
+Run it through `accelerate launch -m latent_codec codec train --config small`: accelerate decides
 the device, the number of processes and the precision; this file never branches on them.
 
 Reproducibility by construction: every training image is identified by a global draw number (see

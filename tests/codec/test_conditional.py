@@ -203,8 +203,8 @@ def test_a_film_cvae_trains_its_scale_shift_maps_and_round_trips(shapes64, tmp_p
 
 
 def test_a_text_codec_refuses_a_dataset_without_captions_in_one_line(tmp_path, bundled_dir):
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_codec.py"), "--config", str(ROOT / "configs/codec/tiny.yaml"),
-           "--data", str(bundled_dir / "train"), "--output-dir", str(tmp_path / "run"),
+    cmd = [sys.executable, "-m", "latent_codec", "codec", "train", "--config", "tiny",
+           "--data", str(bundled_dir / "train"), "--out", str(tmp_path / "run"),
            "--set", "model.condition=text", "--set", "loss.perceptual=none"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2, out.stderr[-2000:]
@@ -217,11 +217,12 @@ def test_generate_draws_prior_samples_of_a_cvae_for_a_prompt_and_refuses_a_missi
     reset_accelerate()
     result = train_codec(_cvae_config(tmp_path, shapes64, "text", "train.max_steps=1"))
     reset_accelerate()
-    script = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--codec", str(result.final)]
+    script = [sys.executable, "-m", "latent_codec", "generate", "--codec", str(result.final)]
     prompt = "a red circle in the center on a black background"
     for prompt_, out in ((prompt, "a"), (prompt, "b"), ("a blue star at the top on a navy background", "c")):
-        done = subprocess.run([*script, "--prior-samples", "3", "--prompt", prompt_, "--seed", "0", "--height", "32",
-                               "--width", "32", "--out", str(tmp_path / out)], capture_output=True, text=True, cwd=ROOT)
+        done = subprocess.run([*script, "--prior-samples", "3", "--prompt", prompt_, "--seed", "0", "--resolution",
+                               "32",
+                               "--out", str(tmp_path / out)], capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-2000:]
     import numpy as np
     from PIL import Image

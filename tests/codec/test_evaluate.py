@@ -23,7 +23,7 @@ from codec.measurement.quality import (
 from codec.network.model import build_autoencoder, reconstruct
 from codec.training.config import load_codec_config
 from codec.training.losses import ms_ssim_scales
-from tests.conftest import CONFIGS, load_script
+from tests.conftest import CONFIGS, command
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +101,11 @@ def test_rfid_without_a_usable_inception_file_is_an_error_not_a_missing_number(t
 
 
 def test_evaluate_script_writes_codec_and_reference_lines(tiny_vae, bundled_dir, tmp_path):
-    script = load_script("evaluate_codec")
+    main = command("codec evaluate")
     tiny_vae.save_pretrained(tmp_path / "codec", safe_serialization=True)
     out = tmp_path / "report"
     missing = tmp_path / "no-alexnet.pth"
-    code = script.main(["--codec", str(tmp_path / "codec"), "--data", "bundled", "--bundled-dir", str(bundled_dir),
+    code = main(["--codec", str(tmp_path / "codec"), "--data", "bundled", "--bundled-dir", str(bundled_dir),
                  "--resolution", "64", "--out", str(out), "--lpips-backbone", str(missing)])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -16,7 +16,7 @@ from codec.measurement.latent_analysis import (
 from codec.network.model import build_autoencoder
 from codec.network.warm_start import thumbnail_init
 from codec.training.config import ModelConfig
-from tests.conftest import load_script
+from tests.conftest import command
 
 TINY = ModelConfig(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,
                    mid_block_add_attention=False)
@@ -76,7 +76,7 @@ def test_a_smooth_codec_has_less_high_frequency_power_than_white_noise(bundled_d
 
 
 def test_the_script_writes_json_markdown_and_plot_for_two_codecs(tmp_path, bundled_dir):
-    main = load_script("analyze_latents").main
+    main = command("analyze latents")
 
     torch.manual_seed(0)
     for name, vae in (("random", build_autoencoder(TINY)), ("warm", thumbnail_init(build_autoencoder(WARM)))):
@@ -93,7 +93,7 @@ def test_the_script_writes_json_markdown_and_plot_for_two_codecs(tmp_path, bundl
 
 
 def test_the_script_names_a_missing_codec(tmp_path, bundled_dir, capsys):
-    main = load_script("analyze_latents").main
+    main = command("analyze latents")
 
     code = main(["--codec", str(tmp_path / "nothing"), "--data", "bundled", "--bundled-dir", str(bundled_dir),
                  "--out", str(tmp_path / "r")])

@@ -110,8 +110,8 @@ def test_export_command_writes_both_forms_and_checks_the_round_trip(tmp_path):
 
     vae = _codec(16)
     vae.save_pretrained(tmp_path / "codec")
-    proc = subprocess.run([sys.executable, "scripts/export_codec.py", "--codec", str(tmp_path / "codec"), "--out",
-                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "latent_codec", "codec", "export", "--codec", str(tmp_path / "codec"),
+                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "latent channels 16" in proc.stdout
     # Widths 8-16-16: not SD's network, so the two tools that build it are named, and only diffusers is promised.
@@ -126,9 +126,10 @@ def test_export_command_writes_both_forms_and_checks_the_round_trip(tmp_path):
     difference = (_outputs(single.float(), x) - _outputs(vae, x)).abs().max().item()
     assert 0 < difference < 0.02  # fp16 weights: measured 4e-3
 
-    bad = subprocess.run([sys.executable, "scripts/export_codec.py", "--codec", str(tmp_path / "nothing"), "--out",
-                          str(tmp_path / "out2")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+    bad = subprocess.run([sys.executable, "-m", "latent_codec", "codec", "export", "--codec", str(tmp_path / "nothing"),
+                          "--out", str(tmp_path / "out2")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("latent-codec codec export: error: ")
+    assert bad.stderr.count("\n") == 1
     assert not (tmp_path / "out2").exists()
 
 

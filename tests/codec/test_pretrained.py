@@ -220,11 +220,13 @@ def test_cli_refuses_a_pickle_parent_with_exit_2_and_one_line(tmp_path):
     ckpt = tmp_path / "vae.ckpt"
     torch.save({"state_dict": {}}, ckpt)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "scripts/train_codec.py", "--config", "configs/codec/finetune-decoder.yaml",
-                           "--pretrained", str(ckpt), "--output-dir", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "latent_codec", "codec", "train", "--config",
+                           "configs/codec/finetune-decoder.yaml",
+                           "--pretrained", str(ckpt), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: model.pretrained ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("latent-codec codec train: error: model.pretrained "), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
     assert "vae.ckpt is a pickle checkpoint" in proc.stderr and not out.exists()
 
 
@@ -311,8 +313,9 @@ def test_decoder_only_with_two_ddp_processes_keeps_the_encoder(parent, bundled_d
     encoder must already be frozen then (else DDP waits for gradients that never come, or averages zeros)."""
     env = launch_env()
     out = tmp_path / "two"
-    proc = subprocess.run([*TWO_PROCESSES, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"),
-                           "--pretrained", str(parent), "--max-steps", "3", "--output-dir", str(out),
+    proc = subprocess.run([*TWO_PROCESSES, "-m", "latent_codec", "codec", "train", "--config",
+                           str(CONFIGS / "codec" / "tiny.yaml"),
+                           "--pretrained", str(parent), "--max-steps", "3", "--out", str(out),
                            "--set", f"data.bundled_dir={bundled_dir}", "--set", "train.trainable=decoder",
                            "--set", "train.batch_size=2", "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

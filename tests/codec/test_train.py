@@ -171,9 +171,9 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(bundled_
               "--set", f"data.bundled_dir={bundled_dir}", "--set", "train.checkpoint_every=5",
               "--set", "loss.gan_weight=0.5", "--set", "loss.disc_start=2", "--set", "loss.disc_channels=8",
               "--set", "train.grad_accum=2", "--set", "train.log_every=1"]
-    _run([*TWO_PROCESSES, "scripts/train_codec.py", *common, "--output-dir", str(tmp_path / "two"),
+    _run([*TWO_PROCESSES, "-m", "latent_codec", "codec", "train", *common, "--out", str(tmp_path / "two"),
           "--set", "train.batch_size=2"], env)
-    _run([sys.executable, "scripts/train_codec.py", *common, "--output-dir", str(tmp_path / "one"),
+    _run([sys.executable, "-m", "latent_codec", "codec", "train", *common, "--out", str(tmp_path / "one"),
           "--set", "train.batch_size=4"], env)
 
     two = yaml.safe_load((tmp_path / "two" / "run.yaml").read_text())
@@ -198,10 +198,11 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(bundled_
 
 
 def test_cli_help_and_config_errors(tmp_path):
-    out = _run([sys.executable, "scripts/train_codec.py", "--help"]).stdout
-    for flag in ("--config", "--data", "--output-dir", "--max-steps", "--resume", "--set"):
+    out = _run([sys.executable, "-m", "latent_codec", "codec", "train", "--help"]).stdout
+    for flag in ("--config", "--data", "--out", "--max-steps", "--resume", "--set"):
         assert flag in out
-    bad = subprocess.run([sys.executable, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"),
+    bad = subprocess.run([sys.executable, "-m", "latent_codec", "codec", "train", "--config",
+                          str(CONFIGS / "codec" / "tiny.yaml"),
                           "--set", "loss.kl_weigth=1"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "loss.kl_weigth" in bad.stderr
 
@@ -223,11 +224,11 @@ def test_a_time_budget_stops_every_process_on_the_same_step(bundled_dir, tmp_pat
     (tmp_path / "skew").mkdir()
     (tmp_path / "skew" / "sitecustomize.py").write_text(SKEWED_CLOCK)
     env = launch_env(tmp_path / "skew")
-    cmd = [*TWO_PROCESSES, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"),
+    cmd = [*TWO_PROCESSES, "-m", "latent_codec", "codec", "train", "--config", str(CONFIGS / "codec" / "tiny.yaml"),
            "--max-steps", "100000",
            "--set", f"data.bundled_dir={bundled_dir}", "--set", "train.max_minutes=0.2", "--set", "train.batch_size=1",
            "--set", "train.checkpoint_every=100000", "--set", "train.validate_every=0", "--set", "data.num_workers=0",
-           "--output-dir", str(tmp_path / "run")]
+           "--out", str(tmp_path / "run")]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as exc:

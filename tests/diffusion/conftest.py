@@ -123,18 +123,15 @@ def tiny_pipeline(tiny_codec_dir, minilm, tiny_unet_config):
 
 @pytest.fixture(scope="session")
 def generate():
-    """scripts/generate.py's main(argv), imported from the script file as a user runs it."""
-    import importlib.util
+    """`latent-codec generate ...` in-process: main(argv) -> exit status."""
+    from tests.conftest import command
 
-    spec = importlib.util.spec_from_file_location("generate_script", CONFIGS.parent / "scripts" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return command("generate")
 
 
 @pytest.fixture(scope="session")
 def pipeline_dir(tiny_pipeline, tmp_path_factory):
-    """The tiny pipeline saved as a folder, as scripts/train_unet.py exports one."""
+    """The tiny pipeline saved as a folder, as `latent-codec unet train` exports one."""
     path = tmp_path_factory.mktemp("generate") / "pipeline"
     tiny_pipeline.save_pretrained(path, safe_serialization=True)
     return path

@@ -112,7 +112,7 @@ def test_bf16_generation_is_finite_and_close_to_fp32(tiny_pipeline, pipeline_dir
 
 
 def test_cli_precision_bf16_writes_what_fp32_writes_within_rounding(generate, pipeline_dir, tiny_codec_dir, tmp_path):
-    common = ["--model", str(pipeline_dir), "--prompt", "a red motorcycle", "--steps", "4", "--seed", "3",
+    common = ["--pipeline", str(pipeline_dir), "--prompt", "a red motorcycle", "--sample-steps", "4", "--seed", "3",
               "--device", "cpu"]
     assert generate([*common, "--out", str(tmp_path / "fp32")]) == 0
     assert generate([*common, "--precision", "bf16", "--out", str(tmp_path / "bf16")]) == 0
@@ -123,6 +123,6 @@ def test_cli_precision_bf16_writes_what_fp32_writes_within_rounding(generate, pi
     assert np.abs(a - b).max() <= 20 and np.abs(a - b).mean() < 2.0, (np.abs(a - b).max(), np.abs(a - b).mean())
 
     # A bare codec folder in fp16: prior samples and their record.
-    assert generate(["--model", str(tiny_codec_dir), "--prior-samples", "2", "--seed", "5", "--precision", "fp16",
+    assert generate(["--codec", str(tiny_codec_dir), "--prior-samples", "2", "--seed", "5", "--precision", "fp16",
                      "--device", "cpu", "--out", str(tmp_path / "prior")]) == 0
     assert json.loads((tmp_path / "prior" / "prior-seed5.json").read_text())["settings"]["precision"] == "fp16"

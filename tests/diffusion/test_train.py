@@ -137,14 +137,15 @@ def _run(cmd, env=None, ok=True):
 
 
 def test_cli_help_and_config_errors(tmp_path):
-    out = _run([sys.executable, "scripts/train_unet.py", "--help"]).stdout
-    for flag in ("--config", "--shards", "--codec", "--output-dir", "--max-steps", "--resume", "--set"):
+    out = _run([sys.executable, "-m", "latent_codec", "unet", "train", "--help"]).stdout
+    for flag in ("--config", "--shards", "--codec", "--out", "--max-steps", "--resume", "--set"):
         assert flag in out
     tiny = str(CONFIGS / "unet" / "tiny.yaml")
-    bad = _run([sys.executable, "scripts/train_unet.py", "--config", tiny, "--shards", "s", "--codec", "c",
+    bad = _run([sys.executable, "-m", "latent_codec", "unet", "train", "--config", tiny, "--shards", "s", "--codec",
+                "c",
                 "--set", "diffusion.snr_gama=5"], ok=False)
     assert bad.returncode == 2 and "diffusion.snr_gama" in bad.stderr
-    missing = _run([sys.executable, "scripts/train_unet.py", "--config", tiny], ok=False)
+    missing = _run([sys.executable, "-m", "latent_codec", "unet", "train", "--config", tiny], ok=False)
     assert missing.returncode == 2 and "--shards" in missing.stderr
 
 
@@ -154,9 +155,9 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_sha
     env = launch_env()
     common = ["--config", str(CONFIGS / "unet" / "tiny.yaml"), "--shards", str(tiny_shards), "--codec",
               str(tiny_codec_dir), "--max-steps", "5", "--set", "train.checkpoint_every=5"]
-    _run([*TWO_PROCESSES, "scripts/train_unet.py", *common, "--output-dir", str(tmp_path / "two"),
+    _run([*TWO_PROCESSES, "-m", "latent_codec", "unet", "train", *common, "--out", str(tmp_path / "two"),
           "--set", "train.batch_size=2"], env)
-    _run([sys.executable, "scripts/train_unet.py", *common, "--output-dir", str(tmp_path / "one"),
+    _run([sys.executable, "-m", "latent_codec", "unet", "train", *common, "--out", str(tmp_path / "one"),
           "--set", "train.batch_size=4"], env)
 
     two = yaml.safe_load((tmp_path / "two" / "run.yaml").read_text())
@@ -170,7 +171,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_sha
         assert worst < 1e-4, (name, worst)
 
     # Resuming that run as a different network (same parameter shapes) is refused by the command, cleanly.
-    changed = _run([sys.executable, "scripts/train_unet.py", *common, "--output-dir", str(tmp_path / "one"),
+    changed = _run([sys.executable, "-m", "latent_codec", "unet", "train", *common, "--out", str(tmp_path / "one"),
                     "--resume", "latest", "--set", "unet.attention_head_dim=[1,2]"], env, ok=False)
     assert changed.returncode == 2 and "attention_head_dim: 8 in the checkpoint" in changed.stderr
     assert "Traceback" not in changed.stderr

@@ -89,10 +89,10 @@ def test_two_processes_that_see_different_checkpoints_both_refuse_to_resume(tiny
     (tmp_path / "own_disk" / "sitecustomize.py").write_text(OWN_DISK)
     env = launch_env(tmp_path / "own_disk")
     bundled = tiny_config().data.bundled_dir
-    cmd = [*TWO_PROCESSES, "scripts/train_codec.py", "--config", str(CONFIGS / "codec" / "tiny.yaml"),
+    cmd = [*TWO_PROCESSES, "-m", "latent_codec", "codec", "train", "--config", str(CONFIGS / "codec" / "tiny.yaml"),
            "--max-steps", "4",
            "--resume", "latest", "--set", f"data.bundled_dir={bundled}", "--set", "train.batch_size=1",
-           "--set", "train.checkpoint_every=2", "--set", "train.validate_every=0", "--output-dir", str(run)]
+           "--set", "train.checkpoint_every=2", "--set", "train.validate_every=0", "--out", str(run)]
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=120)

@@ -36,8 +36,8 @@ def model_files(tiny_shards, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
             files[name] = root / f"{name}.safetensors"
             spatial = name.split("-")[-1][:-1] if "-klt-" in name else None
             transform = {"channel_basis": "klt", "spatial": spatial, "levels": 1} if spatial else {}
-            settings = FitSettings(kind=name.split("-")[0], steps=40, batch_size=4, hidden=8, step_min=0.05,
-                                   step_max=2.0, **transform)
+            settings = FitSettings(kind=name.split("-")[0], max_steps=40, batch_size=4, hidden=8, delta_min=0.05,
+                                   delta_max=2.0, **transform)
             fit_entropy_model(tiny_shards, files[name], settings, log=lambda line: None)
     finally:
         torch.set_num_threads(threads)

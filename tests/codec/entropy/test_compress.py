@@ -14,12 +14,17 @@ from codec.entropy.models import FactorizedModel, load_model, save_model
 from codec.entropy.symbols import dequantize, quantize
 from codec.network.model import codec_identity, encoder_identity, load_codec
 from tests.codec.entropy.conftest import MODELS
-from tests.conftest import load_script
+from tests.conftest import command
 
 
 @pytest.fixture(scope="module")
 def compress_main():
-    return load_script("compress").main
+    return command("compress")
+
+
+@pytest.fixture(scope="module")
+def decompress_main():
+    return command("decompress")
 
 
 @pytest.fixture
@@ -38,11 +43,12 @@ def run(main, argv, capsys) -> tuple[int, str, str]:
 
 
 def refused(main, argv, capsys, name) -> str:
-    """Run argv, expect exit 2 and one stderr line `error: ...` naming `name`."""
+    """Run argv, expect exit 2 and one stderr line `latent-codec <verb>: error: ...` naming `name`."""
     status, _, err = run(main, argv, capsys)
     assert status == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and str(name) in lines[0], err
+    assert len(lines) == 1 and lines[0].startswith("latent-codec ") and ": error: " in lines[0], err
+    assert str(name) in lines[0], err
     return lines[0]
 
 
@@ -51,12 +57,12 @@ def nothing_in(folder) -> bool:
 
 
 @pytest.mark.parametrize("kind", MODELS)
-def test_any_size_image_round_trips_to_the_encoders_latent(compress_main, images, tmp_path, model_files,
-                                                          tiny_codec_dir, capsys, kind):
+def test_any_size_image_round_trips_to_the_encoders_latent(compress_main, decompress_main, images, tmp_path,
+                                                           model_files, tiny_codec_dir, capsys, kind):
     packed, decoded = tmp_path / "packed", tmp_path / "decoded"
-    common = ["--codec", tiny_codec_dir, "--model", model_files[kind]]
-    assert run(compress_main, [images / "rocket.png", *common, "--out", packed, "--step", 0.25], capsys)[0] == 0
-    assert run(compress_main, ["--decompress", packed / "rocket.lcc", *common, "--out", decoded], capsys)[0] == 0
+    common = ["--codec", tiny_codec_dir, "--entropy-model", model_files[kind]]
+    assert run(compress_main, [images / "rocket.png", *common, "--out", packed, "--delta", 0.25], capsys)[0] == 0
+    assert run(decompress_main, [packed / "rocket.lcc", *common, "--out", decoded], capsys)[0] == 0
     result = Image.open(decoded / "rocket.png")
     assert result.size == (53, 37)
     # Bit for bit what the decoder makes of the encoder's own quantised latent.
@@ -68,17 +74,17 @@ def test_any_size_image_round_trips_to_the_encoders_latent(compress_main, images
     assert np.array_equal(np.asarray(result), np.asarray(expected))
 
 
-def test_a_large_image_is_coded_in_tiles(compress_main, tmp_path, photo, model_files, tiny_codec_dir, capsys,
-                                         monkeypatch):
+def test_a_large_image_is_coded_in_tiles(compress_main, decompress_main, tmp_path, photo, model_files, tiny_codec_dir,
+                                         capsys, monkeypatch):
     wide = photo.resize((523, 20))  # padded to 528 x 24: above the 512-pixel tile, a 66-wide latent above 64
     wide.save(tmp_path / "wide.png")
     calls = []
     for name in ("tiled_encode", "tiled_decode"):
         real = getattr(coder, name)
         monkeypatch.setattr(coder, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    common = ["--codec", tiny_codec_dir, "--model", model_files["factorized"]]
-    assert run(compress_main, [tmp_path / "wide.png", *common, "--out", tmp_path, "--step", 0.5], capsys)[0] == 0
-    assert run(compress_main, ["--decompress", tmp_path / "wide.lcc", *common, "--out", tmp_path / "d"], capsys)[0] == 0
+    common = ["--codec", tiny_codec_dir, "--entropy-model", model_files["factorized"]]
+    assert run(compress_main, [tmp_path / "wide.png", *common, "--out", tmp_path, "--delta", 0.5], capsys)[0] == 0
+    assert run(decompress_main, [tmp_path / "wide.lcc", *common, "--out", tmp_path / "d"], capsys)[0] == 0
     assert calls == ["tiled_encode", "tiled_decode"]
     assert Image.open(tmp_path / "d" / "wide.png").size == (523, 20)
 
@@ -94,22 +100,23 @@ def test_bpp_picks_the_finest_ladder_step_that_fits(compress_main, images, tmp_p
     bpp = files[len(ladder) // 2].bits / pixels  # a rate the middle of the ladder meets exactly
     finest_fit = min(i for i, f in enumerate(files) if f.bits <= bpp * pixels)
 
-    status, out, _ = run(compress_main, [images / "cat.png", "--codec", tiny_codec_dir, "--model",
+    status, out, _ = run(compress_main, [images / "cat.png", "--codec", tiny_codec_dir, "--entropy-model",
                                          model_files["context"], "--out", tmp_path, "--bpp", bpp], capsys)
     assert status == 0 and "bpp" in out
     data = (tmp_path / "cat.lcc").read_bytes()
     assert data == files[finest_fit].data
     assert 8 * len(data) <= bpp * pixels < files[finest_fit - 1].bits
 
-    line = refused(compress_main, [images / "cat.png", "--codec", tiny_codec_dir, "--model", model_files["context"],
-                                   "--out", tmp_path / "none", "--bpp", 0.01], capsys, images / "cat.png")
+    line = refused(compress_main, [images / "cat.png", "--codec", tiny_codec_dir, "--entropy-model",
+                                   model_files["context"], "--out", tmp_path / "none", "--bpp", 0.01],
+                   capsys, images / "cat.png")
     assert "coarsest" in line and nothing_in(tmp_path / "none")
 
 
-def test_damaged_and_foreign_files_are_refused_and_nothing_is_written(compress_main, images, tmp_path, model_files,
-                                                                      tiny_codec_dir, capsys):
-    common = ["--codec", tiny_codec_dir, "--model", model_files["context"]]
-    assert run(compress_main, [images / "cat.png", *common, "--out", tmp_path, "--step", 0.3], capsys)[0] == 0
+def test_damaged_and_foreign_files_are_refused_and_nothing_is_written(compress_main, decompress_main, images, tmp_path,
+                                                                      model_files, tiny_codec_dir, capsys):
+    common = ["--codec", tiny_codec_dir, "--entropy-model", model_files["context"]]
+    assert run(compress_main, [images / "cat.png", *common, "--out", tmp_path, "--delta", 0.3], capsys)[0] == 0
     good = (tmp_path / "cat.lcc").read_bytes()
     damaged = {
         "truncated.lcc": good[:-7],
@@ -120,54 +127,54 @@ def test_damaged_and_foreign_files_are_refused_and_nothing_is_written(compress_m
         (tmp_path / name).write_bytes(data)
         out = tmp_path / f"out-{name}"
         # The good file first: it must not be written either, as every file is checked before any is decoded.
-        refused(compress_main, ["--decompress", tmp_path / "cat.lcc", tmp_path / name, *common, "--out", out], capsys,
+        refused(decompress_main, [tmp_path / "cat.lcc", tmp_path / name, *common, "--out", out], capsys,
                 tmp_path / name)
         assert nothing_in(out)
 
 
 def test_a_file_of_another_codec_and_missing_or_mismatched_models_are_refused(
-        compress_main, images, tmp_path, model_files, tiny_codec_dir, other_codec_dir, capsys):
+        compress_main, decompress_main, images, tmp_path, model_files, tiny_codec_dir, other_codec_dir, capsys):
     other_vae = load_codec(other_codec_dir)
     other_model = tmp_path / "other.safetensors"  # an (untrained) model of the other codec, so it can compress
     save_model(FactorizedModel(4), other_model, codec_identity=codec_identity(other_vae),
                encoder_identity=encoder_identity(other_vae), normalisation={"scaling_factor": 1.0},
                fit={"step_range": [0.1, 1.0]})
-    assert run(compress_main, [images / "cat.png", "--codec", other_codec_dir, "--model", other_model, "--out",
-                               tmp_path / "other", "--step", 0.5], capsys)[0] == 0
-    ours = ["--codec", tiny_codec_dir, "--model", model_files["factorized"]]
+    assert run(compress_main, [images / "cat.png", "--codec", other_codec_dir, "--entropy-model", other_model, "--out",
+                               tmp_path / "other", "--delta", 0.5], capsys)[0] == 0
+    ours = ["--codec", tiny_codec_dir, "--entropy-model", model_files["factorized"]]
     out = tmp_path / "out"
-    line = refused(compress_main, ["--decompress", tmp_path / "other" / "cat.lcc", *ours, "--out", out], capsys,
+    line = refused(decompress_main, [tmp_path / "other" / "cat.lcc", *ours, "--out", out], capsys,
                    tmp_path / "other" / "cat.lcc")
     assert "codec" in line
 
-    assert run(compress_main, [images / "cat.png", *ours, "--out", tmp_path, "--step", 0.5], capsys)[0] == 0
-    refused(compress_main, ["--decompress", tmp_path / "cat.lcc", "--codec", tiny_codec_dir, "--model",
+    assert run(compress_main, [images / "cat.png", *ours, "--out", tmp_path, "--delta", 0.5], capsys)[0] == 0
+    refused(decompress_main, [tmp_path / "cat.lcc", "--codec", tiny_codec_dir, "--entropy-model",
                             model_files["context"], "--out", out], capsys, tmp_path / "cat.lcc")  # another model
     missing = tmp_path / "missing.safetensors"
-    refused(compress_main, ["--decompress", tmp_path / "cat.lcc", "--codec", tiny_codec_dir, "--model", missing,
+    refused(decompress_main, [tmp_path / "cat.lcc", "--codec", tiny_codec_dir, "--entropy-model", missing,
                             "--out", out], capsys, missing)
-    refused(compress_main, [images / "cat.png", "--codec", tiny_codec_dir, "--model", other_model, "--out", out,
-                            "--step", 0.5], capsys, other_model)  # a model fit for another codec
+    refused(compress_main, [images / "cat.png", "--codec", tiny_codec_dir, "--entropy-model", other_model, "--out", out,
+                            "--delta", 0.5], capsys, other_model)  # a model fit for another codec
     assert nothing_in(out)
 
 
 def test_unreadable_images_and_bad_steps_are_refused(compress_main, images, tmp_path, model_files, tiny_codec_dir,
                                                      capsys):
-    common = ["--codec", tiny_codec_dir, "--model", model_files["factorized"]]
+    common = ["--codec", tiny_codec_dir, "--entropy-model", model_files["factorized"]]
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out"
-    refused(compress_main, [tmp_path / "broken.png", *common, "--out", out, "--step", 0.5], capsys,
+    refused(compress_main, [tmp_path / "broken.png", *common, "--out", out, "--delta", 0.5], capsys,
             tmp_path / "broken.png")
-    refused(compress_main, [images / "cat.png", *common, "--out", out, "--step", -1], capsys, images / "cat.png")
+    refused(compress_main, [images / "cat.png", *common, "--out", out, "--delta", -1], capsys, images / "cat.png")
     assert nothing_in(out)
 
 
 def test_fit_script_writes_a_model_and_refuses_bad_settings(tiny_shards, tmp_path, capsys):
-    fit_main = load_script("fit_entropy_model").main
-    out = tmp_path / "m.safetensors"
-    status, stdout, _ = run(fit_main, ["--shards", tiny_shards, "--out", out, "--kind", "factorized", "--steps", 3,
-                                       "--batch-size", 2], capsys)
+    fit_main = command("entropy fit")
+    out = tmp_path / "m" / "entropy-model.safetensors"
+    status, stdout, _ = run(fit_main, ["--shards", tiny_shards, "--out", out.parent, "--kind", "factorized",
+                                       "--max-steps", 3, "--batch-size", 2], capsys)
     assert status == 0 and load_model(out).kind == "factorized" and load_model(out).identity in stdout
-    refused(fit_main, ["--shards", tiny_shards, "--out", tmp_path / "x", "--step-min", 0], capsys, "--step-min")
+    refused(fit_main, ["--shards", tiny_shards, "--out", tmp_path / "x", "--delta-min", 0], capsys, "delta_min")
     refused(fit_main, ["--shards", tmp_path / "nowhere", "--out", tmp_path / "x"], capsys, tmp_path / "nowhere")
     assert not (tmp_path / "x").exists()

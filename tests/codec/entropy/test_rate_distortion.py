@@ -22,13 +22,14 @@ from codec.entropy.rate_distortion import (
     geometric_steps,
     interpolate_psnr_at,
     kl_bits_per_pixel,
+    merge_sweeps,
     pillow_point,
 )
 from codec.entropy.symbols import symbol_bits
 from codec.measurement.quality import encode_jpeg, encode_webp
 from codec.network.model import codec_identity, downsample_factor, load_codec
 from tests.codec.entropy.test_compress import refused, run
-from tests.conftest import load_script
+from tests.conftest import command
 
 SIDE = 40  # a multiple of the tiny codec's factor 8: a 4x5x5 latent
 
@@ -39,7 +40,7 @@ def curve(*points: tuple[float, float]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def rd_main():
-    return load_script("rate_distortion").main
+    return command("analyze rate-distortion")
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +212,10 @@ def finite_numbers(value) -> bool:
 def test_the_script_writes_the_json_the_plot_and_the_report(rd_main, tiny_codec_dir, model_files, bundled_dir,
                                                             tmp_path, capsys):
     out = tmp_path / "rd"
-    argv = ["--codec", tiny_codec_dir, "--model", model_files["factorized"], "--model", model_files["context"],
+    argv = ["--codec", tiny_codec_dir, "--entropy-model", model_files["factorized"],
+            "--entropy-model", model_files["context"],
             "--data", "bundled", "--bundled-dir", bundled_dir, "--resolution", 32, "--limit", 2,
-            "--steps", 0.3, 1.0, "--jpeg-qualities", 5, 50, "--webp-qualities", 5, 50, "--out", out, "--device", "cpu"]
+            "--deltas", 0.3, 1.0, "--jpeg-qualities", 5, 50, "--webp-qualities", 5, 50, "--out", out, "--device", "cpu"]
     status, printed, _ = run(rd_main, argv, capsys)
     assert status == 0 and "report:" in printed
     result = json.loads((out / "rd.json").read_text())
@@ -243,7 +245,7 @@ def test_the_script_writes_the_json_the_plot_and_the_report(rd_main, tiny_codec_
 
 def test_the_script_refuses_a_model_fit_for_another_codec(rd_main, other_codec_dir, model_files, tmp_path, capsys):
     out = tmp_path / "rd"
-    line = refused(rd_main, ["--codec", other_codec_dir, "--model", model_files["context"], "--out", out,
+    line = refused(rd_main, ["--codec", other_codec_dir, "--entropy-model", model_files["context"], "--out", out,
                              "--device", "cpu"], capsys, model_files["context"])
     assert "was fit on latents of codec" in line and not out.exists()
 
@@ -253,18 +255,18 @@ def test_the_script_refuses_two_unnamed_models_of_one_kind_and_unreadable_data(r
     out = tmp_path / "rd"
     common = ["--codec", tiny_codec_dir, "--out", out, "--device", "cpu"]
     model = model_files["factorized"]
-    line = refused(rd_main, [*common, "--model", model, "--model", model], capsys, model)
+    line = refused(rd_main, [*common, "--entropy-model", model, "--entropy-model", model], capsys, model)
     assert "name them" in line
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.png").write_bytes(b"not a png")
-    refused(rd_main, [*common, "--model", model, "--data", junk], capsys, junk)
-    refused(rd_main, [*common, "--model", model, "--jpeg-qualities", 0], capsys, "--jpeg-qualities")
+    refused(rd_main, [*common, "--entropy-model", model, "--data", junk], capsys, junk)
+    refused(rd_main, [*common, "--entropy-model", model, "--jpeg-qualities", 0], capsys, "--jpeg-qualities")
     assert not out.exists()
 
 
 def test_plot_rd_overlays_the_codec_curves_of_sweeps_of_the_same_images(tmp_path, capsys):
-    main = load_script("plot_rd").main
+    main = command("analyze plot-rd")
 
     def sweep(name: str, **changes) -> Path:
         result = {"images": 2, "resolution": [64, 64], "data": "bundled", "target_bpp": 0.25,
@@ -278,18 +280,17 @@ def test_plot_rd_overlays_the_codec_curves_of_sweeps_of_the_same_images(tmp_path
         return path
 
     plain, noisy = sweep("plain"), sweep("noisy")
-    merged = load_script("plot_rd").merge([("plain", json.loads(plain.read_text())),
-                                           ("noisy", json.loads(noisy.read_text()))])
+    merged = merge_sweeps([("plain", json.loads(plain.read_text())), ("noisy", json.loads(noisy.read_text()))])
     assert list(merged["curves"]) == ["plain: context", "jpeg", "noisy: context"]  # JPEG once, from the first
-    assert main([f"plain={plain}", f"noisy={noisy}", "--out", str(tmp_path / "both.png")]) == 0
-    with Image.open(tmp_path / "both.png") as plot:
+    assert main([f"plain={plain}", f"noisy={noisy}", "--out", tmp_path / "both"]) == 0
+    with Image.open(tmp_path / "both" / "rd.png") as plot:
         assert plot.format == "PNG"
     capsys.readouterr()
     # Sweeps of other images do not share an axis: refused in one line naming the label.
     other = sweep("other", resolution=[128, 128])
-    assert main([f"plain={plain}", f"big={other}", "--out", str(tmp_path / "x.png")]) == 2
+    assert main([f"plain={plain}", f"big={other}", "--out", tmp_path / "x"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: big: swept resolution") and "\n" not in err
-    assert not (tmp_path / "x.png").exists()
-    assert main([f"plain={tmp_path / 'missing.json'}", "--out", str(tmp_path / "x.png")]) == 2
+    assert err.startswith("latent-codec analyze plot-rd: error: big: swept resolution") and "\n" not in err
+    assert not (tmp_path / "x").exists()
+    assert main([f"plain={tmp_path / 'missing.json'}", "--out", tmp_path / "x"]) == 2
     assert "missing.json" in capsys.readouterr().err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -21,7 +20,7 @@ from codec.shards.format import read_shard, shard_filename
 from codec.shards.verify import verify_shards
 from codec.training.config import load_codec_config
 from experiments.benchmark.shards import benchmark_encode
-from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, launch_env
+from tests.conftest import CONFIGS, ROOT, TWO_PROCESSES, command, launch_env
 
 RES = 64  # tiny codec is f8: 64x64 images -> 4x8x8 latents
 
@@ -105,11 +104,8 @@ def assert_same_shards(a: Path, b: Path) -> None:
         assert (a / f).read_text() == (b / f).read_text()
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("encode_dataset_script", ROOT / "scripts" / "encode_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# `latent-codec shards encode|verify ...` in-process: main(argv) -> exit status.
+encode_command, verify_command = command("shards encode"), command("shards verify")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,11 +125,11 @@ def test_two_processes_write_exactly_the_shards_one_process_writes(codec_dir, ph
     # 4 shards of 3 (the last holds 1), batch 2, random crops: shards alternate between the two processes.
     common = ["--codec", str(codec_dir), "--data", str(photos), "--resolution", str(RES), "--shard-size", "3",
               "--batch-size", "2", "--crop", "random", "--seed", "7", "--num-workers", "1"]
-    two = _run([*TWO_PROCESSES, "scripts/encode_dataset.py", *common, "--out", str(tmp_path / "two")], env)
+    two = _run([*TWO_PROCESSES, "-m", "latent_codec", "shards", "encode", *common, "--out", str(tmp_path / "two")], env)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does in the launched processes; in-process saves ~8 s of imports
     try:
-        assert load_script().main([*common, "--out", str(tmp_path / "one")]) == 0
+        assert encode_command([*common, "--out", str(tmp_path / "one")]) == 0
     finally:
         torch.set_num_threads(threads)
 
@@ -183,10 +179,9 @@ def test_interrupted_encode_resumes_to_identical_output_and_verify_catches_damag
     shard.write_bytes(bytes(data))
     problems = verify_shards(tmp_path / "resumed")
     assert problems == [f"{shard.name}: sha256 differs from the manifest (the file is damaged or was replaced)"]
-    script = load_script()
-    assert script.main(["verify", str(tmp_path / "resumed")]) == 1
-    assert script.main(["verify", str(tmp_path / "whole"), "--codec", str(codec_dir)]) == 0
-    assert script.main(["verify", str(tmp_path / "whole"), "--codec", str(other)]) == 1
+    assert verify_command(["--shards", tmp_path / "resumed"]) == 1
+    assert verify_command(["--shards", tmp_path / "whole", "--codec", codec_dir]) == 0
+    assert verify_command(["--shards", tmp_path / "whole", "--codec", other]) == 1
 
 
 def test_resuming_into_shards_of_another_codec_is_refused(codec_dir, photos, tmp_path, capsys):
@@ -197,9 +192,8 @@ def test_resuming_into_shards_of_another_codec_is_refused(codec_dir, photos, tmp
         encode_dataset(other, photos, tmp_path / "out", **kwargs)
     with pytest.raises(ValueError, match=r"resolution=64 .*this run has resolution=32"):
         encode_dataset(codec_dir, photos, tmp_path / "out", **dict(kwargs, resolution=32))
-    script = load_script()
-    code = script.main(["--codec", str(other), "--data", str(photos), "--out", str(tmp_path / "out"),
-                        "--resolution", str(RES), "--shard-size", "4", "--limit", "4", "--num-workers", "0"])
+    code = encode_command(["--codec", str(other), "--data", str(photos), "--out", str(tmp_path / "out"),
+                           "--resolution", str(RES), "--shard-size", "4", "--limit", "4", "--num-workers", "0"])
     assert code == 2 and "codec_identity" in capsys.readouterr().err
 
 
@@ -294,16 +288,16 @@ def test_write_scaling_factor_changes_only_the_codec_config(tmp_path, photos):
 
 
 def test_cli_help_explains_every_flag(capsys):
-    script = load_script()
     with pytest.raises(SystemExit) as exit_info:
-        script.main(["--help"])
+        encode_command(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--codec", "--data", "--out", "--resolution", "--caption-column", "--shard-size", "--batch-size",
-                 "--crop", "--flip", "--seed", "--num-workers", "--write-scaling-factor", "--limit", "verify"):
+                 "--crop", "--flip", "--seed", "--num-workers", "--write-scaling-factor", "--limit", "--config",
+                 "--set"):
         assert flag in out, flag
     with pytest.raises(SystemExit):
-        script.main(["verify", "--help"])
+        verify_command(["--help"])
     assert "--codec" in capsys.readouterr().out
 
 

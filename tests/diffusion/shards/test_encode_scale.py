@@ -24,7 +24,7 @@ from codec.shards.format import (
 )
 from codec.shards.verify import verify_shards
 from tests.conftest import ROOT, TWO_PROCESSES, launch_env
-from tests.diffusion.shards.test_encode import RES, assert_same_shards, load_script
+from tests.diffusion.shards.test_encode import RES, assert_same_shards, encode_command
 
 # 4 shards of 3 (the last holds 1), batch 2, random crops, as the 2-process test of test_encode.py.
 KWARGS = dict(resolution=RES, shard_size=3, batch_size=2, crop="random", seed=7, num_workers=1, progress=False)
@@ -83,7 +83,8 @@ def test_each_process_hashes_only_its_own_shards_and_the_timeout_reaches_the_gro
     args = ["--codec", str(codec_dir), "--data", str(photos), "--out", str(resumed), "--resolution", str(RES),
             "--shard-size", "3", "--batch-size", "2", "--crop", "random", "--seed", "7", "--num-workers", "1",
             "--process-group-timeout-minutes", "7"]
-    proc = subprocess.run([*TWO_PROCESSES, "scripts/encode_dataset.py", *args], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([*TWO_PROCESSES, "-m", "latent_codec", "shards", "encode", *args], cwd=ROOT, env=env,
+                           capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -207,14 +208,13 @@ def test_a_resume_in_another_precision_is_refused_and_shards_from_before_the_set
 
 
 def test_the_command_passes_precision_and_timeout_and_refuses_bad_values(codec_dir, photos, tmp_path, capsys):
-    script = load_script()
     common = ["--codec", str(codec_dir), "--data", str(photos), "--resolution", str(RES), "--limit", "3",
               "--num-workers", "0"]
-    assert script.main([*common, "--out", str(tmp_path / "bf16"), "--precision", "bf16",
+    assert encode_command([*common, "--out", str(tmp_path / "bf16"), "--precision", "bf16",
                         "--process-group-timeout-minutes", "45"]) == 0
     assert read_manifest(tmp_path / "bf16")["settings"]["precision"] == "bf16"
-    assert script.main([*common, "--out", str(tmp_path / "bad"), "--process-group-timeout-minutes", "0"]) == 2
-    assert "error: the process-group timeout must be > 0 minutes, got 0.0" in capsys.readouterr().err
+    assert encode_command([*common, "--out", str(tmp_path / "bad"), "--process-group-timeout-minutes", "0"]) == 2
+    assert ": error: the process-group timeout must be > 0 minutes, got 0.0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        script.main([*common, "--out", str(tmp_path / "bad"), "--precision", "fp64"])
+        encode_command([*common, "--out", str(tmp_path / "bad"), "--precision", "fp64"])
     assert exit_info.value.code == 2 and "invalid choice: 'fp64'" in capsys.readouterr().err

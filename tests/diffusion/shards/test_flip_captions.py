@@ -14,7 +14,7 @@ from codec.shards.encode import ShardImages, crop_position, encode_dataset
 from codec.shards.format import read_shard
 from experiments.demo.adherence import detect, parse_prompt
 from experiments.demo.shapes import write_shapes_dataset
-from tests.diffusion.shards.test_encode import RES, load_script, write_image_folder
+from tests.diffusion.shards.test_encode import RES, encode_command, write_image_folder
 
 COUNT = 24  # with seed 3, 16 records are mirrored and 11 of those have a left or right in their caption
 
@@ -134,5 +134,5 @@ def test_the_flip_policy_is_a_setting_a_resume_must_match(codec_dir, tmp_path):
         encode_dataset(codec_dir, folder, tmp_path / "other", crop="random", flip="sometimes", **kwargs)
     args = ["--codec", str(codec_dir), "--data", str(folder), "--resolution", str(RES), "--num-workers", "0",
             "--crop", "random", "--flip", "uncaptioned-only", "--out", str(tmp_path / "cli")]
-    assert load_script().main(args) == 0
+    assert encode_command(args) == 0
     assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["flip"] == "uncaptioned-only"

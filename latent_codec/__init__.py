@@ -1,0 +1,1 @@
+"""The `latent-codec` command (cli.py) and its verbs (commands/): the top floor, over codec/ and diffusion/."""
