@@ -72,7 +72,7 @@ LEGACY_FLIP = "keep-captions"
 # Column names taken as captions when --caption-column is not given (the imagefolder/metadata.jsonl convention).
 DEFAULT_CAPTION_COLUMNS = ("text", "caption")
 # Settings that decide a shard's contents: a resumed run must match all of them. `precision` is one: bf16 moves
-# the means by ~1.6% (relative RMS, tests/diffusion/shards/test_encode_scale.py), so a resume in another
+# the means by ~1.6% (relative RMS, tests/codec/shards/test_encode_scale.py), so a resume in another
 # precision would mix two encodings of one dataset.
 SETTING_KEYS = ("codec_identity", "resolution", "crop", "flip", "seed", "shard_size", "num_images", "caption_source",
                 "latent_shape", "precision")

@@ -35,8 +35,8 @@ latent shapes and their element ratio, 48x for 512x512) into --out, and prints w
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--pipeline", metavar="DIR", help="pipeline folder (`unet train`'s <out>/pipeline); "
-                        "a codec folder is enough for --reconstruct, --prior-samples and --interpolate")
+    source.add_argument("--pipeline", metavar="DIR", help="pipeline folder (`unet train`'s <out>/pipeline): "
+                        "every mode; its codec serves --reconstruct, --prior-samples and --interpolate")
     source.add_argument("--codec", metavar="DIR", help="a codec folder (`codec train`'s <out>/final), unconditional "
                         "or conditional, for --reconstruct, --prior-samples and --interpolate")
     p.add_argument("--prompt", help="text to generate from (text-to-image, or image-to-image with --init-image); with "

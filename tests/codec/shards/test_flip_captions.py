@@ -14,7 +14,7 @@ from codec.shards.encode import ShardImages, crop_position, encode_dataset
 from codec.shards.format import read_shard
 from experiments.demo.adherence import detect, parse_prompt
 from experiments.demo.shapes import write_shapes_dataset
-from tests.diffusion.shards.test_encode import RES, encode_command, write_image_folder
+from tests.codec.shards.test_encode import RES, encode_command, write_image_folder
 
 COUNT = 24  # with seed 3, 16 records are mirrored and 11 of those have a left or right in their caption
 

@@ -2,7 +2,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.diffusion.shards.test_encode import make_codec, write_image_folder
+from tests.codec.shards.test_encode import make_codec, write_image_folder
+
+# The diffusion tests' session fixtures, reused here (built once per session, not once per folder), and their
+# one-thread setting: these tests moved with their code, their fixtures stayed.
+from tests.diffusion.conftest import (  # noqa: F401
+    caption_images,
+    generate,
+    minilm,
+    one_torch_thread,
+    pipeline_dir,
+    tiny_codec_dir,
+    tiny_pipeline,
+    tiny_shards,
+    tiny_unet_config,
+)
 
 
 @pytest.fixture(scope="module")

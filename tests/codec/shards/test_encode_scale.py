@@ -23,8 +23,8 @@ from codec.shards.format import (
     write_shard,
 )
 from codec.shards.verify import verify_shards
+from tests.codec.shards.test_encode import RES, assert_same_shards, encode_command
 from tests.conftest import ROOT, TWO_PROCESSES, launch_env
-from tests.diffusion.shards.test_encode import RES, assert_same_shards, encode_command
 
 # 4 shards of 3 (the last holds 1), batch 2, random crops, as the 2-process test of test_encode.py.
 KWARGS = dict(resolution=RES, shard_size=3, batch_size=2, crop="random", seed=7, num_workers=1, progress=False)

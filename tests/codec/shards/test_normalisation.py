@@ -16,8 +16,8 @@ from codec.shards import LatentShards, read_manifest
 from codec.shards.encode import ShardImages, encode_dataset
 from codec.training.config import load_codec_config
 from diffusion.train import codec_for_shards
+from tests.codec.shards.test_encode import write_image_folder
 from tests.conftest import CONFIGS
-from tests.diffusion.shards.test_encode import write_image_folder
 
 RES = 64
 # SD3/Flux-shaped and SDXL-shaped normalisations, neither with scaling_factor 1.

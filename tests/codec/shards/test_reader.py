@@ -13,7 +13,7 @@ from codec.network.model import codec_identity, load_codec
 from codec.shards import LatentShards, read_manifest
 from codec.shards.encode import encode_dataset
 from codec.shards.format import read_shard, shard_filename
-from tests.diffusion.shards.test_encode import make_codec, write_image_folder
+from tests.codec.shards.test_encode import make_codec, write_image_folder
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ RES = 64  # tiny codec is f8: 64x64 images -> 4x8x8 latents
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Helpers (also used by tests/diffusion/shards/test_reader.py)
+# Helpers (also used by tests/codec/shards/test_reader.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 
