@@ -11,6 +11,7 @@ one place a user's mistake becomes one line on stderr and exit status 2 (`run_co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from collections.abc import Sequence
@@ -126,10 +127,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def main_for(module: ModuleType, argv: Sequence[str] | None = None) -> int:
     """One verb alone (`python -m latent_codec.commands.<name>`), with the same parser and the same errors."""
     name = (module.__spec__.name if module.__spec__ else module.__name__).rsplit(".", 1)[-1]  # -m: __main__
-    group, verb = next(((g, v) for g, vs in TREE.items()
-                        for v, m in ({g: vs} if isinstance(vs, str) else vs).items() if m == name))
-    words = [group] if isinstance(TREE[group], str) else [group, verb]
-    return main([*words, *(sys.argv[1:] if argv is None else argv)])
+    return main([*verb_words(name), *(sys.argv[1:] if argv is None else argv)])
+
+
+def verb_words(module_name: str) -> list[str]:
+    """The words that name a verb's module on the command line: ['codec', 'train'], or ['generate']."""
+    for group, verbs in TREE.items():
+        if verbs == module_name:
+            return [group]
+        if isinstance(verbs, dict):
+            for verb, module in verbs.items():
+                if module == module_name:
+                    return [group, verb]
+    raise KeyError(f"{module_name} is not a verb of the tree")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,3 +212,14 @@ def resolution(value: str) -> tuple[int, int]:
 def old_script(words: str) -> None:
     """scripts/<old name>.py, kept for one release: the verb `words` names, with the arguments given (new flags)."""
     sys.exit(main([*words.split(), *sys.argv[1:]]))
+
+
+def settings_with_flags(load, args: argparse.Namespace, kind: str):
+    """A verb's typed settings: the defaults, then --config (a preset name or a file), then --set, then the verb's
+    own flags, one per field and None when not given, so the last word wins as in the trainers' --max-steps."""
+    settings = load(args.config and config_path(args.config, kind), args.set)
+    for field in dataclasses.fields(settings):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            setattr(settings, field.name, value)
+    return settings

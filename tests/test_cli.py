@@ -125,3 +125,20 @@ def test_the_installed_command_and_a_single_verb_module_run(tmp_path):
                            cwd=tmp_path)
     assert alone.returncode == 2
     assert alone.stderr.startswith("latent-codec codec export: error:") and alone.stderr.count("\n") == 1
+
+
+def test_settings_come_from_defaults_then_config_then_set_then_flags(tmp_path):
+    """shards encode and entropy fit: the same precedence as the trainers, and unknown keys refused."""
+    from codec.common.config import ConfigError
+    from codec.shards.config import load_encode_config
+
+    path = tmp_path / "encode.yaml"
+    path.write_text("shard_size: 3\nseed: 5\nbatch_size: 2\n")
+    args = argparse.Namespace(config=str(path), set=["seed=6", "crop=random"], batch_size=8, seed=None)
+    cfg = cli.settings_with_flags(load_encode_config, args, "shards")
+    assert (cfg.shard_size, cfg.seed, cfg.crop, cfg.batch_size, cfg.resolution) == (3, 6, "random", 8, 512)
+    path.write_text("shard_sise: 3\n")
+    with pytest.raises(ConfigError, match="shard_sise"):
+        cli.settings_with_flags(load_encode_config, args, "shards")
+    assert cli.main(["entropy", "fit", "--shards", str(tmp_path), "--out", str(tmp_path / "m"), "--config",
+                     "no-such-preset"]) == 2

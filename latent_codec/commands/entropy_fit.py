@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
+from functools import partial
 from pathlib import Path
 
 from codec.entropy.fit import FitSettings
@@ -74,10 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from codec.common.config import load_config
     from codec.entropy.fit import fit_entropy_model
 
-    settings = load_config(FitSettings, args.config and cli.config_path(args.config, "entropy"), args.set)
-    for field in dataclasses.fields(settings):
-        if getattr(args, field.name) is not None:
-            setattr(settings, field.name, getattr(args, field.name))
+    settings = cli.settings_with_flags(partial(load_config, FitSettings), args, "entropy")
     path = Path(args.out) / MODEL_FILE
     identity = fit_entropy_model(args.shards, path, settings)
     print(f"{path}: {settings.kind} model {identity}")

@@ -67,10 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from codec.shards.config import load_encode_config
     from codec.shards.encode import encode_dataset
 
-    cfg = load_encode_config(args.config and cli.config_path(args.config, "shards"), args.set)
-    for field in dataclasses.fields(cfg):
-        if getattr(args, field.name) is not None:
-            setattr(cfg, field.name, getattr(args, field.name))
+    cfg = cli.settings_with_flags(load_encode_config, args, "shards")
     encode_dataset(args.codec, args.data, args.out, **dataclasses.asdict(cfg))
     return 0
 
