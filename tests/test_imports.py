@@ -99,4 +99,6 @@ def test_every_package_is_installed_and_experiments_are_not():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     in_tree = {".".join(p.parent.relative_to(ROOT).parts) for top in ("codec", "diffusion", "latent_codec")
                for p in (ROOT / top).rglob("__init__.py")}
-    assert listed == in_tree | {"latent_codec.configs"}
+    presets = {"latent_codec.configs", *(f"latent_codec.configs.{d.name}" for d in (ROOT / "configs").iterdir()
+                                         if d.is_dir() and d.name != "__pycache__")}
+    assert listed == in_tree | presets
