@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from codec.data.images import UnreadableImage
+from codec.exchange.pipeline import PRECISIONS as PIPELINE_PRECISIONS
 from codec.measurement.metrics import InceptionUnavailable
 
 PROG = "latent-codec"
@@ -48,8 +49,8 @@ GROUP_HELP = {
 USER_ERRORS = (OSError, ValueError, UnreadableImage, InceptionUnavailable)
 
 
-# The dtype words of --precision, everywhere (codec.exchange.pipeline.PRECISIONS maps them to torch dtypes).
-PRECISIONS = ("fp32", "bf16", "fp16")
+# The dtype words of --precision, everywhere: the pipeline's table, which maps them to torch dtypes.
+PRECISIONS = tuple(PIPELINE_PRECISIONS)
 
 
 class CommandError(ValueError):

@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from codec.exchange.pipeline import SAMPLERS as PIPELINE_SAMPLERS
 from latent_codec import cli
 
-SAMPLERS = ("ddim", "dpm", "euler")  # codec.exchange.pipeline.SAMPLERS but ddpm (a training sampler, 1000 steps)
+# The pipeline's samplers but DDPM, a training sampler that needs all 1000 steps.
+SAMPLERS = tuple(s for s in PIPELINE_SAMPLERS if s != "ddpm")
 
 HELP = "generate images: text-to-image, image-to-image, reconstruction, codec prior samples"
 DESCRIPTION = r"""Generate images with a trained pipeline: text-to-image, image-to-image, reconstruction, codec prior

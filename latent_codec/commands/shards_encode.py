@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "scaling_factor (1/std of the sampled latents) into the codec folder's config.json; the weights "
                    "are not touched")
     p.add_argument("--limit", type=int, help="encode only the first N images of the dataset")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="the encoder's autocast (default "
+    p.add_argument("--precision", choices=cli.PRECISIONS, help="the encoder's autocast (default "
                    f"{D.precision}; shards store float16 either way). Images whose latents are not finite in bf16/fp16 "
                    "(the known fp16 overflow of SD-style VAEs) are re-encoded in fp32 with a warning; a resume must "
                    "use the precision the shards were made with")
