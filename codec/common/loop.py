@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from codec.common.config import check_loop_settings
+from codec.common.distributed import DEFAULT_TIMEOUT_MINUTES
 
 
 @dataclass
@@ -21,7 +22,7 @@ class LoopSettings:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
     # How long a barrier or all-reduce waits for the slowest process before the run fails. torch's NCCL default
     # (10 min) is shorter than some legitimate waits: one process writing a checkpoint, the export or validation.
-    process_group_timeout_minutes: float = 30.0
+    process_group_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
     ema_decay: float | None = 0.999  # null disables EMA; the export then holds the raw weights
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
