@@ -118,3 +118,23 @@ def command(words: str):
     from latent_codec.cli import main
 
     return lambda argv: main([*words.split(), *map(str, argv)])
+
+
+@pytest.fixture(scope="session")
+def local_s3():
+    """moto's S3 server on 127.0.0.1 for the session; its endpoint and keys are in os.environ meanwhile, so
+    in-process clients and launched children reach it as they would reach any custom S3 endpoint."""
+    from tests.bucket import start_local_s3, stop_local_s3
+
+    s3, server = start_local_s3()
+    saved = {key: os.environ.get(key) for key in s3.env}
+    os.environ.update(s3.env)
+    try:
+        yield s3
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        stop_local_s3(server)
