@@ -21,13 +21,16 @@ class TextEncoderConfig:
     # anything else is a local transformers folder: a CLIP text encoder, a T5 encoder, another BERT.
     path: str = "minilm"
     max_length: int = 77  # captions are padded/truncated to this many tokens, like SD's CLIP
-    # Embed every distinct caption once before training (cache keyed by caption text): the frozen encoder then
-    # costs nothing per step. Turn off for caption sets too large to hold (tokens x width x 4 bytes each).
-    precompute: bool = True
+    # Caption embeddings kept, most recently used first (codec.network.text_encoder.CaptionEmbeddings); 0: embed
+    # every batch's captions. Each costs max_length x width x 4 bytes: 1024 entries at 77 tokens of MiniLM's 384 are
+    # 121 MB (242 MB at CLIP's 768). Never the whole caption set: at 10M captions that would be 1.2 TB.
+    cache_captions: int = 1024
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
             raise ConfigError(f"text_encoder.max_length must be >= 2 (a start and an end token), got {self.max_length}")
+        if self.cache_captions < 0:
+            raise ConfigError(f"text_encoder.cache_captions must be >= 0 (0: no cache), got {self.cache_captions}")
 
 
 @dataclass

@@ -47,7 +47,7 @@ from codec.network.model import codec_identity, compression_ratio, encoder_ident
 from codec.network.text_encoder import CaptionEmbeddings, hidden_width, load_text_encoder
 from codec.shards import LatentShards, read_manifest
 from diffusion.config import UNetTrainingConfig
-from diffusion.draws import EvalSet, TrainingDraws, eval_set, shard_captions
+from diffusion.draws import EvalSet, TrainingDraws, eval_set
 from diffusion.schedule import build_noise_scheduler, per_sample_mse, training_loss, training_target
 from diffusion.unet import build_unet
 
@@ -181,8 +181,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     tokenizer.model_max_length = cfg.text_encoder.max_length  # saved with the pipeline, so sampling pads alike
     text_model.to(device)
     embeddings = CaptionEmbeddings(tokenizer, text_model, cfg.text_encoder.max_length,
-                                   cache=cfg.text_encoder.precompute)
-    embeddings.precompute(shard_captions(shards) + [""])
+                                   cache_size=cfg.text_encoder.cache_captions)
     draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
     loader = DataLoader(
         TrainingDraws(shards, cfg.diffusion, cfg.train.seed),
@@ -232,7 +231,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
                    "resolution": shards.manifest["resolution"], "scaling_factor": shards.scaling_factor,
                    "codec_identity": shards.manifest["codec"]["identity"]},
         "text_encoder": {"path": cfg.text_encoder.path, "width": hidden_width(text_model),
-                         "distinct_captions": len(embeddings.cache) if cfg.text_encoder.precompute else None},
+                         "cache_captions": cfg.text_encoder.cache_captions},
         "unet_parameters": sum(p.numel() for p in inner.parameters()),
     }
     if main:
@@ -241,9 +240,9 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
                  run_info["unet_parameters"] / 1e6, (channels, side, side), shards.manifest["resolution"],
                  shards.manifest["resolution"], 3 * shards.manifest["resolution"] ** 2 / latent_elements)
         log.info("%d latent records in %s; %s", len(shards), cfg.shards, scale_note)
-        log.info("text encoder %s (%d-d tokens): %s", cfg.text_encoder.path, hidden_width(text_model),
-                 f"{len(embeddings.cache)} distinct captions embedded up front" if cfg.text_encoder.precompute
-                 else "captions embedded per batch (text_encoder.precompute: false)")
+        log.info("text encoder %s (%d-d tokens): captions embedded one at a time, %s", cfg.text_encoder.path,
+                 hidden_width(text_model), f"the last {cfg.text_encoder.cache_captions} kept"
+                 if cfg.text_encoder.cache_captions else "none kept (text_encoder.cache_captions: 0)")
         log.info("processes: %d, global batch: %d, precision: %s, device: %s",
                  accelerator.num_processes, draws_per_step, accelerator.mixed_precision, device)
     accelerator.init_trackers("unet", config=flat_hparams(run_info["config"]))

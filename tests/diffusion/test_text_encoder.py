@@ -29,17 +29,29 @@ def test_minilm_gives_384_d_tokens_padded_to_the_caption_length(minilm):
     assert encode_prompts(tokenizer, model, ["word " * 100], max_length=16).shape == (1, 16, 384)
 
 
-def test_caption_cache_returns_what_the_encoder_computes(minilm):
+def test_a_caption_gets_the_same_embedding_alone_in_a_batch_and_after_eviction(minilm):
+    """Bit for bit: a caption is always embedded on its own, so neither its batch nor the cache's state (what was
+    kept, what was evicted) changes its embedding; the cache keeps the `cache_size` most recently used."""
     tokenizer, model = minilm
-    captions = ["a cat", "", "a dog", "a cat"]
-    cached = CaptionEmbeddings(tokenizer, model, 16)
-    cached.precompute(captions)
-    assert sorted(cached.cache) == ["", "a cat", "a dog"]
-    direct = encode_prompts(tokenizer, model, captions, 16)
-    assert torch.allclose(cached(captions), direct, atol=1e-5)
-    uncached = CaptionEmbeddings(tokenizer, model, 16, cache=False)
-    assert torch.allclose(uncached(captions), direct, atol=1e-5) and not uncached.cache
-    assert torch.allclose(cached(["a bird"])[0], encode_prompts(tokenizer, model, ["a bird"], 16)[0], atol=1e-5)
+    words = ["a cat", "", "a dog", "a red motorcycle in a room", "galaxies"]
+    alone = {w: encode_prompts(tokenizer, model, [w], 16)[0] for w in words}
+    batches = [["a cat", "", "a dog", "a cat"], ["a cat"], ["galaxies", "", "a red motorcycle in a room"],
+               ["a dog", "a cat", "galaxies"], words]
+    for cache_size in (0, 2, 10):
+        embeddings = CaptionEmbeddings(tokenizer, model, 16, cache_size=cache_size)
+        for batch in batches:
+            out = embeddings(batch)
+            assert out.shape == (len(batch), 16, 384)
+            for caption, row in zip(batch, out):
+                assert torch.equal(row, alone[caption]), (cache_size, caption)
+            assert len(embeddings.cache) <= cache_size
+    # Least recently used goes first: after [a, b], [a], [c] a cache of two holds a and c.
+    embeddings = CaptionEmbeddings(tokenizer, model, 16, cache_size=2)
+    for batch in (["a cat", "a dog"], ["a cat"], ["galaxies"]):
+        embeddings(batch)
+    assert list(embeddings.cache) == ["a cat", "galaxies"]
+    with pytest.raises(ValueError, match="cache_size"):
+        CaptionEmbeddings(tokenizer, model, 16, cache_size=-1)
 
 
 def test_a_missing_text_encoder_folder_is_a_clear_error(tmp_path):
