@@ -139,6 +139,10 @@ class TrainConfig(LoopSettings):
     eval_timesteps: list[int] = field(default_factory=list)
     validate_samples: bool = True  # false: validation measures the loss only, no sample grid (for frequent evals)
     num_workers: int = 0  # shards are memory-mapped; workers rarely pay off
+    # Each epoch reads the store's chunks in a seeded order, mixing the records of this many consecutive chunks
+    # (diffusion/draws.py EpochOrder). Larger: better mixed batches, but more chunks in the local cache at once
+    # (this many, twice at a window's end: size the store's cache for it); 1: records of one chunk at a time.
+    shuffle_chunks: int = 16
     # Validation grid: these prompts (empty list: the first captions of the shards), sampled with DDIM.
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 25
@@ -146,6 +150,8 @@ class TrainConfig(LoopSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.shuffle_chunks < 1:
+            raise ConfigError(f"train.shuffle_chunks must be >= 1, got {self.shuffle_chunks}")
         if self.eval_items < 1:
             raise ConfigError(f"train.eval_items must be >= 1, got {self.eval_items}")
         if len(set(self.eval_timesteps)) != len(self.eval_timesteps):

@@ -184,7 +184,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
                                    cache_size=cfg.text_encoder.cache_captions)
     draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
     loader = DataLoader(
-        TrainingDraws(shards, cfg.diffusion, cfg.train.seed),
+        TrainingDraws(shards, cfg.diffusion, cfg.train.seed, cfg.train.shuffle_chunks),
         batch_size=cfg.train.batch_size,
         sampler=DrawSampler(start=step * draws_per_step),
         num_workers=cfg.train.num_workers,

@@ -211,8 +211,8 @@ def benchmark_training_throughput(
     from codec.network.model import load_codec
     from codec.network.text_encoder import CaptionEmbeddings, hidden_width, load_text_encoder
     from codec.shards import LatentShards
-    from diffusion.config import DiffusionConfig
-    from diffusion.draws import TrainingDraws, shard_captions
+    from diffusion.config import DiffusionConfig, TrainConfig
+    from diffusion.draws import TrainingDraws
     from diffusion.schedule import build_noise_scheduler
     from diffusion.unet import build_unet
 
@@ -223,17 +223,16 @@ def benchmark_training_throughput(
     shards = LatentShards(shards_dir)
     diffusion = DiffusionConfig()
     scheduler = build_noise_scheduler(diffusion)
-    draws = TrainingDraws(shards, diffusion, seed=0)
+    draws = TrainingDraws(shards, diffusion, seed=0, shuffle_chunks=TrainConfig().shuffle_chunks)
     tokenizer, text_model = load_text_encoder(text_encoder)
     embeddings = CaptionEmbeddings(tokenizer, text_model, max_length=text_tokens)
-    captions = shard_captions(shards)
     channels, side, _ = shards.manifest["latent_shape"]
     torch.manual_seed(0)
     unet = build_unet(cfg, channels, side, hidden_width(text_model)).train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     pixels = _pixels_of_shards(shards, images_dir, batch_size)
     pixels = pixels[torch.arange(batch_size) % len(pixels)]
-    text = embeddings([captions[i % len(captions)] for i in range(batch_size)])
+    text = embeddings([shards[i % len(shards)]["caption"] for i in range(batch_size)])
 
     def unet_step(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> None:
         prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=text).sample

@@ -143,7 +143,6 @@ def compare_codecs(settings: CompareSettings) -> dict:
     """Run (or continue) every stage; returns results.json's content."""
     from codec.measurement.latent_analysis import analyze_codecs, load_images, plot_spectra
     from codec.shards import LatentShards
-    from diffusion.draws import shard_captions
     from experiments.demo.report import generate_and_score
     from experiments.demo.run import GenerateStage
 
@@ -169,7 +168,8 @@ def compare_codecs(settings: CompareSettings) -> dict:
         analyses = analyze_codecs(settings.codecs, images, out / "analysis")
     plot_spectra(analyses, out / "spectrum.png")
 
-    captions = shard_captions(LatentShards(next(iter(paths.values()))["heldout_shards"]))
+    held = LatentShards(next(iter(paths.values()))["heldout_shards"])
+    captions = [held[i]["caption"] for i in range(len(held))]  # --heldout records (64 by default)
     prompts, adherence_note = (shapes_prompts(captions, settings.adherence_prompts) if settings.adherence_prompts
                                else ([], "not asked for (--adherence-prompts 0)"))
     results: dict = {"settings": settings.recorded(), "codecs": {}, "adherence_note": adherence_note}

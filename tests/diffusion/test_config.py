@@ -46,6 +46,8 @@ def test_unknown_keys_and_bad_values_are_errors_naming_them():
     cfg = load_unet_config(CONFIGS / "unet" / "small.yaml")
     with pytest.raises(ConfigError, match="multiple of 4"):
         build_unet(cfg.unet, 4, 6, 384)
+    with pytest.raises(ConfigError, match="train.shuffle_chunks"):
+        load_unet_config(None, ["train.shuffle_chunks=0"])
     with pytest.raises(ConfigError, match="text_encoder.cache_captions"):
         load_unet_config(None, ["text_encoder.cache_captions=-1"])
     with pytest.raises(ConfigError, match="text_encoder.precompute"):  # replaced by cache_captions

@@ -54,7 +54,7 @@ def test_training_lowers_the_denoising_loss_without_ever_running_the_encoder(
     assert (first, last) == (0, 80)
     before, after = before["val/denoising_loss"], after["val/denoising_loss"]
     # Eval loss: epsilon MSE on 16 fixed (record, noise, timestep) triples, timesteps spread over 0..999, EMA
-    # weights. Measured on this machine: 1.092 -> 0.252 after 80 steps (4.3x); we require 2x.
+    # weights. Measured on this machine: 1.092 -> 0.265 after 80 steps (4.1x); we require 2x.
     assert after < before / 2, (before, after)
 
     # The export: the shards' scaling factor in the vae config, and the EMA weights that were evaluated.
@@ -100,8 +100,9 @@ def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_shards, tin
 
 def test_a_draw_fixes_record_noise_timestep_and_dropout(tiny_shards, tiny_unet_config):
     shards = LatentShards(tiny_shards)
-    draws = TrainingDraws(shards, tiny_unet_config.diffusion, seed=0)
-    again = TrainingDraws(shards, tiny_unet_config.diffusion, seed=0)
+    window = tiny_unet_config.train.shuffle_chunks
+    draws = TrainingDraws(shards, tiny_unet_config.diffusion, seed=0, shuffle_chunks=window)
+    again = TrainingDraws(shards, tiny_unet_config.diffusion, seed=0, shuffle_chunks=window)
     for key in ("latents", "noise", "timestep", "drop_caption"):
         assert torch.equal(draws[13][key], again[13][key]), key  # no hidden state: any order, any process
     assert draws[13]["caption"] == again[13]["caption"]
