@@ -112,8 +112,9 @@ def load_image_dataset(
     """Load images from a folder, a save_to_disk directory, parquet/arrow files (a glob, a brace pattern, a folder
     of them), a bucket URL of any of these, or a Hub name; webdataset tars are refused (they stream: InputSource).
 
-    An image folder is indexed with one listing (codec.data.folders): 0.5 s for 10k tiny files in 10 folders on
-    this machine where datasets' imagefolder builder took 6.9 s (17.7 s when the issue was filed).
+    An image folder is indexed with one listing (codec.data.folders). 10k tiny files on this machine (2 cores), in
+    10 sub-folders / flat with a metadata.jsonl: 0.03 s / 0.04 s, where datasets' imagefolder builder took 6.6 s /
+    6.3 s (fresh cache; 17.7 s when issue 30 was filed). 300k files in 300 folders: 0.6 s.
 
     The image column comes back as datasets.Image(decode=False): nothing is decoded at load time, so one broken
     file cannot stop loading; decode_image decides per item later. Returns (dataset, image column name).

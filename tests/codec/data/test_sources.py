@@ -11,7 +11,6 @@ import pytest
 from codec.data import BUNDLED_TRAIN, BUNDLED_VAL, UnreadableImage, bundled_photos, decode_image, load_image_dataset
 from tests.codec.data.helpers import COLOURS, write_colour_folder
 
-
 # --------------------------------------------------------------------------------------------------- loading
 
 
@@ -79,6 +78,41 @@ def test_load_parquet_and_column_errors(tmp_path, offline):
         load_image_dataset(str(tmp_path / "part.parquet"), image_column="pixels")
     with pytest.raises(FileNotFoundError, match="no files match"):
         load_image_dataset(str(tmp_path / "none-*.parquet"))
+
+
+def test_load_image_folder_splits_and_labels_from_one_listing(tmp_path, offline):
+    for part in ("train/cat", "train/dog", "validation/cat", "test/dog"):
+        write_colour_folder(tmp_path / "splits" / part, [(4, 4)])
+    train, column = load_image_dataset(tmp_path / "splits")
+    assert len(train) == 2 and train.features["label"].names == ["cat", "dog"] and train["label"] == [0, 1]
+    assert train[1][column]["path"] == str(tmp_path / "splits" / "train" / "dog" / "0.png")
+    val, _ = load_image_dataset(tmp_path / "splits", split="validation")
+    assert len(val) == 1 and "label" not in val.features  # one folder name is no label
+    with pytest.raises(ValueError, match=r"no images for split 'dev'.*splits found: \['test', 'train', 'validation'\]"):
+        load_image_dataset(tmp_path / "splits", split="dev")
+
+    write_colour_folder(tmp_path / "mixed" / "a", [(4, 4)])
+    write_colour_folder(tmp_path / "mixed" / "a" / "deeper", [(4, 4)])
+    mixed, _ = load_image_dataset(tmp_path / "mixed")
+    assert len(mixed) == 2 and "label" not in mixed.features  # images at different depths: no label
+
+
+def test_load_refuses_tars_and_takes_brace_patterns_of_parquet(tmp_path, offline):
+    import tarfile
+
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "w"):
+        pass
+    with pytest.raises(ValueError, match="webdataset tars.*latent-codec shards encode --data"):
+        load_image_dataset(tmp_path / "shards")
+    names = write_colour_folder(tmp_path / "src", [(4, 4)] * 2)
+    for i, name in enumerate(names):
+        table = datasets.Dataset.from_dict({"image": [str(tmp_path / "src" / name)]})
+        table.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / f"part-{i}.parquet"))
+    both, column = load_image_dataset(f"{tmp_path}/part-{{0,1}}.parquet")
+    assert [decode_image(row[column]).getpixel((0, 0)) for row in both] == COLOURS[:2]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_image_dataset(tmp_path / "no-such-folder")
 
 
 def test_load_unknown_hub_name_says_what_to_pass(offline):
