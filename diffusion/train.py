@@ -6,7 +6,9 @@ The codec stays frozen and its encoder is never run: the shards already hold eve
 copied into the exported pipeline folder.
 
 Reproducibility by construction, as in codec/training/train.py: every training example is a global draw number that
-fixes its shard record, posterior sample, diffusion noise, timestep and caption dropout (diffusion/draws.py).
+fixes its shard record, posterior sample, diffusion noise, timestep and caption dropout (diffusion/draws.py). Every
+checkpoint records how many draws the loader has consumed, so a resume continues at the next draw even with
+another process count or batch size.
 
 Latent scale: the U-Net learns latents normalised by the shards' manifest (scaling_factor = 1/std of the encoded
 dataset's latents, with a shift or per-channel statistics when the codec has them). The exported pipeline's vae
@@ -142,6 +144,45 @@ def sample_grid(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, g
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
 
 
+class LoaderPosition:
+    """The global draws the loader has consumed: saved in every checkpoint (accelerate's register_for_checkpointing),
+    so a resume starts its DrawSampler at the next draw. Steps x global batch would be wrong as soon as the global
+    batch changes between the runs (another process count or batch size): draws would be skipped or repeated."""
+
+    def __init__(self, draws: int = 0):
+        self.draws = draws
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draws = int(state["draws"])
+
+
+LOADER_STATE = "custom_checkpoint_0.pkl"  # accelerate's file for the first (only) registered object
+
+
+def load_checkpoint(accelerator, checkpoint: Path | None, step: int, draws_per_step: int) -> LoaderPosition:
+    """accelerate's load_state of `checkpoint` (None: a fresh run), and the loader position, registered so that every
+    checkpoint saves it. accelerate refuses a checkpoint holding fewer custom objects than are registered, so one
+    written before checkpoints kept the position is loaded first and registered after, and resumes at step x
+    global batch, the rule it was written under (right when the global batch is the one it ran with)."""
+    position = LoaderPosition()
+    if checkpoint is None:
+        accelerator.register_for_checkpointing(position)
+    elif (checkpoint / LOADER_STATE).is_file():
+        accelerator.register_for_checkpointing(position)
+        accelerator.load_state(str(checkpoint))
+    else:
+        accelerator.load_state(str(checkpoint))
+        accelerator.register_for_checkpointing(position)
+        position.draws = step * draws_per_step
+        log.warning("%s records no loader position (written before checkpoints kept it): resuming at draw %d = step "
+                    "%d x global batch %d, which is right only if the run that wrote it had this global batch",
+                    checkpoint, position.draws, step, draws_per_step)
+    return position
+
+
 def export_pipeline(pipe: LatentDiffusionPipeline, output_dir: Path, info: dict) -> Path:
     """Save the whole pipeline (safetensors only) at <output_dir>/pipeline, renamed into place when complete. The
     folder carries its pipeline code, so stock diffusers loads it with trust_remote_code=True
@@ -183,13 +224,6 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     embeddings = CaptionEmbeddings(tokenizer, text_model, cfg.text_encoder.max_length,
                                    cache_size=cfg.text_encoder.cache_captions)
     draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
-    loader = DataLoader(
-        TrainingDraws(shards, cfg.diffusion, cfg.train.seed, cfg.train.shuffle_chunks),
-        batch_size=cfg.train.batch_size,
-        sampler=DrawSampler(start=step * draws_per_step),
-        num_workers=cfg.train.num_workers,
-        persistent_workers=cfg.train.num_workers > 0,
-    )
     # The eval loss's examples: held-out shards of the same codec when given, else the training shards' first records.
     held_shards = shards if cfg.train.eval_shards is None else LatentShards(
         cfg.train.eval_shards, verify_codec=codec_identity(vae), verify_encoder=encoder_identity(vae))
@@ -206,16 +240,24 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     noise_scheduler = build_noise_scheduler(cfg.diffusion)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
-    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
     inner = accelerator.unwrap_model(unet)
     ema = None
     if cfg.train.ema_decay:
         ema = EMAModel(inner.parameters(), decay=cfg.train.ema_decay)
         ema.to(device)
         keep_ema_in_checkpoints(accelerator, ema, inner)
+    position = load_checkpoint(accelerator, resume_dir, step, draws_per_step)
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        log.info("resumed from %s at step %d", resume_dir, step)
+        log.info("resumed from %s at step %d, draw %d", resume_dir, step, position.draws)
+    # Built once the checkpoint has said where the draws continue.
+    loader = accelerator.prepare(DataLoader(
+        TrainingDraws(shards, cfg.diffusion, cfg.train.seed, cfg.train.shuffle_chunks),
+        batch_size=cfg.train.batch_size,
+        sampler=DrawSampler(start=position.draws),
+        num_workers=cfg.train.num_workers,
+        persistent_workers=cfg.train.num_workers > 0,
+    ))
     pipe = LatentDiffusionPipeline(vae=vae, unet=inner, scheduler=make_sampler("ddim", noise_scheduler.config),
                                    text_encoder=text_model, tokenizer=tokenizer)
     pipe.set_progress_bar_config(disable=True)
@@ -296,6 +338,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         if not accelerator.sync_gradients:
             continue
         step += 1
+        position.draws += draws_per_step
         if ema is not None:
             ema.step(inner.parameters())
         progress.update(1)

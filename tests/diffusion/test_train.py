@@ -1,6 +1,8 @@
 import json
+import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from codec.shards import LatentShards
 from diffusion.config import load_unet_config
 from diffusion.draws import TrainingDraws, eval_set
 from diffusion.schedule import build_noise_scheduler
-from diffusion.train import codec_for_shards, denoising_loss, train_unet
+from diffusion.train import LOADER_STATE, codec_for_shards, denoising_loss, train_unet
 from tests.conftest import (
     CONFIGS,
     ROOT,
@@ -96,6 +98,49 @@ def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_shards, tin
     changed = _config(tiny_shards, tiny_codec_dir, tmp_path / "resumed", *common, "unet.attention_head_dim=[1,2]")
     with pytest.raises(ConfigError, match=r"attention_head_dim: 8 in the checkpoint, \[1, 2\] now"):
         train_unet(changed, resume="latest")
+
+
+def test_a_resume_with_another_global_batch_reads_every_record_of_the_epoch_once(
+        tiny_shards, tiny_codec_dir, tmp_path, fresh_accelerate_state, monkeypatch):
+    """Killed after its checkpoint at step 2 with batch 2 (4 draws consumed), resumed with batch 4, as another
+    process count would change the global batch: the resume starts at draw 4, where the checkpoint's loader position
+    says, not at 2 steps x 4 = 8, so the tiny shards' 8 records are each read exactly once in the first epoch. The
+    draws are counted where TrainingDraws reads them; the loader reads one batch ahead of the step that uses it."""
+    read: list[tuple[int, str]] = []
+    real_getitem = TrainingDraws.__getitem__
+
+    def counted(self, draw):
+        read.append((int(draw), self.shards[self.record(draw)]["id"]))
+        return real_getitem(self, draw)
+
+    monkeypatch.setattr(TrainingDraws, "__getitem__", counted)
+    common = ("train.checkpoint_every=2", "optim.warmup_steps=1")
+    with killed_after_a_checkpoint(monkeypatch, train_module):
+        train_unet(_config(tiny_shards, tiny_codec_dir, tmp_path / "run", *common, "train.batch_size=2",
+                           "train.max_steps=4"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert torch.load(checkpoint / LOADER_STATE) == {"draws": 4}
+    before = [(d, record) for d, record in read if d < 4]
+    shutil.copytree(tmp_path / "run", tmp_path / "old")
+    read.clear()
+
+    resumed = train_unet(_config(tiny_shards, tiny_codec_dir, tmp_path / "run", *common, "train.batch_size=4",
+                                 "train.max_steps=3"), resume="latest")
+    assert resumed.step == 3 and min(d for d, _ in read) == 4
+    after = [(d, record) for d, record in read if d < 8]  # step 3's batch: draws 4..7
+    assert sorted(d for d, _ in before + after) == list(range(8))
+    every_id = {LatentShards(tiny_shards)[i]["id"] for i in range(8)}
+    assert Counter(record for _, record in before + after) == Counter(every_id)
+
+    # A checkpoint written before checkpoints kept the loader position resumes by the old rule, step x global
+    # batch, and says so.
+    (tmp_path / "old" / "checkpoints" / "step_00000002" / LOADER_STATE).unlink()
+    reset_accelerate()
+    read.clear()
+    train_unet(_config(tiny_shards, tiny_codec_dir, tmp_path / "old", *common, "train.batch_size=4",
+                       "train.max_steps=3"), resume="latest")
+    assert min(d for d, _ in read) == 8
+    assert "records no loader position" in (tmp_path / "old" / "train.log").read_text()
 
 
 def test_a_draw_fixes_record_noise_timestep_and_dropout(tiny_shards, tiny_unet_config):
