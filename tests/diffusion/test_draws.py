@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from codec.shards import LatentShards
-from diffusion.draws import EpochOrder, TrainingDraws
+from diffusion.draws import EpochOrder, TrainingDraws, store_chunk_sizes
 
 # Ten chunks of uneven sizes, one of them empty: 45 records.
 SIZES = [5, 0, 7, 3, 9, 4, 6, 1, 8, 2]
@@ -81,17 +81,19 @@ def test_ten_million_records_in_ten_thousand_chunks_hold_no_per_record_python_ob
     assert len(np.unique(first_window)) == 16_000 and len(np.unique(first_window // 1_000)) == 16
 
 
-def test_training_draws_read_every_record_of_the_shards_once_per_epoch(tiny_shards, tiny_unet_config):
-    """The real shards: two safetensors shards of 4 records are the chunks (until the latent store gives its own)."""
+def test_training_draws_read_every_record_of_the_shards_once_per_epoch_a_chunk_at_a_time(tiny_shards,
+                                                                                          tiny_unet_config):
     shards = LatentShards(tiny_shards)
+    sizes = store_chunk_sizes(shards)
+    assert len(shards) == 8 and sizes.sum() == 8
+    chunk_of = np.repeat(np.arange(len(sizes)), sizes)  # record -> its chunk
     draws = TrainingDraws(shards, tiny_unet_config.diffusion, seed=0, shuffle_chunks=1)
-    assert len(shards) == 8
-    first = [draws.record(d) for d in range(8)]
-    assert sorted(first) == list(range(8))
-    # One chunk per window: the first four draws are one shard's records.
-    assert len({r // 4 for r in first[:4]}) == 1
-    ids = [shards[draws.record(d)]["id"] for d in range(8, 16)]
-    assert sorted(ids) == sorted(shards[i]["id"] for i in range(8))  # the next epoch: each record once again
+    for e in range(2):
+        records = [draws.record(d) for d in range(8 * e, 8 * (e + 1))]
+        assert sorted(records) == list(range(8))
+        # One chunk per window: each chunk's records are read together, in one run of draws.
+        runs = 1 + int((np.diff(chunk_of[records]) != 0).sum())
+        assert runs == int((sizes > 0).sum())
     assert draws[3]["caption"] == shards[draws.record(3)]["caption"]
     with pytest.raises(ValueError, match="shuffle_chunks"):
         TrainingDraws(shards, tiny_unet_config.diffusion, seed=0, shuffle_chunks=0)
