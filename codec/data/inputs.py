@@ -90,7 +90,15 @@ def _image_value(value, where: str) -> dict | str:
 
 class InputSource:
     """Where the images are, cut into units: one unit per tar or parquet file; blocks of `unit_size` files of an
-    image folder or rows of a saved/arrow dataset; the shards of a streamed Hub dataset."""
+    image folder or rows of a saved/arrow dataset; the shards of a streamed Hub dataset.
+
+    `image_column` / `caption_column` name table columns (a folder's metadata columns included); for tars they
+    name members by suffix ('jpg'; 'txt', or 'json:KEY' for a key of the json member). Left out, the image is the
+    first Image column, else img2dataset's binary jpg/png/webp column, else a tar sample's jpg/jpeg/png/webp
+    member; captions come from a 'text' or 'caption' column, .txt files beside a folder's images, or a tar's .txt
+    members, else the json members' 'caption'. `split` picks a folder's split sub-folders, a saved DatasetDict's
+    or a Hub dataset's split. `limit` keeps the first records in unit order where unit sizes are known up front.
+    """
 
     def __init__(self, data: str | os.PathLike, image_column: str | None = None, caption_column: str | None = None,
                  split: str = "train", unit_size: int = 1000, limit: int | None = None):
@@ -176,7 +184,7 @@ class InputSource:
     # ---- webdataset tars ---------------------------------------------------------------------------------------
 
     def _units_of_webdataset(self, found: Found, image_column: str | None, caption_column: str | None) -> list:
-        self.image_column = image_column
+        self.image_column = None if image_column is None else image_column.lower()  # member suffixes compare lowered
         units = [InputUnit(k, name, location, None)
                  for k, (name, location) in enumerate(zip(found.names, found.locations()))]
         if caption_column is not None:
@@ -265,11 +273,12 @@ class InputSource:
             yield self._table_record(row, ident, values, f"{unit.location}:{row}")
 
     def _table_record(self, row: int, ident: str, values: dict, source: str) -> dict:
-        image = _image_value(values[self.image_column], ident)
+        """A row as a record; a file whose columns differ from the first one's gives rejects and None captions."""
+        image = _image_value(values.get(self.image_column), ident)
         record = {"row": row, "id": ident, "source": source}
         if isinstance(image, str):
             return dict(record, reject=image)
-        caption = values[self.captions.split(":", 1)[1]] if self.captions != "none" else ""
+        caption = values.get(self.captions.split(":", 1)[1]) if self.captions != "none" else ""
         return dict(record, image=image, caption=caption)
 
     # ---- saved dataset, arrow files ----------------------------------------------------------------------------
@@ -277,27 +286,30 @@ class InputSource:
     def _units_of_table(self, found: Found, image_column: str | None, caption_column: str | None) -> list:
         self._table_files = found.locations() if found.names else None
         self._root = found.root
-        table = self._table()
-        self.image_column = pick_image_column(table.features, image_column, self.data)
-        name = _caption_column(table.features, caption_column, self.data)
+        features = self._open_table().features
+        self.image_column = pick_image_column(features, image_column, self.data)
+        name = _caption_column(features, caption_column, self.data)
         self.captions = "none" if name is None else f"column:{name}"
-        count = len(table)
+        count = len(self._table())
         return [InputUnit(k, f"rows-{k:06d}", self.data, min(self.unit_size, count - start))
                 for k, start in enumerate(range(0, count, self.unit_size))]
 
+    def _open_table(self) -> datasets.Dataset:
+        if self._table_files is None:
+            return load_saved_dataset(self._root, self.split)
+        return datasets.load_dataset("arrow", data_files=self._table_files, split="train")
+
     def _table(self) -> datasets.Dataset:
+        """The table, opened once per process (memory-mapped), its images left encoded for decode_image."""
         if "table" not in self._cache:
-            if self._table_files is None:
-                table = load_saved_dataset(self._root, self.split)
-            else:
-                table = datasets.load_dataset("arrow", data_files=self._table_files, split="train")
+            table = self._open_table()
+            if isinstance(table.features[self.image_column], datasets.Image):
+                table = table.cast_column(self.image_column, datasets.Image(decode=False))
             self._cache["table"] = table
         return self._cache["table"]
 
     def _records_of_table(self, unit: InputUnit) -> Iterator[dict]:
         table = self._table()
-        if isinstance(table.features[self.image_column], datasets.Image):
-            table = table.cast_column(self.image_column, datasets.Image(decode=False))
         start = unit.number * self.unit_size
         for first in range(0, unit.size, _BATCH):
             batch = table[start + first: start + min(first + _BATCH, unit.size)]

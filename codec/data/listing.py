@@ -161,30 +161,31 @@ def _skipped(name: bytes, is_dir: bool) -> bool:
     return name.startswith(b".") or (is_dir and name.startswith(b"__"))
 
 
-def _walk_local(root: str, sorter: _Sorter) -> None:
-    """One os.scandir per directory; symlinked folders are not followed (a link loop would never end)."""
+def _walk_local(root: str, sorter: _Sorter, depth: int | None) -> None:
+    """One os.scandir per directory, `depth` folders deep at most (None: all); symlinked folders are not followed
+    (a link loop would never end)."""
     base = os.fsencode(root)
-    pending = [b""]
+    pending = [(b"", 0)]
     while pending:
-        rel = pending.pop()
+        rel, level = pending.pop()
         with os.scandir(base + b"/" + rel if rel else base) as entries:
             for entry in entries:
                 is_dir = entry.is_dir(follow_symlinks=False)
                 if _skipped(entry.name, is_dir):
                     continue
                 name = rel + b"/" + entry.name if rel else entry.name
-                if is_dir:
-                    pending.append(name)
-                else:
+                if not is_dir:
                     sorter.add(name)
+                elif depth is None or level < depth:
+                    pending.append((name, level + 1))
 
 
-def _walk_url(url: str, sorter: _Sorter) -> None:
+def _walk_url(url: str, sorter: _Sorter, depth: int | None) -> None:
     """One recursive listing of the prefix (s3fs: list_objects_v2 without a delimiter, paged)."""
     fs, path = quick_filesystem(url)
     path = path.rstrip("/")
     try:
-        found = fs.find(path, detail=False)
+        found = fs.find(path, detail=False, maxdepth=None if depth is None else depth + 1)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url} does not exist (no such bucket or prefix)") from None
     except Exception as exc:  # any failure to list a remote prefix means the data cannot be reached from here
@@ -197,13 +198,14 @@ def _walk_url(url: str, sorter: _Sorter) -> None:
         sorter.add(os.fsencode(rel))
 
 
-def list_folder(root: str) -> Listing:
-    """Every file under `root` (a local folder or a URL prefix), by kind, from one listing."""
+def list_folder(root: str, depth: int | None = None) -> Listing:
+    """Every file under `root` (a local folder or a URL prefix) and at most `depth` folders below it, by kind,
+    from one listing."""
     sorter = _Sorter()
     if is_url(root):
-        _walk_url(root, sorter)
+        _walk_url(root, sorter, depth)
     else:
-        _walk_local(root, sorter)
+        _walk_local(root, sorter, depth)
     return sorter.listing(root)
 
 
@@ -253,10 +255,13 @@ def is_pattern(data: str) -> bool:
     return _BRACE.search(data) is not None or any(c in data for c in _GLOB_CHARS)
 
 
-def _fixed_prefix(pattern: str) -> str:
-    """The folder part of `pattern` before its first brace or glob character."""
+def _split_pattern(pattern: str) -> tuple[str, str]:
+    """(the folder before the pattern's first brace or glob character, the rest of the pattern relative to it)."""
     cut = min((i for i, c in enumerate(pattern) if c in "{" + _GLOB_CHARS), default=len(pattern))
-    return pattern[:cut].rsplit("/", 1)[0] if "/" in pattern[:cut] else ""
+    if "/" not in pattern[:cut]:
+        return ".", pattern
+    root = pattern[:cut].rpartition("/")[0]
+    return root or "/", pattern[len(root) + 1:]
 
 
 def _glob_matches(pattern: str, name: str) -> bool:
@@ -269,9 +274,9 @@ def _glob_matches(pattern: str, name: str) -> bool:
 def match_pattern(data: str) -> tuple[Listing, list[str]]:
     """(listing of the pattern's fixed prefix, the names it selects, sorted). Every name a brace pattern spells
     must exist: a missing shard is an error, not a silently smaller dataset."""
-    root = _fixed_prefix(data) or "."
-    listing = list_folder(root)
-    relative = data[len(root) + 1:] if data.startswith(root + "/") else data
+    root, relative = _split_pattern(data)
+    # Only as deep as the pattern reaches: `*.tar` in a checkout must not walk the whole tree below it.
+    listing = list_folder(root, None if "**" in relative else relative.count("/"))
     spelled = expand_braces(relative)
     names = sorted(n for n in listing.data_files() if any(_glob_matches(p, n) for p in spelled))
     if not any(c in relative for c in _GLOB_CHARS):
@@ -326,12 +331,17 @@ def _single_file(data: str, where: str) -> Found:
 
 def _from_listing(data: str, listing: Listing) -> Found:
     """A folder's kind from what it holds: save_to_disk's files, tars (img2dataset's .parquet beside them are
-    metadata), parquet files, else images."""
+    metadata), parquet or arrow files, else images."""
     if any(m in listing.markers for m in ("dataset_dict.json", "state.json")):
         return Found(data, "table", listing.root, [], listing)
-    for kind, files in (("webdataset", listing.tars), ("parquet", listing.parquets)):
-        if files and not (kind == "parquet" and len(listing.images)):
-            return Found(data, kind, listing.root, files, listing)
+    if listing.tars and len(listing.images):
+        raise ValueError(f"{data!r} holds both images and .tar files; pass the folder (or a pattern) of one of them")
+    if listing.tars:
+        return Found(data, "webdataset", listing.root, listing.tars, listing)
+    if not len(listing.images):
+        for kind, files in (("parquet", listing.parquets), ("table", listing.arrows)):
+            if files:
+                return Found(data, kind, listing.root, files, listing)
     return Found(data, "folder", listing.root, [], listing)
 
 

@@ -96,6 +96,18 @@ def test_one_tar_a_folder_of_tars_and_a_brace_pattern(shards):
         InputSource(f"{shards}/{{00001..00003}}.tar")
 
 
+def test_a_pattern_lists_its_folder_once_and_no_deeper_than_it_reaches(shards, monkeypatch):
+    (shards / "old").mkdir()
+    write_tar(shards / "old" / "00009.tar", img2dataset_members(9, 1))
+    assert [u.name for u in InputSource(shards).units][-1] == "old/00009.tar"  # a folder: every tar below it
+    listed = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: listed.append(path) or real_scandir(path))
+    assert [u.name for u in InputSource(f"{shards}/*.tar").units] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert len(listed) == 1
+    assert [u.name for u in InputSource(f"{shards}/*/*.tar").units] == ["old/00009.tar"]
+
+
 def test_missing_caption_is_none_and_broken_members_are_rejects_the_rest_kept(tmp_path):
     write_tar(tmp_path / "00000.tar", img2dataset_members(0, 5, no_txt={1}, no_image={2}, garbage={3}))
     source = InputSource(tmp_path / "00000.tar")
