@@ -84,6 +84,7 @@ def test_one_tar_a_folder_of_tars_and_a_brace_pattern(shards):
     assert [r["row"] for r in records[:4]] == [0, 1, 2, 0]
     assert records[2]["caption"] == "photo 000000002"
     assert decode_image(records[2]["image"]).getpixel((4, 4)) == pytest.approx(COLOURS[2], abs=3)
+    assert everything(pickle.loads(pickle.dumps(folder))) == records
 
     one = InputSource(str(shards / "00001.tar"))
     assert unit_identity(one) == [(0, "00001.tar", None)]
