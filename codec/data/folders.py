@@ -109,7 +109,9 @@ def _read_metadata_file(location: str) -> pa.Table:
 def _file_name_column(table: pa.Table, location: str) -> tuple[str, str]:
     """(metadata column naming the image files, the image column's name): file_name -> image, X_file_name -> X."""
     for name in table.column_names:
-        if (name == "file_name" or name.endswith("_file_name")) and pa.types.is_string(table.schema.field(name).type):
+        kind = table.schema.field(name).type
+        if (name == "file_name" or name.endswith("_file_name")) and (pa.types.is_string(kind)
+                                                                      or pa.types.is_large_string(kind)):
             return name, name[: -len("_file_name")] or "image"
     raise ValueError(f"metadata file {location} has no string column 'file_name' (or 'X_file_name'); its columns: "
                      f"{table.column_names}")

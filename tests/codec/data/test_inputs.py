@@ -266,11 +266,15 @@ def test_a_folder_is_listed_once_per_directory_and_cut_into_units(tmp_path, monk
     assert everything(limited) == records[:5]
 
 
-def test_folder_captions_from_metadata_and_pickling(tmp_path):
+@pytest.mark.parametrize("metadata", ["metadata.jsonl", "metadata.csv"])
+def test_folder_captions_from_metadata_and_pickling(tmp_path, metadata):
     names = write_colour_folder(tmp_path / "imgs", [(4, 4)] * 3)
-    with open(tmp_path / "imgs" / "metadata.jsonl", "w") as fh:
-        for name in names[:2]:
-            fh.write(json.dumps({"file_name": name, "text": f"caption of {name}"}) + "\n")
+    rows = [{"file_name": name, "text": f"caption of {name}"} for name in names[:2]]  # the third has none
+    if metadata.endswith(".jsonl"):
+        (tmp_path / "imgs" / metadata).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        lines = [f"{row['file_name']},{row['text']}\n" for row in rows]
+        (tmp_path / "imgs" / metadata).write_text("file_name,text\n" + "".join(lines))
     source = InputSource(tmp_path / "imgs", unit_size=2)
     assert source.captions == "column:text"
     records = everything(source)
