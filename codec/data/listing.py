@@ -80,7 +80,7 @@ def open_file(location: str, fs=None):
     if not is_url(location):
         return open(location, "rb")
     if fs is not None:
-        return fs.open(fs._strip_protocol(location), "rb")
+        return fs.open(location, "rb")
     import fsspec
 
     return fsspec.open(location, "rb").open()
