@@ -18,7 +18,8 @@ A record is `{"row", "id", "image" (a {"bytes", "path"} dict for codec.data.deco
 or, when not even its bytes can be got, `{"row", "id", "source", "reject": reason}`. Pixels are not decoded here:
 the encoder's workers decode and reject with decode_image's reason. `caption` is None where this record lacks the
 caption the source has (a missing `.txt`), "" when the source has no captions. `source` says where the record
-lies (a path or URL): the one field that differs between a local copy and a bucket copy of the same data.
+lies (a path or URL): it, and a folder image's 'path' (which decode_image reads), are all that differ between a
+local copy and a bucket copy of the same data.
 
 How units are read (measured on this machine, 2 cores, 1,000-record units):
 - parquet through datasets, `load_dataset("parquet", data_files=[unit], streaming=True)`: the same rows, fsspec
@@ -27,7 +28,7 @@ How units are read (measured on this machine, 2 cores, 1,000-record units):
   columns from a tar's first 5 samples and fails the whole tar when one of them lacks its `.txt` ("don't share
   the same prefix or the same types"), and on a tar truncated at a member boundary it stops silently (502 of 1,000
   records, no error). Here a missing member is a None caption or a reject, and a tar that ends early ends its unit
-  with one reject naming the tar.
+  with one reject naming the tar. It is also faster: 0.07 s for a 1,000-sample tar, 0.14 s through datasets.
 
 The object pickles small (DataLoader workers): arrays and strings, no open files; a table or a streamed Hub
 dataset is opened again in each process on first use.
