@@ -26,8 +26,9 @@ class EpochOrder:
     an order that jumps to a random record at every draw would fetch a chunk per record. Instead, per epoch (keyed
     by seed and epoch): the chunks are permuted; consecutive chunks of that order are grouped into windows of
     `shuffle_chunks`; the records of each window are permuted. A batch then mixes records of `shuffle_chunks`
-    chunks, and readers need only the current window's chunks (MosaicML Streaming's py1s shuffle, with
-    litdata's chunk-then-record idea, keyed by the global draw number instead of a per-worker state).
+    chunks, and readers need only the current window's chunks. This is MosaicML Streaming's py1b (shards
+    permuted, then samples shuffled within fixed-size blocks), with blocks of whole chunks so that no chunk is
+    needed by two windows.
 
     Memory is O(chunks + records per window): the chunk order and window boundaries of the current epoch, and the
     permuted records of the current window only (computed when first needed). Nothing per record of the dataset.
