@@ -26,7 +26,7 @@ PROG = "latent-codec"
 # group -> verb -> module of latent_codec.commands; a group given as a module name is a verb of its own.
 TREE: dict[str, dict[str, str] | str] = {
     "codec": {"train": "codec_train", "evaluate": "codec_evaluate", "export": "codec_export"},
-    "shards": {"encode": "shards_encode", "verify": "shards_verify"},
+    "shards": {"encode": "shards_encode", "verify": "shards_verify", "convert": "shards_convert"},
     "unet": {"train": "unet_train"},
     "generate": "generate",
     "compress": "compress",
@@ -37,7 +37,7 @@ TREE: dict[str, dict[str, str] | str] = {
 
 GROUP_HELP = {
     "codec": "train, measure and export the image codec (the KL-VAE)",
-    "shards": "encode a dataset into latent shards with a frozen codec, and check them",
+    "shards": "encode a dataset into a latent store with a frozen codec, check it, migrate old shards",
     "unet": "train the text-conditioned latent U-Net on shards",
     "entropy": "fit the probability model that entropy-codes a codec's latents into files",
     "analyze": "measure latent spaces and rate-distortion, and plot sweeps",

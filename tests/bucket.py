@@ -6,7 +6,6 @@ with any AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Nothing beyond 127.0.0.1 is 
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys

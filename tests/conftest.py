@@ -20,6 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def store_cache(tmp_path_factory):
+    """Bucket stores cache their chunks in the session temp folder, not in the home folder (shards/reader.py)."""
+    os.environ["LATENT_CODEC_STORE_CACHE"] = str(tmp_path_factory.mktemp("store-cache"))
+
+
 @pytest.fixture(scope="session")
 def bundled_dir(tmp_path_factory) -> Path:
     from codec.data import bundled_photos

@@ -29,8 +29,8 @@ def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 def test_the_tree_has_every_stage_of_the_mission():
     assert list(VERBS) == ["codec train", "codec evaluate", "codec export", "shards encode", "shards verify",
-                           "unet train", "generate", "compress", "decompress", "entropy fit", "analyze latents",
-                           "analyze rate-distortion", "analyze plot-rd"]
+                           "shards convert", "unet train", "generate", "compress", "decompress", "entropy fit",
+                           "analyze latents", "analyze rate-distortion", "analyze plot-rd"]
 
 
 @pytest.mark.parametrize("words", list(VERBS))
@@ -43,7 +43,7 @@ def test_every_flag_means_one_thing_and_is_explained(words):
     steps = [f for f in flags if "step" in f]
     assert set(steps) <= {"--max-steps", "--sample-steps"}, f"{words}: {steps}"
     sizes = [f for f in flags if any(w in f for w in ("size", "height", "width", "resolution"))]
-    assert set(sizes) <= {"--resolution", "--batch-size", "--tile-size", "--shard-size"}, f"{words}: {sizes}"
+    assert set(sizes) <= {"--resolution", "--batch-size", "--tile-size", "--unit-size"}, f"{words}: {sizes}"
     assert not [f for f in flags if "dtype" in f], words
     if words in CONFIGURED:
         assert {"--config", "--set"} <= set(flags), words
@@ -133,12 +133,12 @@ def test_settings_come_from_defaults_then_config_then_set_then_flags(tmp_path):
     from codec.shards.config import load_encode_config
 
     path = tmp_path / "encode.yaml"
-    path.write_text("shard_size: 3\nseed: 5\nbatch_size: 2\n")
+    path.write_text("unit_size: 3\nseed: 5\nbatch_size: 2\n")
     args = argparse.Namespace(config=str(path), set=["seed=6", "crop=random"], batch_size=8, seed=None)
     cfg = cli.settings_with_flags(load_encode_config, args, "shards")
-    assert (cfg.shard_size, cfg.seed, cfg.crop, cfg.batch_size, cfg.resolution) == (3, 6, "random", 8, 512)
-    path.write_text("shard_sise: 3\n")
-    with pytest.raises(ConfigError, match="shard_sise"):
+    assert (cfg.unit_size, cfg.seed, cfg.crop, cfg.batch_size, cfg.resolution) == (3, 6, "random", 8, 512)
+    path.write_text("unit_sise: 3\n")
+    with pytest.raises(ConfigError, match="unit_sise"):
         cli.settings_with_flags(load_encode_config, args, "shards")
     assert cli.main(["entropy", "fit", "--shards", str(tmp_path), "--out", str(tmp_path / "m"), "--config",
                      "no-such-preset"]) == 2

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from codec.common import distributed
 from codec.common.config import load_config
+from codec.shards.format import CHUNK_BYTES
 
 
 @dataclass
@@ -18,7 +19,9 @@ class EncodeConfig:
     resolution: int = 512
     caption_column: str | None = None
     image_column: str | None = None
-    shard_size: int = 1000
+    # Records per unit of an image folder or a saved dataset (a tar or a parquet file is one unit whatever its size):
+    # the grain of work dealt to processes and of what a re-run redoes.
+    unit_size: int = 1000
     batch_size: int = 16
     crop: str = "center"
     flip: str | None = None  # None: swap-left-right with random crops (codec.shards.encode.flip_policy)
@@ -27,6 +30,7 @@ class EncodeConfig:
     write_scaling_factor: bool = False
     limit: int | None = None
     precision: str = "fp32"
+    chunk_bytes: int = CHUNK_BYTES  # litdata chunk size: one bucket GET, one cache entry (codec/shards/format.py)
     process_group_timeout_minutes: float = distributed.DEFAULT_TIMEOUT_MINUTES
 
 

@@ -1,41 +1,46 @@
-"""Encode a dataset once with the frozen codec into latent shards, so diffusion trains without the encoder.
+"""Encode a dataset once with the frozen codec into a latent store, so diffusion trains without the encoder.
 
     accelerate launch -m latent_codec shards encode --codec runs/codec/final --data photos/ --out shards/
+    latent-codec shards encode --codec C --data 's3://bucket/laion/{00000..09999}.tar' --out s3://bucket/latents
 
-Shard k always holds dataset indices k*shard_size .. (k+1)*shard_size - 1 (minus rejected images), encoded in
-batches that start at the shard's first index. Which process encodes a shard (k mod processes) therefore changes
-nothing in it, and a re-run into the same --out skips the complete shards and produces the same files an
-uninterrupted run would have. Given the same number of threads per process: CPU convolutions sum in a
-thread-count dependent order, which moves float32 latents by ~1e-6 and can flip the last float16 bit.
+The input is cut into units (codec.data.InputSource: one per tar or parquet file, blocks of --unit-size files of an
+image folder or rows of a saved dataset), and each unit becomes its own chunks and commit record in the store
+(format.py). The units not yet committed are dealt round-robin over the processes, so a re-run after a lost node
+redoes only what is missing, with at most one unit more on one process than on another. What a unit holds depends
+only on its input and the settings (random crops are keyed by the record's id), never on which process, worker
+or run encoded it: a resumed or re-dealt encode writes the same bytes an uninterrupted one would. Given the same
+number of threads per process: CPU convolutions sum in a thread-count dependent order, which moves float32
+latents by ~1e-6 and can flip the last float16 bit.
 
-Image decoding, resizing and cropping run in DataLoader workers while the main thread encodes, so the encoder is
-not left waiting on PIL. The file format is in format.py, the checker in verify.py, the reader in reader.py.
+Image decoding, resizing and cropping run in DataLoader workers (one unit per worker at a time) while the main
+thread encodes. The file format is in format.py, the checker in verify.py, the reader in reader.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
 import os
+import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from diffusers import AutoencoderKL
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from codec.common import distributed
 from codec.common.atomic import write_text_atomically
 from codec.common.draws import keyed_generator
-from codec.data import UnreadableImage, decode_image, load_image_dataset, pil_to_tensor, resize_shorter_side
+from codec.data import InputSource, InputUnit, UnreadableImage, decode_image, pil_to_tensor, resize_shorter_side
 from codec.data.crops import mirror_caption
 from codec.exchange.pipeline import NORM_KEYS
 from codec.measurement.latent_stats import latent_sums, stats_from_sums
@@ -50,73 +55,39 @@ from codec.network.model import (
     norm_mode,
 )
 from codec.shards.format import (
+    CHUNK_BYTES,
     FORMAT,
     MANIFEST,
-    ShardRecords,
-    file_sha256,
-    list_shard_files,
+    REJECTS,
+    UnitRecords,
+    committed_units,
+    publish,
     read_manifest,
-    read_shard_header,
-    shard_filename,
-    shard_number,
-    write_shard,
+    read_unit_record,
+    unit_entry,
+    write_unit,
 )
+from codec.shards.location import Location
 
-REJECTS = "rejects.jsonl"
 CROPS = ("center", "random")
 # What a random crop's drawn mirror does to a record (see `mirrored_record`); a center crop never mirrors ("none").
 FLIPS = ("swap-left-right", "uncaptioned-only", "none")
-# What random crops did before --flip existed: mirror half the records and keep their captions unchanged, so
-# "on the left" could label a shape on the right. Only ever read from old shards, to refuse resuming into them.
-LEGACY_FLIP = "keep-captions"
-# Column names taken as captions when --caption-column is not given (the imagefolder/metadata.jsonl convention).
-DEFAULT_CAPTION_COLUMNS = ("text", "caption")
-# Settings that decide a shard's contents: a resumed run must match all of them. `precision` is one: bf16 moves
+# Settings that decide a unit's contents: a resumed run must match all of them. `precision` is one: bf16 moves
 # the means by ~1.6% (relative RMS, tests/codec/shards/test_encode_scale.py), so a resume in another
-# precision would mix two encodings of one dataset.
-SETTING_KEYS = ("codec_identity", "resolution", "crop", "flip", "seed", "shard_size", "num_images", "caption_source",
-                "latent_shape", "precision")
-# What shards written before a key existed were made with: every encode before --precision ran in fp32.
-SETTING_DEFAULTS = {"precision": "fp32"}
-# Recorded in settings and manifest but not compared on resume: the codec identity already fixes it, and shards
-# written before it existed must still resume. It lets a decoder-only fine-tune of the codec use the shards
-# (codec/shards/reader.py codec_mismatch).
+# precision would mix two encodings of one dataset. `source` is the input's kind, unit names and caption source.
+SETTING_KEYS = ("codec_identity", "resolution", "crop", "flip", "seed", "unit_size", "limit", "source",
+                "latent_shape", "precision", "chunk_bytes")
+# Recorded in settings and manifest but not compared on resume: the codec identity already fixes it. It lets a
+# decoder-only fine-tune of the codec use the latents (codec/shards/reader.py codec_mismatch).
 ENCODER_KEY = "encoder_identity"
-# The encoder's autocast dtype per --precision (None: no autocast). The shards store float16 either way.
+# The encoder's autocast dtype per --precision (None: no autocast). The store holds float16 either way.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Inputs: codec, processes, captions
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def process_state(timeout_minutes: float = distributed.DEFAULT_TIMEOUT_MINUTES) -> PartialState:
     """Process index/count from accelerate (see codec.common.distributed for the CPU multi-process pitfall)."""
-    return distributed.process_state("each process would encode every shard", timeout_minutes)
-
-
-def caption_source(dataset: datasets.Dataset, data: str, caption_column: str | None) -> str:
-    """Where captions come from: 'column:NAME', 'sidecar:.txt' (a.png + a.txt in a folder), or 'none'."""
-    features = dataset.features
-    if caption_column is not None:
-        if caption_column not in features:
-            raise ValueError(
-                f"--caption-column {caption_column!r} is not a column of {data!r} (columns: {list(features)}); "
-                f"omit it to use a 'text'/'caption' column or .txt files beside the images"
-            )
-        name = caption_column
-    else:
-        name = next((c for c in DEFAULT_CAPTION_COLUMNS if c in features), None)
-    if name is not None:
-        feature = features[name]
-        if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-            raise ValueError(f"caption column {name!r} of {data!r} holds {feature}, expected one string per image")
-        return f"column:{name}"
-    if os.path.isdir(data) and next(Path(data).rglob("*.txt"), None) is not None:
-        return "sidecar:.txt"
-    return "none"
+    return distributed.process_state("each process would encode every unit", timeout_minutes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,13 +96,14 @@ def caption_source(dataset: datasets.Dataset, data: str, caption_column: str | N
 
 
 def crop_position(resized_w: int, resized_h: int, resolution: int, crop: str, seed: int,
-                  index: int) -> tuple[int, int, bool]:
+                  key: str) -> tuple[int, int, bool]:
     """(left, top, flip) of the resolution x resolution crop. Random crops draw from a generator keyed by
-    (seed, dataset index), so a record's crop is the same whichever process, worker or run encodes it. `flip` is
+    (seed, the record's id), so a record's crop is the same whichever process, worker, run or unit layout encodes
+    it, and wherever its data is stored. `flip` is
     the drawn mirror, drawn whatever the --flip policy; `mirrored_record` decides whether it is applied."""
     if crop == "center":
         return (resized_w - resolution) // 2, (resized_h - resolution) // 2, False
-    generator = keyed_generator("encode-crop", seed, index)
+    generator = keyed_generator("encode-crop", seed, key)
     left = int(torch.randint(resized_w - resolution + 1, (1,), generator=generator))
     top = int(torch.randint(resized_h - resolution + 1, (1,), generator=generator))
     flip = bool(torch.rand((), generator=generator) < 0.5)
@@ -161,192 +133,69 @@ def mirrored_record(drawn: bool, caption: str, policy: str) -> tuple[bool, str]:
     return True, mirror_caption(caption)
 
 
-class ShardImages(torch.utils.data.Dataset):
-    """Dataset index -> one record ready to encode, or a reject with its reason (decided here, in the worker).
+@dataclass(frozen=True)
+class Framing:
+    """How every record is cut and mirrored: the part of the settings a DataLoader worker needs."""
 
-    The id is the image's path relative to the data folder when it lies inside it, else the dataset index.
-    """
+    resolution: int
+    crop: str
+    seed: int
+    flip: str
 
-    def __init__(self, dataset: datasets.Dataset, image_column: str, data: str, resolution: int, crop: str,
-                 seed: int, captions: str, flip: str = FLIPS[0]):
-        self.dataset = dataset
-        self.image_column = image_column
-        self.root = Path(data).resolve() if os.path.isdir(data) else None
-        self.resolution = resolution
-        self.crop = crop
-        self.seed = seed
-        self.captions = captions
-        self.flip = flip
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _path(self, value: Any) -> str | None:
-        return value.get("path") if isinstance(value, dict) else None
-
-    def _id(self, index: int, path: str | None) -> str:
-        if self.root is not None and path and os.path.isabs(path):
-            try:
-                return Path(path).resolve().relative_to(self.root).as_posix()
-            except ValueError:
-                pass  # a path outside the folder (e.g. kept in a saved dataset) names nothing stable
-        return str(index)
-
-    def _caption(self, row: dict, path: str | None) -> str | None:
-        """The caption, or None when this record has none although the dataset has a caption source."""
-        if self.captions.startswith("column:"):
-            return row[self.captions.split(":", 1)[1]]
-        if self.captions.startswith("sidecar:"):
-            sidecar = Path(path).with_suffix(".txt") if path else None
-            if sidecar is None or not sidecar.is_file():
-                return None
-            return sidecar.read_text(encoding="utf-8").strip()
-        return ""
-
-    def __getitem__(self, index: int) -> dict:
-        row = self.dataset[index]
-        value = row[self.image_column]
-        path = self._path(value)
-        record = {"index": index, "id": self._id(index, path), "source": path}
+    def prepare(self, record: dict) -> dict:
+        """One input record -> pixels ready to encode with their bookkeeping, or a reject with its reason."""
+        base = {"row": record["row"], "id": record["id"], "source": record.get("source")}
+        if "reject" in record:
+            return dict(base, reject=record["reject"])
         try:
-            img = decode_image(value, min_side=self.resolution)
+            img = decode_image(record["image"], min_side=self.resolution)
         except UnreadableImage as exc:
-            return dict(record, reject=exc.reason, source=exc.source or path)
+            return dict(base, reject=exc.reason, source=exc.source or base["source"])
         width, height = img.size
         resized = resize_shorter_side(img, self.resolution)
         rw, rh = resized.size
-        left, top, drawn = crop_position(rw, rh, self.resolution, self.crop, self.seed, index)
+        left, top, drawn = crop_position(rw, rh, self.resolution, self.crop, self.seed, record["id"])
         pixels = pil_to_tensor(resized.crop((left, top, left + self.resolution, top + self.resolution)))
-        caption = self._caption(row, path)
+        caption = record["caption"]
         flip, stored = mirrored_record(drawn, "" if caption is None else caption, self.flip)
-        return dict(
-            record,
-            pixels=pixels.flip(-1) if flip else pixels,
-            caption=stored,
-            caption_missing=caption is None,
-            caption_mirrored=caption is not None and stored != caption,
-            original_size=(height, width),
-            resized_size=(rh, rw),
-            crop_box=(left, top, left + self.resolution, top + self.resolution),
-            flip=flip,
-        )
+        return dict(base, pixels=pixels.flip(-1) if flip else pixels, caption=stored,
+                    caption_missing=caption is None, caption_mirrored=caption is not None and stored != caption,
+                    original_size=(height, width), resized_size=(rh, rw),
+                    crop_box=(left, top, left + self.resolution, top + self.resolution), flip=flip)
 
 
-def collate_records(items: list[dict]) -> dict:
+def collate_records(unit: int, items: list[dict], last: bool) -> dict:
     """Stack the readable images of a batch and pass rejects through, so one broken file costs one record."""
     kept = [item for item in items if "reject" not in item]
-    rejects = [{"index": i["index"], "id": i["id"], "source": i["source"], "reason": i["reject"]}
+    rejects = [{"unit": unit, "row": i["row"], "id": i["id"], "source": i["source"], "reason": i["reject"]}
                for i in items if "reject" in i]
     pixels = torch.stack([item.pop("pixels") for item in kept]) if kept else None
-    return {"pixels": pixels, "records": kept, "rejects": rejects}
+    return {"unit": unit, "last": last, "pixels": pixels, "records": kept, "rejects": rejects}
+
+
+class UnitBatches(IterableDataset):
+    """This process's units as batches, each unit read whole by one DataLoader worker (worker w of W takes units
+    w, w + W, ...), in input order; a unit's last batch says so, even when it is empty."""
+
+    def __init__(self, source: InputSource, units: list[InputUnit], framing: Framing, batch_size: int):
+        self.source, self.units, self.framing, self.batch_size = source, units, framing, batch_size
+
+    def __iter__(self):
+        worker = get_worker_info()
+        mine = self.units if worker is None else self.units[worker.id :: worker.num_workers]
+        for unit in mine:
+            batch = []
+            for record in self.source.records(unit):
+                batch.append(self.framing.prepare(record))
+                if len(batch) == self.batch_size:
+                    yield collate_records(unit.number, batch, last=False)
+                    batch = []
+            yield collate_records(unit.number, batch, last=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plan: which indices, which shards, which batches
+# Encoding
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def shard_indices(k: int, shard_size: int, num_images: int) -> range:
-    return range(k * shard_size, min((k + 1) * shard_size, num_images))
-
-
-def shard_batches(k: int, shard_size: int, num_images: int, batch_size: int) -> list[list[int]]:
-    """Batches of shard k: consecutive chunks from its first index, the same for any number of processes."""
-    indices = shard_indices(k, shard_size, num_images)
-    return [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
-
-
-@dataclass
-class ShardBuilder:
-    """Collects a shard's encoded batches until it is complete."""
-
-    means: list
-    logvars: list
-    records: list
-    rejects: list
-
-    @classmethod
-    def empty(cls) -> ShardBuilder:
-        return cls([], [], [], [])
-
-    def build(self, latent: tuple[int, int, int]) -> ShardRecords:
-        def ints(key, dtype, width):
-            return torch.tensor([r[key] for r in self.records], dtype=dtype).reshape(len(self.records), *width)
-
-        empty = torch.zeros((0, *latent), dtype=torch.float16)
-        return ShardRecords(
-            mean=torch.cat(self.means) if self.means else empty,
-            logvar=torch.cat(self.logvars) if self.logvars else empty,
-            original_size=ints("original_size", torch.int32, (2,)),
-            resized_size=ints("resized_size", torch.int32, (2,)),
-            crop_box=ints("crop_box", torch.int32, (4,)),
-            flip=ints("flip", torch.uint8, ()),
-            index=ints("index", torch.int64, ()),
-            ids=[r["id"] for r in self.records],
-            captions=[r["caption"] for r in self.records],
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Resume safety
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _recorded_setting(found: dict, key: str) -> Any:
-    """A setting as shards record it; shards written before the key existed get what they were made with."""
-    if key == "flip" and key not in found:
-        return LEGACY_FLIP if found.get("crop") == "random" else "none"
-    return found.get(key, SETTING_DEFAULTS.get(key))
-
-
-def _mismatch(found: dict, settings: dict, where: str, out: Path) -> None:
-    for key in SETTING_KEYS:
-        value = _recorded_setting(found, key)
-        if value != settings[key]:
-            raise ValueError(
-                f"--out {out} already holds shards made with {key}={value!r} ({where}), but this run "
-                f"has {key}={settings[key]!r}. Resuming would mix incompatible shards: pass a new --out, or delete "
-                f"{out} to start over"
-            )
-
-
-def check_resumable(out: Path, settings: dict) -> set[int]:
-    """Shard numbers already complete in `out`; refuses when anything there was made with other settings."""
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        _mismatch(read_manifest(out)["settings"], settings, MANIFEST, out)
-    done = set()
-    for path in list_shard_files(out):
-        _mismatch(read_shard_header(path)["info"]["settings"], settings, path.name, out)
-        done.add(shard_number(path))
-    return done
-
-
-def _remove_stale_temps(out: Path) -> None:
-    """Temp files of writes a kill interrupted; complete shards were os.replace'd and are never temp files."""
-    for pattern in (".shard-*.safetensors.*.tmp", f".{MANIFEST}.*.tmp", f".{REJECTS}.*.tmp"):
-        for tmp in out.glob(pattern):
-            tmp.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The job
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _validate(resolution: int, shard_size: int, batch_size: int, crop: str, num_workers: int, limit: int | None,
-              precision: str) -> None:
-    for name, value in (("resolution", resolution), ("shard_size", shard_size), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if crop not in CROPS:
-        raise ValueError(f"--crop {crop!r}: expected one of {CROPS}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: expected one of {tuple(PRECISIONS)}")
-    if num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
 
 
 def _posterior_as_stored(vae, pixels: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,96 +234,155 @@ NON_FINITE_REASON = ("the codec's latents are not finite (inf or NaN, or |value|
                      "encoded in float32; check the codec on this image")
 
 
-def _add_batch(shard: ShardBuilder, batch: dict, vae, device, dtype: torch.dtype | None) -> list[str]:
-    """Encode one batch into `shard`; records whose latents are not finite become rejects. Returns the ids of
-    the images re-encoded in float32."""
-    records, rejects = batch["records"], list(batch["rejects"])
-    upcast_ids = []
-    if batch["pixels"] is not None:
-        mean, logvar, upcast, bad = encode_batch(vae, batch["pixels"].to(device, torch.float32), dtype)
-        upcast_ids = [r["id"] for r, u in zip(records, upcast.tolist()) if u]
-        rejects += [{"index": r["index"], "id": r["id"], "source": r["source"], "reason": NON_FINITE_REASON}
-                    for r, b in zip(records, bad.tolist()) if b]
-        records = [r for r, b in zip(records, bad.tolist()) if not b]
-        shard.means.append(mean[~bad])
-        shard.logvars.append(logvar[~bad])
-    shard.records.extend(records)
-    shard.rejects.extend(sorted(rejects, key=lambda r: r["index"]))
-    return upcast_ids
+@dataclass
+class UnitBuilder:
+    """Collects a unit's encoded batches until its last one."""
+
+    means: list = field(default_factory=list)
+    logvars: list = field(default_factory=list)
+    records: list = field(default_factory=list)
+    rejects: list = field(default_factory=list)
+    upcast_ids: list = field(default_factory=list)
+
+    def add(self, batch: dict, vae, device, dtype: torch.dtype | None) -> None:
+        """Encode one batch; records whose latents are not finite become rejects."""
+        records, rejects = batch["records"], list(batch["rejects"])
+        if batch["pixels"] is not None:
+            mean, logvar, upcast, bad = encode_batch(vae, batch["pixels"].to(device, torch.float32), dtype)
+            self.upcast_ids += [r["id"] for r, u in zip(records, upcast.tolist()) if u]
+            rejects += [{"unit": batch["unit"], "row": r["row"], "id": r["id"], "source": r["source"],
+                         "reason": NON_FINITE_REASON} for r, b in zip(records, bad.tolist()) if b]
+            records = [r for r, b in zip(records, bad.tolist()) if not b]
+            self.means.append(mean[~bad])
+            self.logvars.append(logvar[~bad])
+        self.records.extend(records)
+        self.rejects.extend(sorted(rejects, key=lambda r: r["row"]))
+
+    def build(self, latent: tuple[int, int, int]) -> UnitRecords:
+        def ints(key, dtype, width):
+            return torch.tensor([r[key] for r in self.records], dtype=dtype).reshape(len(self.records), *width)
+
+        empty = torch.zeros((0, *latent), dtype=torch.float16)
+        return UnitRecords(
+            mean=torch.cat(self.means) if self.means else empty,
+            logvar=torch.cat(self.logvars) if self.logvars else empty,
+            original_size=ints("original_size", torch.int32, (2,)),
+            resized_size=ints("resized_size", torch.int32, (2,)),
+            crop_box=ints("crop_box", torch.int32, (4,)),
+            flip=ints("flip", torch.uint8, ()),
+            row=ints("row", torch.int64, ()),
+            ids=[r["id"] for r in self.records],
+            captions=[r["caption"] for r in self.records],
+        )
 
 
-def _encode_my_shards(vae, images: ShardImages, pending: list[int], settings: dict, out: Path, batch_size: int,
-                      num_workers: int, device, progress: tqdm) -> tuple[float, dict[int, str]]:
-    """Encode shards `pending` (this process's share) in order, writing each as soon as it is complete.
-    Returns the seconds the encoder sat waiting for the data workers' next batch, and each written shard's
-    sha256 (taken from the bytes as they were written, so the manifest needs no second read)."""
-    n, size = settings["num_images"], settings["shard_size"]
-    plan = [batch for k in pending for batch in shard_batches(k, size, n, batch_size)]
-    if not plan:
-        return 0.0, {}
+def _commit(store: Location, unit: InputUnit, builder: UnitBuilder, settings: dict) -> None:
+    if builder.upcast_ids:
+        log.warning("unit %s: %d image(s) gave non-finite latents in %s and were re-encoded in fp32 (any still not "
+                    "finite are in %s): %s", unit.name, len(builder.upcast_ids), settings["precision"], REJECTS,
+                    ", ".join(builder.upcast_ids))
+    records = builder.build(tuple(settings["latent_shape"]))
+    info = {
+        "settings": settings,
+        "name": unit.name,
+        "rejects": builder.rejects,
+        "captions_missing": sum(bool(r["caption_missing"]) for r in builder.records),
+        "captions_mirrored": sum(bool(r["caption_mirrored"]) for r in builder.records),
+        "sums": latent_sums(records.mean, records.logvar),
+    }
+    write_unit(store, unit.number, records, info, settings["chunk_bytes"])
+
+
+def _encode_units(vae, source: InputSource, units: list[InputUnit], framing: Framing, settings: dict,
+                  store: Location, batch_size: int, num_workers: int, device, progress: tqdm) -> float:
+    """Encode and commit `units` (this process's share). Returns the seconds the encoder sat waiting for the
+    data workers' next batch."""
+    if not units:
+        return 0.0
     dtype = PRECISIONS[settings["precision"]]
-    waited, hashes = 0.0, {}
-    loader = DataLoader(images, batch_sampler=plan, collate_fn=collate_records, num_workers=num_workers,
-                        pin_memory=torch.device(device).type == "cuda")
-    batches = iter(loader)
-    for k in pending:
-        shard, upcast_ids = ShardBuilder.empty(), []
-        for _ in shard_batches(k, size, n, batch_size):
-            tick = time.perf_counter()
-            batch = next(batches)
-            waited += time.perf_counter() - tick
-            upcast_ids += _add_batch(shard, batch, vae, device, dtype)
-            progress.update(len(batch["records"]) + len(batch["rejects"]))
-        if upcast_ids:
-            log.warning("%s: %d image(s) gave non-finite latents in %s and were re-encoded in fp32 (any still not "
-                        "finite are in %s): %s", shard_filename(k), len(upcast_ids), settings["precision"], REJECTS,
-                        ", ".join(upcast_ids))
-        records = shard.build(tuple(settings["latent_shape"]))
-        info = {
-            "settings": settings,
-            "shard": k,
-            "indices": [k * size, min((k + 1) * size, n)],
-            "rejects": shard.rejects,
-            "captions_missing": sum(bool(r["caption_missing"]) for r in shard.records),
-            "captions_mirrored": sum(bool(r["caption_mirrored"]) for r in shard.records),
-            "sums": latent_sums(records.mean, records.logvar),
-        }
-        hashes[k] = write_shard(out / shard_filename(k), records, info)
-    return waited, hashes
+    by_number = {unit.number: unit for unit in units}
+    loader = DataLoader(UnitBatches(source, units, framing, batch_size), batch_size=None,
+                        num_workers=min(num_workers, len(units)), pin_memory=torch.device(device).type == "cuda")
+    builders: dict[int, UnitBuilder] = {}
+    waited, batches = 0.0, iter(loader)
+    while True:
+        tick = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - tick
+        if batch is None:
+            break
+        builder = builders.setdefault(batch["unit"], UnitBuilder())
+        builder.add(batch, vae, device, dtype)
+        progress.update(len(batch["records"]) + len(batch["rejects"]))
+        if batch["last"]:
+            _commit(store, by_number[batch["unit"]], builders.pop(batch["unit"]), settings)
+    return waited
 
 
-def _hash_my_earlier_shards(out: Path, done: set[int], state: PartialState) -> dict[int, str]:
-    """sha256 of the shards a previous run completed, shard k hashed by process k mod processes: hashing them
-    all on process 0 while the others wait in a barrier can outlast the process group's timeout."""
-    return {k: file_sha256(out / shard_filename(k)) for k in sorted(done)
-            if k % state.num_processes == state.process_index}
+# ---------------------------------------------------------------------------------------------------------------
+# Resume: what is done, what is left, who does it
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def _gather_hashes(mine: dict[int, str]) -> dict[int, str]:
-    """Every process's shard hashes, on every process (gather_object of a list concatenates the ranks' lists)."""
-    return dict(gather_object(sorted(mine.items())))
+def _mismatch(found: dict, settings: dict, where: str, store: Location) -> None:
+    for key in SETTING_KEYS:
+        if found.get(key) != settings[key]:
+            raise ValueError(
+                f"--out {store} already holds latents made with {key}={found.get(key)!r} ({where}), but this run "
+                f"has {key}={settings[key]!r}. Resuming would mix incompatible latents: pass a new --out, or delete "
+                f"{store} to start over")
 
 
-def _finalize(out: Path, settings: dict, vae, codec_dir: str, data: str, image_column: str,
-              started: set[int], hashes: dict[int, str]) -> tuple[dict, int]:
-    """Main process, after every shard exists: write the manifest (checksums, counts, statistics) and rejects.jsonl.
-    `hashes` holds every shard's sha256, computed by the process that wrote or found it; only headers are read
-    here. Returns the manifest and the number of images read by this run (shards not in `started`)."""
-    num_shards = math.ceil(settings["num_images"] / settings["shard_size"])
-    entries, sums, rejects, captions_missing, captions_mirrored, new_images = [], [], [], 0, 0, 0
-    for k in range(num_shards):
-        path = out / shard_filename(k)
-        header = read_shard_header(path)
-        info = header["info"]
-        _mismatch(info["settings"], settings, path.name, out)
-        entries.append({"file": path.name, "records": header["records"], "rejected": len(info["rejects"]),
-                        "indices": info["indices"], "sha256": hashes[k]})
+def check_resumable(store: Location, settings: dict) -> set[int]:
+    """Units already committed in the store; refuses when the store was made with other settings (checked
+    against the manifest, or the first committed unit: finalising checks every unit again)."""
+    if store.exists(MANIFEST):
+        _mismatch(read_manifest(store)["settings"], settings, MANIFEST, store)
+    done = committed_units(store)
+    if done:
+        first = min(done)
+        _mismatch(read_unit_record(store, first)["info"]["settings"], settings, f"unit {first}", store)
+    return done
+
+
+def deal(pending: list[int], process: int, processes: int) -> list[int]:
+    """This process's share of the pending units, dealt round-robin: shares differ by at most one unit, whichever
+    units an earlier run left undone."""
+    return pending[process::processes]
+
+
+def _remove_stale_temps(store: Location) -> None:
+    """Temp folders of unit writes a kill interrupted (a local store only: a bucket has no partial objects)."""
+    if store.remote:
+        return
+    for entry in os.scandir(store.root):
+        if entry.name.startswith(".tmp-unit-") and entry.is_dir():
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finalising
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _finalize(store: Location, settings: dict, vae, codec_dir: str, data: str, source: InputSource,
+              started: set[int]) -> tuple[dict, int]:
+    """Main process, after every unit is committed: write litdata's index, the manifest (checksums, counts,
+    statistics) and the rejects. Returns the manifest and the number of images read by this run."""
+    numbers = [unit.number for unit in source.units]
+    with ThreadPoolExecutor(16 if store.remote else 1) as pool:  # a bucket answers many small GETs at once
+        records = list(pool.map(lambda k: read_unit_record(store, k), numbers))
+    units, sums, rejected, missing, mirrored, new_images = [], [], 0, 0, 0, 0
+    for unit, record in zip(source.units, records):
+        info = record["info"]
+        _mismatch(info["settings"], settings, f"unit {unit.number}", store)
+        units.append(unit_entry(record, unit.name))
         sums.append(info["sums"])
-        rejects.extend(info["rejects"])
-        captions_missing += info["captions_missing"]
-        captions_mirrored += info.get("captions_mirrored", 0)  # absent only in center-crop shards: none mirrored
-        if k not in started:
-            new_images += info["indices"][1] - info["indices"][0]
+        rejected += len(info["rejects"])
+        missing += info["captions_missing"]
+        mirrored += info["captions_mirrored"]
+        if unit.number not in started:
+            new_images += record["records"] + len(info["rejects"])
     stats = stats_from_sums(sums)
     normalisation = norm_from_stats(stats, norm_mode(vae.config))
     manifest = {
@@ -482,26 +390,24 @@ def _finalize(out: Path, settings: dict, vae, codec_dir: str, data: str, image_c
         "settings": settings,
         "codec": {"identity": settings["codec_identity"], ENCODER_KEY: settings[ENCODER_KEY], "path": str(codec_dir),
                   "config": json.loads(vae.to_json_string())},
-        "data": {"source": str(data), "image_column": image_column, "captions": settings["caption_source"],
-                 "captions_missing": captions_missing, "captions_mirrored": captions_mirrored},
+        "data": {"source": str(data), "kind": source.kind, "captions": source.captions,
+                 "captions_missing": missing, "captions_mirrored": mirrored},
         "resolution": settings["resolution"],
         "crop": settings["crop"],
         "flip": settings["flip"],
         "seed": settings["seed"],
-        "shard_size": settings["shard_size"],
         "latent_shape": settings["latent_shape"],
         "dtype": "float16",
-        "count": sum(e["records"] for e in entries),
-        "rejected": len(rejects),
-        "shards": entries,
+        "count": sum(u["records"] for u in units),
+        "rejected": rejected,
+        "units": units,
         "latent_stats": stats,
         # Measured here in the form the codec's own normalisation has (global, shift or per-channel), so a codec
         # with a shift keeps one: the reader, the U-Net trainer and the pipeline all apply this.
         "normalisation": normalisation,
         "scaling_factor": normalisation["scaling_factor"],
     }
-    write_text_atomically(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
-    write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    publish(store, manifest, records)
     return manifest, new_images
 
 
@@ -516,6 +422,34 @@ def write_scaling_factor_into_codec(codec_dir: str | os.PathLike, vae: Autoencod
     write_text_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _validate(resolution: int, unit_size: int, batch_size: int, crop: str, num_workers: int, limit: int | None,
+              precision: str, chunk_bytes: int) -> None:
+    for name, value in (("resolution", resolution), ("unit_size", unit_size), ("batch_size", batch_size),
+                        ("chunk_bytes", chunk_bytes)):
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if crop not in CROPS:
+        raise ValueError(f"--crop {crop!r}: expected one of {CROPS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {tuple(PRECISIONS)}")
+    if num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+
+
+def source_settings(source: InputSource) -> dict:
+    """What identifies the input in a resume check: its kind, its units (names, in order), its caption source."""
+    names = "\n".join(unit.name for unit in source.units)
+    return {"kind": source.kind, "units": len(source.units), "captions": source.captions,
+            "unit_names_sha256": hashlib.sha256(names.encode()).hexdigest()}
+
+
 def encode_dataset(
     codec_dir: str | os.PathLike,
     data: str | os.PathLike,
@@ -523,7 +457,7 @@ def encode_dataset(
     resolution: int = 512,
     caption_column: str | None = None,
     image_column: str | None = None,
-    shard_size: int = 1000,
+    unit_size: int = 1000,
     batch_size: int = 16,
     crop: str = "center",
     flip: str | None = None,
@@ -534,66 +468,70 @@ def encode_dataset(
     progress: bool = True,
     timings: dict | None = None,
     precision: str = "fp32",
+    chunk_bytes: int = CHUNK_BYTES,
     process_group_timeout_minutes: float = distributed.DEFAULT_TIMEOUT_MINUTES,
 ) -> dict:
-    """Encode `data` into `out` (see the module docstring); returns the manifest. Run by every process of a launch.
+    """Encode `data` into the store `out` (a folder or a bucket URL; see the module docstring); returns the
+    manifest. Run by every process of a launch.
 
-    `timings`, when given, receives this process's seconds spent in setup (codec, dataset, resume check), in the
-    encode loop (first batch requested to last shard written), waiting inside that loop for the data workers,
-    and in finalising (manifest), for benchmarks.
+    `timings`, when given, receives this process's seconds spent in setup (codec, input listing, resume check),
+    in the encode loop (first batch requested to last unit committed), waiting inside that loop for the data
+    workers, and in finalising (index and manifest), for benchmarks.
 
     `flip` is what a random crop's drawn mirror does to a captioned record (FLIPS, `mirrored_record`; None:
-    swap-left-right); the manifest records it.
-
-    `precision` (fp32 | bf16 | fp16) is the encoder's autocast; images whose latents overflow in it are
-    re-encoded in fp32 (encode_batch). `process_group_timeout_minutes` bounds every wait for the slowest process.
+    swap-left-right); the manifest records it. `precision` (fp32 | bf16 | fp16) is the encoder's autocast; images
+    whose latents overflow in it are re-encoded in fp32 (encode_batch). `process_group_timeout_minutes` bounds
+    every wait for the slowest process.
     """
-    _validate(resolution, shard_size, batch_size, crop, num_workers, limit, precision)
+    _validate(resolution, unit_size, batch_size, crop, num_workers, limit, precision, chunk_bytes)
     flip = flip_policy(crop, flip)
     started_at = time.perf_counter()
     state = process_state(process_group_timeout_minutes)
-    codec_dir, data, out = os.fspath(codec_dir), os.fspath(data), Path(out)
+    codec_dir, data, store = os.fspath(codec_dir), os.fspath(data), Location(out)
     # channels-last: 1.2-1.4x faster encoding on CPU (docs/performance.md); the weights and identity are unchanged.
     vae = prepare_for_inference(load_codec(codec_dir).to(state.device))
     latent = latent_shape(vae, resolution, resolution)
-    with state.main_process_first():  # the first process builds the datasets cache, the others reuse it
-        dataset, column = load_image_dataset(data, image_column)
-    num_images = len(dataset) if limit is None else min(limit, len(dataset))
+    source = InputSource(data, image_column=image_column, caption_column=caption_column, unit_size=unit_size,
+                         limit=limit)
     settings = {
         "codec_identity": codec_identity(vae), ENCODER_KEY: encoder_identity(vae),
-        "resolution": resolution, "crop": crop, "flip": flip, "seed": seed,
-        "shard_size": shard_size, "num_images": num_images,
-        "caption_source": caption_source(dataset, data, caption_column), "latent_shape": list(latent),
-        "precision": precision,
+        "resolution": resolution, "crop": crop, "flip": flip, "seed": seed, "unit_size": unit_size, "limit": limit,
+        "source": source_settings(source), "latent_shape": list(latent), "precision": precision,
+        "chunk_bytes": chunk_bytes,
     }
+    # One process decides what is done, and every process gets the same answer: listing separately could see a
+    # unit another process has just committed and deal the rest differently.
+    done_box: list[Any] = [None]
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(out)
-    state.wait_for_everyone()
-    done = check_resumable(out, settings)
-    state.wait_for_everyone()  # every process has seen the same complete shards before any writes a new one
-    num_shards = math.ceil(num_images / shard_size)
-    mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index and k not in done]
-    images = ShardImages(dataset, column, data, resolution, crop, seed, settings["caption_source"], flip)
-    bar = tqdm(total=sum(len(shard_indices(k, shard_size, num_images)) for k in mine), unit="img",
-               desc=f"encode (process 0 of {state.num_processes})", disable=not (progress and state.is_main_process),
-               dynamic_ncols=True)
+        store.make()
+        _remove_stale_temps(store)
+        done_box = [sorted(check_resumable(store, settings))]
+    if state.num_processes > 1:
+        broadcast_object_list(done_box, from_process=0)
+    done = set(done_box[0])
+    pending = [unit.number for unit in source.units if unit.number not in done]
+    mine = [source.units[k] for k in deal(pending, state.process_index, state.num_processes)]
+    framing = Framing(resolution, crop, seed, flip)
+    sizes = [unit.size for unit in mine]
+    bar = tqdm(total=None if None in sizes else sum(sizes), unit="img",
+               desc=f"encode (process 0 of {state.num_processes}, {len(mine)} of {len(pending)} pending units)",
+               disable=not (progress and state.is_main_process), dynamic_ncols=True)
     loop_started = time.perf_counter()
-    waited, hashes = _encode_my_shards(vae, images, mine, settings, out, batch_size, num_workers, state.device, bar)
+    waited = _encode_units(vae, source, mine, framing, settings, store, batch_size, num_workers, state.device, bar)
     loop_ended = time.perf_counter()
     bar.close()
-    hashes = _gather_hashes({**hashes, **_hash_my_earlier_shards(out, done, state)})  # also the barrier
+    gather_object([len(mine)])  # the barrier: every unit is committed before the manifest is written
     if state.is_main_process:
-        manifest, new_images = _finalize(out, settings, vae, codec_dir, data, column, done, hashes)
+        manifest, new_images = _finalize(store, settings, vae, codec_dir, data, source, done)
         if write_scaling_factor:
             write_scaling_factor_into_codec(codec_dir, vae, manifest["normalisation"])
         seconds = time.perf_counter() - started_at
         print(f"encode done: {new_images} images read this run, {manifest['rejected']} rejected"
-              f"{f' (listed in {out / REJECTS})' if manifest['rejected'] else ''}, {manifest['count']} records in "
-              f"{num_shards} shards ({num_shards - len(done)} written now), {seconds:.1f} s, "
+              f"{f' (listed in {store.join(REJECTS)})' if manifest['rejected'] else ''}, {manifest['count']} records "
+              f"in {len(source.units)} units ({len(pending)} encoded now), {seconds:.1f} s, "
               f"{new_images / seconds:.1f} images/s", flush=True)
     state.wait_for_everyone()
     if timings is not None:
         timings.update(setup_seconds=loop_started - started_at, encode_loop_seconds=loop_ended - loop_started,
                        waiting_for_data_seconds=waited, finalize_seconds=time.perf_counter() - loop_ended)
-    return json.loads((out / MANIFEST).read_text())
+    return read_manifest(store)

@@ -1,19 +1,22 @@
-"""The latent shard format: one safetensors file per block of dataset indices, written atomically, and the
-manifest that lists them.
+"""The latent store: litdata chunks written one input unit at a time, a commit record per unit, litdata's index,
+and our manifest, in a local folder or a bucket prefix (docs/shards.md).
 
-A shard `shard-00042.safetensors` holds, for N records (N <= shard size; rejected images leave no record):
+    <store>/chunk-000042-0000.bin     litdata chunks of unit 42 (one input tar or parquet file, or one block of an
+                                      image folder or saved dataset); a unit writes one or more
+    <store>/units/000042.json         unit 42's commit record, written after its chunks: chunk files, sha256s,
+                                      record and reject counts, the settings that made it, its latent sums and
+                                      litdata's chunk entries. A unit without this file is not done.
+    <store>/index.json                litdata's index of every chunk in unit order (what StreamingDataset opens)
+    <store>/manifest.json             written last: codec identity, settings, statistics, normalisation, units
+    <store>/rejects.jsonl             one line per image that could not be encoded, with the reason
 
-    mean, logvar     (N, C, h, w) float16   the codec's posterior q(z|x) = N(mean, exp(logvar))
-    original_size    (N, 2) int32           (height, width) of the decoded, EXIF-upright image
-    resized_size     (N, 2) int32           (height, width) after resizing the shorter side to the resolution
-    crop_box         (N, 4) int32           (left, top, right, bottom) of the crop, in resized coordinates
-    flip             (N,) uint8             1 when the crop was mirrored left-right before encoding
-    index            (N,) int64             the record's row in the source dataset
+A record (one image) holds: mean, logvar (C, h, w) float16, the posterior q(z|x) = N(mean, exp(logvar)); id,
+caption; unit, row (its place in the input); original_size, resized_size (2,) int32 (height, width); crop_box (4,)
+int32 (left, top, right, bottom in resized coordinates); flip (1 when the crop was mirrored before encoding).
 
-and in its `__metadata__` one key, "latent_shard", whose value is a JSON string with the ids, captions,
-rejected images, the settings that made the shard, and the sums its latent statistics combine from. One key
-and not several: safetensors writes metadata from a hash map whose order changes from process to process, and
-a shard's bytes (its checksum) must not. See docs/shards.md for why safetensors.
+Why litdata (0.2.x) and not a format of our own: it reads chunks from a bucket into a local cache with a size
+bound and has random access by record, with no pinned version changed in this stack. MosaicML Streaming would
+downgrade numpy, transformers and huggingface_hub; webdataset and `datasets` streaming cannot resume exactly.
 """
 
 from __future__ import annotations
@@ -22,64 +25,87 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 
-from codec.common.atomic import write_bytes_atomically
+from codec.shards.location import Location
 
-FORMAT = "latent-shards/1"
+FORMAT = "latent-store/1"
+LEGACY_FORMAT = "latent-shards/1"  # the safetensors shards of before; `latent-codec shards convert` migrates them
 MANIFEST = "manifest.json"
-METADATA_KEY = "latent_shard"
-TENSOR_NAMES = ("mean", "logvar", "original_size", "resized_size", "crop_box", "flip", "index")
-_SHARD_FILE = re.compile(r"^shard-(\d{5,})\.safetensors$")
+INDEX = "index.json"  # litdata's file name: StreamingDataset opens <store>/index.json
+UNITS = "units"
+REJECTS = "rejects.jsonl"
+# litdata packs records into chunks of about this many bytes: big enough that a bucket read is one large GET,
+# small enough that a cache of a few chunks per worker stays in a few hundred MB (litdata suggests ~64 MB).
+CHUNK_BYTES = 64 << 20
+_UNIT_RECORD = re.compile(r"^(\d{6,})\.json$")
 
 
-class ShardError(ValueError):
-    """A shard file that is missing, unreadable, or not in this format."""
+class StoreError(ValueError):
+    """A store file that is missing, unreadable, or not in this format."""
 
 
 @dataclass
-class ShardRecords:
-    """The tensors of one shard plus the per-record strings kept in its metadata."""
+class UnitRecords:
+    """The encoded records of one input unit, in input order (rejected images leave no record)."""
 
-    mean: torch.Tensor
+    mean: torch.Tensor  # (N, C, h, w) float16
     logvar: torch.Tensor
-    original_size: torch.Tensor
-    resized_size: torch.Tensor
-    crop_box: torch.Tensor
-    flip: torch.Tensor
-    index: torch.Tensor
+    original_size: torch.Tensor  # (N, 2) int32
+    resized_size: torch.Tensor  # (N, 2) int32
+    crop_box: torch.Tensor  # (N, 4) int32
+    flip: torch.Tensor  # (N,) uint8
+    row: torch.Tensor  # (N,) int64, the record's place in its unit
     ids: list[str]
     captions: list[str]
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).contiguous() for name in TENSOR_NAMES}
+    def check(self) -> None:
+        n = len(self.ids)
+        if len(self.captions) != n:
+            raise ValueError(f"unit records: {n} ids but {len(self.captions)} captions")
+        for name in ("mean", "logvar", "original_size", "resized_size", "crop_box", "flip", "row"):
+            if getattr(self, name).shape[0] != n:
+                raise ValueError(f"unit records: {name!r} has {getattr(self, name).shape[0]} rows for {n} ids")
+        if self.mean.dtype != torch.float16 or self.logvar.dtype != torch.float16:
+            raise ValueError("unit records: mean and logvar must be float16")
+        for name in ("mean", "logvar"):
+            bad = ~torch.isfinite(getattr(self, name)).flatten(1).all(1)
+            if bad.any():
+                ids = [self.ids[i] for i in bad.nonzero()[:, 0].tolist()]
+                raise ValueError(f"{name} of records {ids[:5]} is not finite in float16 (|value| > 65504 or NaN): "
+                                 f"the codec's latents are out of range; check the codec on these images")
+
+    def items(self, unit: int):
+        """One litdata item per record. Plain ints and numpy arrays: litdata stores them in its own fixed layout."""
+        mean, logvar = self.mean.numpy(), self.logvar.numpy()
+        sizes, resized, boxes = self.original_size.numpy(), self.resized_size.numpy(), self.crop_box.numpy()
+        for i in range(len(self)):
+            yield {"mean": mean[i], "logvar": logvar[i], "id": self.ids[i], "caption": self.captions[i],
+                   "unit": unit, "row": int(self.row[i]), "original_size": sizes[i], "resized_size": resized[i],
+                   "crop_box": boxes[i], "flip": int(self.flip[i])}
 
 
-def shard_filename(k: int) -> str:
-    return f"shard-{k:05d}.safetensors"
+def unit_record_name(unit: int) -> str:
+    return f"{UNITS}/{unit:06d}.json"
 
 
-def shard_number(path: str | os.PathLike) -> int | None:
-    """k for 'shard-0000k.safetensors', None for any other file name."""
-    match = _SHARD_FILE.match(Path(path).name)
-    return int(match.group(1)) if match else None
+def chunk_name(unit: int, k: int) -> str:
+    return f"chunk-{unit:06d}-{k:04d}.bin"
 
 
-def list_shard_files(directory: str | os.PathLike) -> list[Path]:
-    """Complete shards in `directory`, by shard number. Temp files of an interrupted write are not listed."""
-    found = [p for p in Path(directory).iterdir() if shard_number(p) is not None and p.is_file()]
-    return sorted(found, key=shard_number)
+def committed_units(store: Location) -> set[int]:
+    """Units whose commit record exists: one listing of <store>/units/."""
+    return {int(m.group(1)) for name in store.list(UNITS) if (m := _UNIT_RECORD.match(name))}
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -87,101 +113,113 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Latent statistics carried by each shard
-# ---------------------------------------------------------------------------------------------------------------
+def write_unit(store: Location, unit: int, records: UnitRecords, info: dict, chunk_bytes: int = CHUNK_BYTES) -> dict:
+    """Write one unit's chunks, then its commit record; return the record.
+
+    The chunks are packed by litdata's writer in a temp folder (inside a local store, so moving them in is a
+    rename), named chunk-<unit>-<k>.bin, and moved or uploaded; the commit record goes last. A kill before it
+    leaves chunks no record lists, which the re-run rewrites with the same bytes."""
+    from litdata.streaming.writer import BinaryWriter
+
+    records.check()
+    temp_parent = None if store.remote else os.fspath(store.root)
+    with tempfile.TemporaryDirectory(dir=temp_parent, prefix=f".tmp-unit-{unit:06d}-") as tmp:
+        chunks, config = [], None
+        if len(records):
+            writer = BinaryWriter(tmp, chunk_bytes=chunk_bytes)
+            for i, item in enumerate(records.items(unit)):
+                writer.add_item(i, item)
+            writer.done()
+            # The writer names its files after the process's rank (<rank>.index.json, chunk-<rank>-<k>.bin); the
+            # chunks are renamed after the unit below, whichever process wrote them.
+            (index_file,) = [name for name in os.listdir(tmp) if name.endswith(".index.json")]
+            with open(os.path.join(tmp, index_file)) as fh:
+                written = json.load(fh)
+            config = written["config"]
+            for k, entry in enumerate(written["chunks"]):
+                name = chunk_name(unit, k)
+                local = os.path.join(tmp, entry["filename"])
+                chunks.append({"file": name, "records": entry["chunk_size"], "sha256": _sha256(local),
+                               "litdata": dict(entry, filename=name)})
+                store.put(local, name)
+    record = {"format": FORMAT, "unit": unit, "records": len(records), "chunks": chunks, "litdata_config": config,
+              "info": info}
+    store.write_text(unit_record_name(unit), json.dumps(record, sort_keys=True))
+    return record
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Writing and reading one shard
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _check_records(records: ShardRecords) -> None:
-    n = len(records.ids)
-    if len(records.captions) != n:
-        raise ValueError(f"shard records: {n} ids but {len(records.captions)} captions")
-    for name in TENSOR_NAMES:
-        t = getattr(records, name)
-        if t.shape[0] != n:
-            raise ValueError(f"shard records: tensor {name!r} has {t.shape[0]} rows for {n} ids")
-    if records.mean.dtype != torch.float16 or records.logvar.dtype != torch.float16:
-        raise ValueError("shard records: mean and logvar must be float16")
-    for name in ("mean", "logvar"):
-        if not torch.isfinite(getattr(records, name)).all():
-            bad = [records.ids[i] for i in (~torch.isfinite(getattr(records, name))).flatten(1).any(1).nonzero()[:, 0]]
-            raise ValueError(
-                f"{name} of records {bad[:5]} is not finite in float16 (|value| > 65504 or NaN): the codec's "
-                f"latents are out of range; check the codec on these images"
-            )
-
-
-def write_shard(path: str | os.PathLike, records: ShardRecords, info: dict) -> str:
-    """Write one shard atomically and return its sha256.
-
-    The bytes go to a temp name in the same folder, are flushed to disk, then renamed (codec/common/atomic.py):
-    a kill at any moment leaves either no shard or a complete one, never a half file that a resumed run would
-    skip.
-    """
-    _check_records(records)
-    path = Path(path)
-    meta = {"format": FORMAT, "info": info, "ids": list(records.ids), "captions": list(records.captions)}
-    payload = safetensors_bytes(records.tensors(), {METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    write_bytes_atomically(path, payload, fsync=True)
-    return hashlib.sha256(payload).hexdigest()
-
-
-def read_shard_header(path: str | os.PathLike) -> dict:
-    """Metadata and tensor shapes of a shard, without reading its tensors.
-
-    Returns {"info", "ids", "captions", "records", "shapes"}; raises ShardError naming the file otherwise.
-    """
-    path = Path(path)
+def read_unit_record(store: Location, unit: int) -> dict:
+    name = unit_record_name(unit)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(METADATA_KEY)
-            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        record = json.loads(store.read_text(name))
     except FileNotFoundError as exc:
-        raise ShardError(f"shard {path} does not exist") from exc
-    except Exception as exc:  # safetensors raises its own error types for a damaged header
-        raise ShardError(f"shard {path} is not a readable safetensors file ({type(exc).__name__}: {exc}); "
-                         f"delete it and re-run the encoder into the same --out") from exc
-    if raw is None:
-        raise ShardError(f"{path} is a safetensors file but not a latent shard (no {METADATA_KEY!r} metadata)")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise ShardError(f"shard {path} has format {meta.get('format')!r}; this reader understands {FORMAT!r}")
-    missing = [name for name in TENSOR_NAMES if name not in shapes]
-    if missing:
-        raise ShardError(f"shard {path} lacks tensors {missing}")
-    count = shapes["mean"][0]
-    if len(meta["ids"]) != count or len(meta["captions"]) != count:
-        raise ShardError(f"shard {path}: {count} latents but {len(meta['ids'])} ids and "
-                         f"{len(meta['captions'])} captions")
-    return {"info": meta["info"], "ids": meta["ids"], "captions": meta["captions"], "records": count, "shapes": shapes}
+        raise StoreError(f"{store.join(name)} does not exist: unit {unit} is not encoded") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{store.join(name)} is not readable JSON ({exc}); delete it and re-run the encoder into "
+                         f"{store}") from exc
+    if record.get("format") != FORMAT:
+        raise StoreError(f"{store.join(name)} has format {record.get('format')!r}; this reader understands {FORMAT!r}")
+    return record
 
 
-def read_shard(path: str | os.PathLike) -> ShardRecords:
-    """All records of one shard, loaded into memory (the reader in codec/shards/reader.py memory-maps instead)."""
-    header = read_shard_header(path)
-    with safe_open(str(path), framework="pt") as handle:
-        tensors = {name: handle.get_tensor(name) for name in TENSOR_NAMES}
-    return ShardRecords(**tensors, ids=header["ids"], captions=header["captions"])
+def _config_body(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key != "types"}
 
 
-def read_manifest(shards_dir: str | os.PathLike) -> dict:
-    """<shards_dir>/manifest.json, written by the encoder when every shard is complete."""
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{shards_dir}: no {MANIFEST}; it is written when an encode finishes. Run (or re-run, it resumes) "
-            f"`latent-codec shards encode --out {shards_dir}`"
-        )
+def litdata_index(unit_records: list[dict]) -> dict:
+    """litdata's index.json for these units' chunks, in unit order. Deterministic: `updated_at` (which litdata
+    folds into its cache folder's name) is a digest of the chunk list, so re-encoded content gets a new cache."""
+    chunks, config = [], None
+    for record in unit_records:
+        if record["litdata_config"] is None:
+            continue  # every image of the unit was rejected: no chunk
+        if config is None:
+            config = record["litdata_config"]
+        elif _config_body(config) != _config_body(record["litdata_config"]):
+            raise StoreError(f"unit {record['unit']} was written with another record layout than unit "
+                             f"{unit_records[0]['unit']}; re-encode it")
+        chunks.extend(chunk["litdata"] for chunk in record["chunks"])
+    digest = hashlib.sha256(json.dumps([c["sha256"] for r in unit_records for c in r["chunks"]]).encode()).hexdigest()
+    return {"chunks": chunks, "config": config, "updated_at": digest[:16]}
+
+
+def unit_entry(record: dict, name: str) -> dict:
+    """A unit as the manifest lists it: its chunks with their checksums, its record and reject counts."""
+    return {"unit": record["unit"], "name": name, "records": record["records"],
+            "rejected": len(record["info"]["rejects"]),
+            "chunks": [{key: chunk[key] for key in ("file", "records", "sha256")} for chunk in record["chunks"]]}
+
+
+def publish(store: Location, manifest: dict, unit_records: list[dict]) -> None:
+    """Write the rejects, litdata's index and, last, the manifest: a store with a manifest is complete."""
+    rejects = [reject for record in unit_records for reject in record["info"]["rejects"]]
+    store.write_text(REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    store.write_text(INDEX, json.dumps(litdata_index(unit_records), sort_keys=True))
+    store.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(store: str | os.PathLike | Location) -> dict:
+    """<store>/manifest.json, written when an encode finishes."""
+    store = store if isinstance(store, Location) else Location(store)
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not readable JSON ({exc}); "
-                         f"re-run the encoder into {shards_dir} to rewrite it") from exc
-    if manifest.get("format") != FORMAT or "shards" not in manifest:
-        raise ValueError(f"{path} is not a latent-shards manifest (format {manifest.get('format')!r})")
+        text = store.read_text(MANIFEST)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{store}: no {MANIFEST}; it is written when an encode finishes. Run (or re-run, it resumes) "
+            f"`latent-codec shards encode --out {store}`") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{store.join(MANIFEST)} is not readable JSON ({exc}); "
+                         f"re-run the encoder into {store} to rewrite it") from exc
+    if manifest.get("format") == LEGACY_FORMAT:
+        raise ValueError(f"{store} holds safetensors shards of an earlier version (format {LEGACY_FORMAT}); convert "
+                         f"them with `latent-codec shards convert --shards {store} --out NEW`, or re-encode")
+    if manifest.get("format") != FORMAT or "units" not in manifest:
+        raise ValueError(f"{store.join(MANIFEST)} is not a latent store manifest (format {manifest.get('format')!r})")
     return manifest
+
+
+def chunk_sizes(manifest: dict) -> np.ndarray:
+    """Records per chunk in store order, from the manifest alone: what a chunk-local order is built from."""
+    return np.array([chunk["records"] for unit in manifest["units"] for chunk in unit["chunks"]], dtype=np.int64)

@@ -1,68 +1,81 @@
-"""Check encoded shards against their manifest: `latent-codec shards verify --shards DIR` exits non-zero on any
-problem, so a copy to another machine or a half-finished sync is caught before a U-Net trains on it."""
+"""Check a latent store against its manifest: `latent-codec shards verify --shards STORE` exits non-zero on any
+problem, so a copy to another machine or bucket, or a half-finished sync, is caught before a U-Net trains on it."""
 
 from __future__ import annotations
 
+import json
 import os
-from pathlib import Path
+import re
 
 from codec.network.model import codec_identity, encoder_identity, load_codec
-from codec.shards.format import (
-    MANIFEST,
-    ShardError,
-    file_sha256,
-    list_shard_files,
-    read_manifest,
-    read_shard_header,
-)
+from codec.shards.format import INDEX, MANIFEST, StoreError, litdata_index, read_manifest, read_unit_record
+from codec.shards.location import Location
 from codec.shards.reader import codec_mismatch
+
+_CHUNK = re.compile(r"^chunk-\d{6,}-\d{4,}\.bin$")
 
 
 def verify_shards(out: str | os.PathLike, codec_dir: str | os.PathLike | None = None) -> list[str]:
-    """Every problem found, as sentences naming the file; an empty list means the shards are intact.
+    """Every problem found, as sentences naming the file; an empty list means the store is intact.
 
-    Checks each shard's sha256 and record count against the manifest, the total counts, files the manifest does
-    not list, and (with `codec_dir`) that the manifest and every shard were made by that codec, or by one with
-    its encoder identity (the parent of a decoder-only fine-tune: the latents are the same).
+    Checks each chunk's sha256 and record count against the manifest and the units' commit records, litdata's
+    index against the units, the total count, chunk files the manifest does not list, and (with `codec_dir`) that
+    the store was made by that codec, or by one with its encoder identity (the parent of a decoder-only
+    fine-tune: the latents are the same).
     """
-    out = Path(out)
+    store = Location(out)
     try:
-        manifest = read_manifest(out)
-    except (FileNotFoundError, ValueError) as exc:
+        manifest = read_manifest(store)
+    except (FileNotFoundError, OSError, ValueError) as exc:
         return [str(exc)]
     problems = []
-    # Each shard must belong to this codec: the manifest's own, or the one given with --codec.
     identity, encoder = manifest["codec"]["identity"], manifest["codec"].get("encoder_identity")
     if codec_dir is not None:
         vae = load_codec(codec_dir)
         given, given_encoder = codec_identity(vae), encoder_identity(vae)
         refusal = codec_mismatch(identity, encoder, given, given_encoder)
         if refusal is not None:
-            problems.append(f"{MANIFEST}: shards were made by codec {identity}, not by --codec {codec_dir}: they were "
+            problems.append(f"{MANIFEST}: the store was made by codec {identity}, not by --codec {codec_dir}: it was "
                             f"{refusal}")
         identity, encoder = given, given_encoder
-    listed = {entry["file"] for entry in manifest["shards"]}
-    for extra in sorted(p.name for p in list_shard_files(out) if p.name not in listed):
-        problems.append(f"{extra}: a shard file the manifest does not list")
-    total = 0
-    for entry in manifest["shards"]:
-        path = out / entry["file"]
-        if not path.is_file():
-            problems.append(f"{entry['file']}: missing")
-            continue
-        if file_sha256(path) != entry["sha256"]:
-            problems.append(f"{entry['file']}: sha256 differs from the manifest (the file is damaged or was replaced)")
+    listed = {chunk["file"] for unit in manifest["units"] for chunk in unit["chunks"]}
+    present = set(store.list())
+    for extra in sorted(name for name in present if _CHUNK.match(name) and name not in listed):
+        problems.append(f"{extra}: a chunk file the manifest does not list")
+    records, total = [], 0
+    for unit in manifest["units"]:
         try:
-            header = read_shard_header(path)
-        except ShardError as exc:
+            record = read_unit_record(store, unit["unit"])
+        except StoreError as exc:
             problems.append(str(exc))
             continue
-        total += header["records"]
-        if header["records"] != entry["records"]:
-            problems.append(f"{entry['file']}: {header['records']} records, the manifest says {entry['records']}")
-        made = header["info"]["settings"]
+        records.append(record)
+        made = record["info"]["settings"]
         if codec_mismatch(made["codec_identity"], made.get("encoder_identity"), identity, encoder) is not None:
-            problems.append(f"{entry['file']}: made by codec {made['codec_identity']}, expected {identity}")
+            problems.append(f"unit {unit['unit']} ({unit['name']}): made by codec {made['codec_identity']}, "
+                            f"expected {identity}")
+        if [c["sha256"] for c in record["chunks"]] != [c["sha256"] for c in unit["chunks"]]:
+            problems.append(f"unit {unit['unit']} ({unit['name']}): its commit record lists other chunks than the "
+                            f"manifest (re-encoded after the manifest was written?)")
+        for chunk in unit["chunks"]:
+            if chunk["file"] not in present:
+                problems.append(f"{chunk['file']}: missing")
+            elif store.sha256(chunk["file"]) != chunk["sha256"]:
+                problems.append(f"{chunk['file']}: sha256 differs from the manifest (the file is damaged or was "
+                                f"replaced)")
+            total += chunk["records"]
+        if sum(c["records"] for c in unit["chunks"]) != unit["records"]:
+            problems.append(f"unit {unit['unit']} ({unit['name']}): its chunks hold "
+                            f"{sum(c['records'] for c in unit['chunks'])} records, the manifest says {unit['records']}")
     if total != manifest["count"]:
-        problems.append(f"{MANIFEST}: count {manifest['count']} but the shards hold {total} records")
+        problems.append(f"{MANIFEST}: count {manifest['count']} but the chunks hold {total} records")
+    if len(records) == len(manifest["units"]):
+        try:
+            index = json.loads(store.read_text(INDEX))
+        except (FileNotFoundError, json.JSONDecodeError) as exc:
+            problems.append(f"{INDEX}: unreadable ({exc}); re-run the encoder into {store} to rewrite it")
+        else:
+            if index["chunks"] != litdata_index(records)["chunks"]:
+                problems.append(f"{INDEX}: litdata's index does not list the units' chunks in order; re-run the "
+                                f"encoder into {store} to rewrite it")
     return problems

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from codec.common.atomic import write_text_atomically
 from codec.common.distributed import reset_accelerate_state
@@ -91,13 +90,16 @@ def non_finite_history(output_dir: Path) -> list[str]:
 
 
 def non_finite_shards(shards_dir: Path) -> list[str]:
-    from codec.shards.format import list_shard_files
+    from codec.shards import LatentShards
 
     found = []
-    for path in list_shard_files(shards_dir):
-        for name, tensor in load_file(path).items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                found.append(f"{path.name}: {name} holds {int((~torch.isfinite(tensor)).sum())} non-finite values")
+    shards = LatentShards(shards_dir)
+    for i in range(len(shards)):
+        record = shards[i]
+        for name in ("mean", "logvar"):
+            if not torch.isfinite(record[name]).all():
+                found.append(f"record {i} ({record['id']}): {name} holds "
+                             f"{int((~torch.isfinite(record[name])).sum())} non-finite values")
     return found
 
 
@@ -147,7 +149,7 @@ def check_encode(plan: CheckPlan, codec: Path, data: Path, out: Path) -> StageRe
 
     _peak_reset()
     started = time.perf_counter()
-    manifest = encode_dataset(codec, data, out, resolution=plan.size, shard_size=max(plan.images // 4, 1),
+    manifest = encode_dataset(codec, data, out, resolution=plan.size, unit_size=max(plan.images // 4, 1),
                               batch_size=32, num_workers=plan.num_workers, precision="bf16", progress=False)
     seconds = time.perf_counter() - started
     problems = non_finite_shards(out)

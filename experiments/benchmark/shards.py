@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from codec.data import load_image_dataset
+from codec.data import InputSource
 from codec.network.fast import prepare_for_inference
 from codec.network.model import encode_posterior, load_codec
-from codec.shards.encode import ShardImages, encode_dataset
+from codec.shards.encode import Framing, encode_dataset
 
 
 def benchmark_encode(codec_dir: str | os.PathLike, data: str | os.PathLike, batch_size: int, resolution: int,
@@ -26,11 +26,12 @@ def benchmark_encode(codec_dir: str | os.PathLike, data: str | os.PathLike, batc
     target is >= 0.9. Runs in this process only.
     """
     vae = prepare_for_inference(load_codec(codec_dir))  # as encode_dataset prepares it
-    dataset, column = load_image_dataset(os.fspath(data))
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    images = ShardImages(dataset, column, os.fspath(data), resolution, "center", 0, "none")
+    source = InputSource(os.fspath(data), limit=limit)
+    framing = Framing(resolution, "center", 0, "none")
+    count = sum(unit.size for unit in source.units)
     tick = time.perf_counter()
-    pixels = [item["pixels"] for item in (images[i] for i in range(count)) if "pixels" in item]
+    prepared = (framing.prepare(record) for unit in source.units for record in source.records(unit))
+    pixels = [item["pixels"] for item in prepared if "pixels" in item]
     data_seconds = time.perf_counter() - tick
     if not pixels:
         raise ValueError(f"benchmark_encode: none of the first {count} images of {data} is readable")

@@ -171,19 +171,19 @@ def benchmark_attention_heads(
 
 def _pixels_of_shards(shards, images_dir: str | Path | None, count: int) -> torch.Tensor:
     """The first `count` training images as the encoder saw them (same resize and centre crop), decoded up front."""
-    from codec.data import load_image_dataset
-    from codec.shards.encode import ShardImages
+    from codec.data import InputSource
+    from codec.shards.encode import Framing
 
     manifest = shards.manifest
     source = str(images_dir) if images_dir is not None else manifest["data"]["source"]
     if not Path(source).exists():
         raise FileNotFoundError(
-            f"the shards' source images {source} are not here; pass images_dir= pointing at the images the shards "
-            f"were encoded from (the on-the-fly side must encode real images)"
+            f"the store's source images {source} are not here; pass images_dir= pointing at the images the store "
+            f"was encoded from (the on-the-fly side must encode real images)"
         )
-    dataset, column = load_image_dataset(source, manifest["data"]["image_column"])
-    images = ShardImages(dataset, column, source, manifest["resolution"], "center", 0, "none")
-    pixels = [item["pixels"] for item in (images[i] for i in range(len(dataset))) if "pixels" in item][:count]
+    inputs, framing = InputSource(source), Framing(manifest["resolution"], "center", 0, "none")
+    prepared = (framing.prepare(record) for unit in inputs.units for record in inputs.records(unit))
+    pixels = [item["pixels"] for item in prepared if "pixels" in item][:count]
     if not pixels:
         raise ValueError(f"none of the images in {source} is readable")
     return torch.stack(pixels)

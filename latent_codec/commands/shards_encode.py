@@ -9,17 +9,20 @@ import sys
 from codec.shards.config import EncodeConfig
 from latent_codec import cli
 
-HELP = "encode a dataset into latent shards with a frozen codec (resumable, 1 or N processes)"
-DESCRIPTION = r"""Encode a dataset once with a frozen codec into latent shards.
+HELP = "encode a dataset into a latent store with a frozen codec (resumable, 1 or N processes, local or bucket)"
+DESCRIPTION = r"""Encode a dataset once with a frozen codec into a latent store (a folder or a bucket).
 
-    latent-codec shards encode --codec runs/codec/final --data photos/ --out shards/ --resolution 512
-    accelerate launch --multi_gpu --num_processes 2 -m latent_codec shards encode --codec ... --data ... --out ...
+    latent-codec shards encode --codec runs/codec/final --data photos/ --out latents/ --resolution 512
+    accelerate launch --multi_gpu --num_processes 8 -m latent_codec shards encode --codec runs/codec/final \
+        --data 's3://bucket/laion/{00000..09999}.tar' --out s3://bucket/latents
 
-Each process encodes a disjoint set of shards (shard k goes to process k mod processes). Re-running into the
-same --out after an interruption skips complete shards and yields the same files as an uninterrupted run; an
---out made with another codec, resolution, crop, flip policy, seed or shard size is refused. Writes
-<out>/shard-NNNNN.safetensors, <out>/manifest.json and <out>/rejects.jsonl (unreadable images with reasons).
-Settings come from the defaults, then --config, then --set, then the flags below (the last word wins)."""
+The input is cut into units (one per tar or parquet file; --unit-size images of a folder or a saved dataset);
+the units not yet done are dealt round-robin over the processes, and each is committed whole. Re-running into the
+same --out after an interruption or a lost node redoes only the missing units and yields the same bytes as an
+uninterrupted run; an --out made with another codec, input, resolution, crop, flip policy, seed or unit size is
+refused. Writes litdata chunks, units/NNNNNN.json, index.json, manifest.json and rejects.jsonl (unreadable images
+with reasons) into --out. Settings come from the defaults, then --config, then --set, then the flags below (the
+last word wins)."""
 
 D = EncodeConfig()
 
@@ -28,17 +31,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", required=True, metavar="DIR", help="codec folder: a diffusers AutoencoderKL with "
                    "safetensors weights, e.g. the final/ folder `latent-codec codec train` exports")
     p.add_argument("--data", required=True, help="images: a folder (captions from metadata.jsonl/.csv or from a.txt "
-                   "beside a.png), a save_to_disk directory, .parquet/.arrow files, or a hub dataset name")
-    cli.add_out(p, "the shards; re-running into it resumes an interrupted encode")
-    cli.add_config_flags(p, "shards", required=False, example="shard_size=500")
+                   "beside a.png), webdataset tars (a .tar, a folder of them, or a brace pattern "
+                   "'dir/{00000..00099}.tar'; caption from KEY.txt or KEY.json), parquet files (img2dataset's "
+                   "jpg/caption columns are found), a save_to_disk directory, .arrow files, or a hub dataset name "
+                   "(streamed); any file form may be an s3://, gs:// or file:// URL (a custom S3 endpoint: "
+                   "AWS_ENDPOINT_URL)")
+    cli.add_out(p, "the latent store: a folder or a bucket URL (s3://...); re-running into it resumes an "
+                "interrupted encode")
+    cli.add_config_flags(p, "shards", required=False, example="unit_size=500")
     # Flags default to None: a flag not given leaves the config's value alone.
     p.add_argument("--resolution", type=int, help="square crop size in pixels; images are first resized so the "
                    f"shorter side is this (default {D.resolution}); a multiple of the codec's downsampling factor")
     p.add_argument("--caption-column", help="dataset column holding captions (default: a 'text' or 'caption' column, "
                    "else .txt files beside the images, else no captions)")
     p.add_argument("--image-column", help="dataset column holding images (default: the first column of image type)")
-    p.add_argument("--shard-size", type=int, help=f"dataset indices per shard (default {D.shard_size}); shard k "
-                   "holds indices k*N .. (k+1)*N-1 minus rejected images")
+    p.add_argument("--unit-size", type=int, help=f"images per unit of an image folder or a saved dataset (default "
+                   f"{D.unit_size}); each tar or parquet file is one unit whatever its size. Units are the work dealt "
+                   "to processes and what a re-run redoes")
     p.add_argument("--batch-size", type=int, help=f"images per encoder call (default {D.batch_size})")
     p.add_argument("--crop", choices=("center", "random"), help=f"center crop (default {D.crop}), or a random crop "
                    "with a random left-right flip drawn per image from --seed (recorded in each record; see --flip)")

@@ -78,7 +78,7 @@ def tiny_shards(tiny_codec_dir, caption_images, tmp_path_factory) -> Path:
     from codec.shards.encode import encode_dataset
 
     out = tmp_path_factory.mktemp("shards") / "tiny"
-    encode_dataset(tiny_codec_dir, caption_images, out, resolution=64, shard_size=4, batch_size=4, num_workers=0,
+    encode_dataset(tiny_codec_dir, caption_images, out, resolution=64, unit_size=4, batch_size=4, num_workers=0,
                    progress=False)
     AcceleratorState._reset_state(True)  # encode_dataset made a PartialState; trainers start from a clean one
     GradientState._reset_state()

@@ -31,7 +31,7 @@ def test_a_16_channel_codec_trains_encodes_trains_a_unet_and_generates(bundled_d
     assert info["compression_ratio_512"] == 12.0  # 512x512x3 -> 16x64x64
 
     reset_accelerate()
-    manifest = encode_dataset(codec.final, caption_images, tmp_path / "shards", resolution=64, shard_size=4,
+    manifest = encode_dataset(codec.final, caption_images, tmp_path / "shards", resolution=64, unit_size=4,
                               batch_size=4, num_workers=0, progress=False)
     assert manifest["latent_shape"] == [16, 8, 8] and manifest["count"] == 8
 

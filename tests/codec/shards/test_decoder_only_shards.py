@@ -54,7 +54,7 @@ def test_a_codec_with_another_encoder_is_refused_naming_both_identities(tiny_sha
     assert "decoder-only fine-tune" in message and "re-encode" in message
     problems = verify_shards(tiny_shards, path)
     # The manifest and each of its shards.
-    assert len(problems) == 1 + len(manifest["shards"]) == 3 and "made by codec" in problems[0]
+    assert len(problems) == 1 + len(manifest["units"]) == 3 and "made by codec" in problems[0]
 
 
 def test_shards_from_before_encoder_identities_accept_only_their_own_codec(tiny_shards, tiny_codec_dir, tmp_path):

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from codec.data import decode_image, load_image_dataset, pil_to_tensor
+from codec.data import InputSource, decode_image, load_image_dataset, pil_to_tensor
 from codec.data.crops import mirror_caption
-from codec.shards.encode import ShardImages, crop_position, encode_dataset
-from codec.shards.format import read_shard
+from codec.shards.encode import Framing, crop_position, encode_dataset
 from experiments.demo.adherence import detect, parse_prompt
 from experiments.demo.shapes import write_shapes_dataset
-from tests.codec.shards.test_encode import RES, encode_command, write_image_folder
+from tests.codec.shards.test_encode import RES, encode_command, store_records, write_image_folder
 
 COUNT = 24  # with seed 3, 16 records are mirrored and 11 of those have a left or right in their caption
 
@@ -31,23 +30,12 @@ def crop_as_encoded(image, crop_box: list[int], flip: bool) -> torch.Tensor:
     return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
 
 
-def records(out: Path) -> list[dict]:
-    manifest = json.loads((out / "manifest.json").read_text())
-    rows = []
-    for entry in manifest["shards"]:
-        shard = read_shard(out / entry["file"])
-        for i, caption in enumerate(shard.captions):
-            rows.append({"index": int(shard.index[i]), "caption": caption, "flip": bool(shard.flip[i]),
-                         "crop_box": shard.crop_box[i].tolist()})
-    return rows
-
-
 def placed_as_captioned(out: Path, data: Path) -> list[tuple[bool, str, str]]:
     """(flip, caption's position, position the pixels show) of every record of an encode of the shapes world."""
     dataset, column = load_image_dataset(str(data))
     rows = []
-    for record in records(out):
-        image = decode_image(dataset[record["index"]][column])
+    for record in store_records(out):
+        image = decode_image(dataset[int(record["id"])][column])  # a saved dataset's ids are its row numbers
         shown = detect(crop_as_encoded(image, record["crop_box"], record["flip"]).numpy()).position
         rows.append((record["flip"], parse_prompt(record["caption"]).position, shown))
     return rows
@@ -55,7 +43,7 @@ def placed_as_captioned(out: Path, data: Path) -> list[tuple[bool, str, str]]:
 
 def test_mirrored_shapes_records_keep_captions_true_to_their_pixels(codec_dir, shapes, tmp_path):
     out = tmp_path / "out"
-    manifest = encode_dataset(codec_dir, shapes, out, resolution=RES, shard_size=10, batch_size=8, crop="random",
+    manifest = encode_dataset(codec_dir, shapes, out, resolution=RES, unit_size=10, batch_size=8, crop="random",
                               seed=3, num_workers=0, progress=False)
     rows = placed_as_captioned(out, shapes)
     mirrored = [row for row in rows if row[0]]
@@ -87,32 +75,34 @@ def test_mirror_caption_swaps_whole_side_words_keeping_case(text, mirrored):
 def test_each_flip_policy_mirrors_only_where_the_stored_caption_stays_true(tmp_path):
     folder = tmp_path / "photos"
     write_image_folder(folder, 10, captions="txt")
-    for i in (0, 3, 6):
+    for i in (0, 3, 7):
         (folder / f"im{i:02d}.txt").write_text(f"a dog on the left, photo {i}\n")
     for i in (1, 5, 8):
         (folder / f"im{i:02d}.txt").unlink()  # no caption: nothing a mirror could contradict
-    dataset, column = load_image_dataset(str(folder))
-    items = {policy: [ShardImages(dataset, column, str(folder), RES, "random", 7, "sidecar:.txt", policy)[i]
-                      for i in range(10)] for policy in ("swap-left-right", "uncaptioned-only", "none")}
-    # The draws are keyed by (seed, index) whatever the policy: same boxes, and the same drawn mirror.
+    source = InputSource(str(folder))
+    inputs = [record for unit in source.units for record in source.records(unit)]
+    items = {policy: [Framing(RES, "random", 7, policy).prepare(record) for record in inputs]
+             for policy in ("swap-left-right", "uncaptioned-only", "none")}
+    # The draws are keyed by (seed, id) whatever the policy: same boxes, and the same drawn mirror.
     assert len({tuple(tuple(item["crop_box"]) for item in rows) for rows in items.values()}) == 1
-    drawn = [crop_position(*reversed(item["resized_size"]), RES, "random", 7, i)[2]
-             for i, item in enumerate(items["none"])]
-    assert drawn == [False, True, False, True, True, False, True, False, False, True]
+    drawn = [crop_position(*reversed(item["resized_size"]), RES, "random", 7, item["id"])[2]
+             for item in items["none"]]
+    assert drawn == [False, False, True, True, True, True, False, True, True, False]
     swap, uncaptioned, none = ([item["flip"] for item in rows] for rows in items.values())
     assert swap == drawn and none == [False] * 10
-    assert uncaptioned == [d and i in (1, 5, 8) for i, d in enumerate(drawn)] == [False, True] + [False] * 8
+    assert uncaptioned == [d and i in (1, 5, 8) for i, d in enumerate(drawn)] == [False] * 5 + [True, False, False,
+                                                                                                True, False]
     captions = [item["caption"] for item in items["swap-left-right"]]
     assert captions[:4] == ["a dog on the left, photo 0", "", "photo number 2", "a dog on the right, photo 3"]
-    assert captions[6] == "a dog on the right, photo 6"
-    assert [i for i, item in enumerate(items["swap-left-right"]) if item["caption_mirrored"]] == [3, 6]
+    assert captions[7] == "a dog on the right, photo 7"
+    assert [i for i, item in enumerate(items["swap-left-right"]) if item["caption_mirrored"]] == [3, 7]
     for rows in (items["uncaptioned-only"], items["none"]):  # nothing captioned is mirrored, nothing rewritten
         assert [item["caption"] for item in rows][:4] == ["a dog on the left, photo 0", "", "photo number 2",
                                                           "a dog on the left, photo 3"]
 
 
 def test_the_flip_policy_is_a_setting_a_resume_must_match(codec_dir, tmp_path):
-    kwargs = dict(resolution=RES, shard_size=2, num_workers=0, progress=False, limit=2)
+    kwargs = dict(resolution=RES, unit_size=2, num_workers=0, progress=False, limit=2)
     folder = tmp_path / "photos"
     write_image_folder(folder, 2)
     random = encode_dataset(codec_dir, folder, tmp_path / "random", crop="random", **kwargs)
@@ -120,14 +110,6 @@ def test_the_flip_policy_is_a_setting_a_resume_must_match(codec_dir, tmp_path):
     assert (random["flip"], center["flip"]) == ("swap-left-right", "none")
     with pytest.raises(ValueError, match=r"flip='swap-left-right' \(manifest.json\), but this run has flip='none'"):
         encode_dataset(codec_dir, folder, tmp_path / "random", crop="random", flip="none", **kwargs)
-    # Shards from before --flip: random crops mirrored and kept their captions, which no policy reproduces.
-    for out in ("random", "center"):
-        manifest = json.loads((tmp_path / out / "manifest.json").read_text())
-        del manifest["settings"]["flip"]
-        (tmp_path / out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"flip='keep-captions' \(manifest.json\), but this run has flip='swap-left"):
-        encode_dataset(codec_dir, folder, tmp_path / "random", crop="random", **kwargs)
-    assert encode_dataset(codec_dir, folder, tmp_path / "center", **kwargs)["count"] == 2  # never mirrored: resumes
     with pytest.raises(ValueError, match=r"--flip 'swap-left-right' needs --crop random"):
         encode_dataset(codec_dir, folder, tmp_path / "other", flip="swap-left-right", **kwargs)
     with pytest.raises(ValueError, match=r"--flip 'sometimes': expected one of"):

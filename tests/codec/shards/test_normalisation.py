@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from codec.data import load_image_dataset
+from codec.data import InputSource
 from codec.exchange.pipeline import LatentDiffusionPipeline
 from codec.network.model import build_autoencoder, latent_statistics, load_codec
 from codec.shards import LatentShards, read_manifest
-from codec.shards.encode import ShardImages, encode_dataset
+from codec.shards.encode import Framing, encode_dataset
 from codec.training.config import load_codec_config
 from diffusion.train import codec_for_shards
 from tests.codec.shards.test_encode import write_image_folder
@@ -48,7 +48,7 @@ def photos(tmp_path_factory) -> Path:
 def encoded(request, photos, tmp_path_factory) -> tuple[str, Path, Path]:
     root = tmp_path_factory.mktemp(request.param)
     codec = offset_codec(root / "codec", SHIFTED if request.param == "shift" else PER_CHANNEL)
-    encode_dataset(codec, photos, root / "shards", resolution=RES, shard_size=3, batch_size=3, num_workers=0,
+    encode_dataset(codec, photos, root / "shards", resolution=RES, unit_size=3, batch_size=3, num_workers=0,
                    progress=False)
     return request.param, codec, root / "shards"
 
@@ -92,9 +92,9 @@ def test_the_export_measures_the_scale_the_shards_measure(encoded, photos):
     """codec.training.train's export and the shards' manifest: one definition (1/std of z ~ q(z|x)), one number on the
     same images (apart from the shards' float16 storage)."""
     _, codec, shards_dir = encoded
-    dataset, column = load_image_dataset(str(photos), None)
-    images = ShardImages(dataset, column, str(photos), RES, "center", 0, "none")
-    pixels = torch.stack([images[i]["pixels"] for i in range(len(dataset))])
+    source, framing = InputSource(str(photos)), Framing(RES, "center", 0, "none")
+    records = [record for unit in source.units for record in source.records(unit)]
+    pixels = torch.stack([framing.prepare(record)["pixels"] for record in records])
     exported = latent_statistics(load_codec(codec), [pixels[:3], pixels[3:]])
     sharded = read_manifest(shards_dir)["latent_stats"]
     assert exported["std"] == pytest.approx(sharded["std"], rel=2e-3), (exported["std"], sharded["std"])

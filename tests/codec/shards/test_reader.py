@@ -1,8 +1,9 @@
-"""The latent shard reader: random access, damaged inputs, and the latent scale."""
+"""The latent store reader: random access, damaged inputs, the latent scale, and a store in a bucket."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,18 +13,17 @@ from codec.common.draws import keyed_generator
 from codec.network.model import codec_identity, load_codec
 from codec.shards import LatentShards, read_manifest
 from codec.shards.encode import encode_dataset
-from codec.shards.format import read_shard, shard_filename
-from tests.codec.shards.test_encode import make_codec, write_image_folder
+from tests.codec.shards.test_encode import assert_same_store, make_codec, write_image_folder
 
 
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory) -> tuple[Path, Path]:
-    """23 captioned photos (im05 a truncated JPEG), 5 per shard -> 22 records in shards of 5, 4, 5, 5, 3; by a
+    """23 captioned photos (im05 a truncated JPEG), 5 per unit -> 22 records in units of 5, 4, 5, 5, 3; by a
     tiny codec whose posterior means are 6x wider than at initialisation, so its latents need scaling."""
     root = tmp_path_factory.mktemp("encoded")
     codec = make_codec(root / "codec", mean_gain=6.0)
     write_image_folder(root / "photos", 23, captions="jsonl", broken=5)
-    encode_dataset(codec, root / "photos", root / "shards", resolution=64, shard_size=5, batch_size=5,
+    encode_dataset(codec, root / "photos", root / "shards", resolution=64, unit_size=5, batch_size=5,
                    num_workers=0, progress=False)
     return root / "shards", codec
 
@@ -32,12 +32,12 @@ def test_random_access_returns_the_stored_records(encoded):
     shards_dir, codec = encoded
     shards = LatentShards(shards_dir, verify_codec=codec_identity(load_codec(codec)))
     assert len(shards) == 22
-    third = read_shard(shards_dir / shard_filename(2))  # records 9..13 (dataset indices 10..14)
-    item = shards[9]
+    assert shards.chunk_sizes.tolist() == [5, 4, 5, 5, 3]  # one chunk per unit of these tiny latents
+    item = shards[9]  # the first record of unit 2 (images 10..14)
     assert item["mean"].dtype == torch.float32 and item["mean"].shape == (4, 8, 8)
-    assert torch.equal(item["mean"], third.mean[0].float()) and torch.equal(item["logvar"], third.logvar[0].float())
-    assert (item["id"], item["caption"], item["index"]) == ("im10.png", "photo number 10", 10)
-    assert shards[4]["index"] == 4 and shards[5]["index"] == 6  # index 5 was the rejected file
+    assert (item["id"], item["caption"], item["unit"], item["row"]) == ("im10.png", "photo number 10", 2, 0)
+    assert (shards[4]["unit"], shards[4]["row"]) == (0, 4) and (shards[5]["unit"], shards[5]["row"]) == (1, 1)
+    # row 0 of unit 1 was the rejected file
     assert shards[-1]["id"] == "im22.png"
     with pytest.raises(IndexError, match="record 22 is out of range for 22 records"):
         shards[22]
@@ -73,19 +73,41 @@ def test_manifest_scaling_factor_gives_unit_std_latents_sampled_through_the_read
     assert z.std().item() / means.std().item() > 1.1
 
 
-def test_missing_manifest_or_damaged_shard_is_explained(encoded, tmp_path):
+def test_missing_manifest_or_a_manifest_that_disagrees_is_explained(encoded, tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json; it is written when an encode finishes"):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not readable JSON"):
         LatentShards(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "latent-shards/1", "shards": []}))
+    with pytest.raises(ValueError, match="safetensors shards of an earlier version.*shards convert"):
+        LatentShards(tmp_path)
     shards_dir, _ = encoded
     copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in shards_dir.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(shards_dir, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["shards"][1]["records"] += 1
+    manifest["count"] += 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="shard-00001.safetensors holds 4 records but the manifest says 5"):
+    with pytest.raises(ValueError, match="its units list 22 records but its count is 23"):
         LatentShards(copy)
+
+
+def test_a_store_in_a_bucket_reads_as_the_local_one_through_a_bounded_cache(encoded, local_s3, tmp_path):
+    import fsspec
+
+    shards_dir, _ = encoded
+    bucket = local_s3.new_bucket()
+    fsspec.filesystem("s3").put(f"{shards_dir}/", f"{bucket[len('s3://'):]}/store/", recursive=True)
+    sizes = sorted(p.stat().st_size for p in shards_dir.glob("chunk-*.bin"))
+    budget = sizes[-1] + sizes[-2]  # room for the two biggest of the five chunks
+    remote = LatentShards(f"{bucket}/store", cache_dir=str(tmp_path / "cache"), max_cache_size=f"{budget}B")
+    local = LatentShards(shards_dir)
+    assert len(remote) == len(local) and remote.scaling_factor == local.scaling_factor
+    held = []
+    for i in [*range(len(local)), 0, 21]:
+        a, b = remote[i], local[i]
+        for key in a:
+            assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], (i, key)
+        held.append(sum(p.stat().st_size for p in (tmp_path / "cache").rglob("chunk-*.bin")))
+    assert 0 < max(held) <= budget  # whole chunks came through the cache, never more than its bound
+    assert_same_store(shards_dir, f"{bucket}/store")
