@@ -140,8 +140,9 @@ class TrainConfig(LoopSettings):
     validate_samples: bool = True  # false: validation measures the loss only, no sample grid (for frequent evals)
     num_workers: int = 0  # shards are memory-mapped; workers rarely pay off
     # Each epoch reads the store's chunks in a seeded order, mixing the records of this many consecutive chunks
-    # (diffusion/draws.py EpochOrder). Larger: better mixed batches, but more chunks in the local cache at once
-    # (this many, twice at a window's end: size the store's cache for it); 1: records of one chunk at a time.
+    # (diffusion/draws.py EpochOrder). Larger: better mixed batches, but more chunks in the local cache at once:
+    # this many, twice at a window's end (16 of the store's 64 MB chunks: 1-2 GB, within the reader's 10 GB cache).
+    # 1: the records of one chunk at a time.
     shuffle_chunks: int = 16
     # Validation grid: these prompts (empty list: the first captions of the shards), sampled with DDIM.
     sample_prompts: list[str] = field(default_factory=list)

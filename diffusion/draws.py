@@ -82,15 +82,6 @@ class EpochOrder:
         return int(self.window_records(epoch, window)[position])
 
 
-def store_chunk_sizes(shards: LatentShards) -> np.ndarray:
-    """The reader's `chunk_sizes`. Bridge until the litdata-backed reader that provides it lands: the safetensors
-    shards' reader has none, and each of its shards is one chunk (its manifest entry's record count)."""
-    sizes = getattr(shards, "chunk_sizes", None)
-    if sizes is None:
-        sizes = [entry["records"] for entry in shards.manifest["shards"]]
-    return np.asarray(sizes, dtype=np.int64)
-
-
 class TrainingDraws(torch.utils.data.Dataset):
     """Draw number -> {"latents" (scaled), "noise", "timestep", "drop_caption", "caption", "draw"}.
 
@@ -102,10 +93,7 @@ class TrainingDraws(torch.utils.data.Dataset):
         if len(shards) == 0:
             raise ValueError(f"{shards.shards_dir}: the shards hold no records; encode a dataset with images first")
         self.shards, self.cfg, self.seed = shards, cfg, seed
-        self.order = EpochOrder(store_chunk_sizes(shards), seed, shuffle_chunks)
-        if len(self.order) != len(shards):
-            raise ValueError(f"{shards.shards_dir}: the chunks hold {len(self.order)} records but the store "
-                             f"{len(shards)}; run `latent-codec shards verify`")
+        self.order = EpochOrder(shards.chunk_sizes, seed, shuffle_chunks)  # the reader checked they sum to len
 
     def __len__(self) -> int:
         return 2**62  # the draw space is unbounded; DrawSampler decides what is drawn

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from codec.shards import LatentShards
-from diffusion.draws import EpochOrder, TrainingDraws, store_chunk_sizes
+from diffusion.draws import EpochOrder, TrainingDraws
 
 # Ten chunks of uneven sizes, one of them empty: 45 records.
 SIZES = [5, 0, 7, 3, 9, 4, 6, 1, 8, 2]
@@ -84,7 +84,7 @@ def test_ten_million_records_in_ten_thousand_chunks_hold_no_per_record_python_ob
 def test_training_draws_read_every_record_of_the_shards_once_per_epoch_a_chunk_at_a_time(tiny_shards,
                                                                                           tiny_unet_config):
     shards = LatentShards(tiny_shards)
-    sizes = store_chunk_sizes(shards)
+    sizes = shards.chunk_sizes
     assert len(shards) == 8 and sizes.sum() == 8
     chunk_of = np.repeat(np.arange(len(sizes)), sizes)  # record -> its chunk
     draws = TrainingDraws(shards, tiny_unet_config.diffusion, seed=0, shuffle_chunks=1)
