@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from litdata.utilities.format import _convert_bytes_to_int
+
 from codec.common.config import ConfigError, check_choice, load_config
 from codec.common.loop import LoopSettings
 from codec.common.optim import OptimConfig as SharedOptimConfig
@@ -144,6 +146,10 @@ class TrainConfig(LoopSettings):
     # this many, twice at a window's end (16 of the store's 64 MB chunks: 1-2 GB, within the reader's 10 GB cache).
     # 1: the records of one chunk at a time.
     shuffle_chunks: int = 16
+    # A store in a bucket (--shards s3://...) is read through whole chunks cached here (null: $LATENT_CODEC_STORE_CACHE
+    # or ~/.cache/latent-codec/stores), least recently used deleted beyond store_cache_size (codec/shards/reader.py).
+    store_cache: str | None = None
+    store_cache_size: str = "10GB"
     # Validation grid: these prompts (empty list: the first captions of the shards), sampled with DDIM.
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 25
@@ -153,6 +159,11 @@ class TrainConfig(LoopSettings):
         super().__post_init__()
         if self.shuffle_chunks < 1:
             raise ConfigError(f"train.shuffle_chunks must be >= 1, got {self.shuffle_chunks}")
+        try:
+            _convert_bytes_to_int(self.store_cache_size)
+        except ValueError:
+            raise ConfigError(f"train.store_cache_size {self.store_cache_size!r}: expected a size such as '10GB' or "
+                              f"'500MB'") from None
         if self.eval_items < 1:
             raise ConfigError(f"train.eval_items must be >= 1, got {self.eval_items}")
         if len(set(self.eval_timesteps)) != len(self.eval_timesteps):

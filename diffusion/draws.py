@@ -104,8 +104,9 @@ class TrainingDraws(torch.utils.data.Dataset):
 
     def __getitem__(self, draw: int) -> dict:
         draw = int(draw)
-        index = self.record(draw)
-        latents = self.shards.latents(index, keyed_generator("posterior", self.seed, draw), self.cfg.sample_posterior)
+        record = self.shards[self.record(draw)]
+        latents = self.shards.sample_latents(record, keyed_generator("posterior", self.seed, draw),
+                                             self.cfg.sample_posterior)
         noise = torch.randn(latents.shape, generator=keyed_generator("noise", self.seed, draw))
         timestep = torch.randint(self.cfg.num_train_timesteps, (),
                                  generator=keyed_generator("timestep", self.seed, draw))
@@ -115,7 +116,7 @@ class TrainingDraws(torch.utils.data.Dataset):
             "noise": noise,
             "timestep": timestep,
             "drop_caption": drop,
-            "caption": self.shards[index]["caption"],
+            "caption": record["caption"],
             "draw": torch.tensor(draw, dtype=torch.int64),
         }
 

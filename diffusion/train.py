@@ -36,7 +36,13 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from codec.common.atomic import folder_atomically
-from codec.common.checkpoints import ema_weights, keep_ema_in_checkpoints, resolve_resume, save_checkpoint
+from codec.common.checkpoints import (
+    ema_weights,
+    keep_ema_in_checkpoints,
+    read_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+)
 from codec.common.config import ConfigError, to_dict
 from codec.common.distributed import make_accelerator
 from codec.common.draws import DrawSampler
@@ -48,6 +54,7 @@ from codec.measurement.evaluate import save_png
 from codec.network.model import codec_identity, compression_ratio, encoder_identity, load_codec
 from codec.network.text_encoder import CaptionEmbeddings, hidden_width, load_text_encoder
 from codec.shards import LatentShards, read_manifest
+from codec.shards.reader import DEFAULT_CACHE_SIZE
 from diffusion.config import UNetTrainingConfig
 from diffusion.draws import EvalSet, TrainingDraws, eval_set
 from diffusion.schedule import build_noise_scheduler, per_sample_mse, training_loss, training_target
@@ -77,7 +84,8 @@ def describe_norm(norm: dict) -> str:
     return words
 
 
-def codec_for_shards(codec_dir: str, shards_dir: str) -> tuple[AutoencoderKL, LatentShards, str]:
+def codec_for_shards(codec_dir: str, shards_dir: str, cache_dir: str | None = None,
+                     cache_size: str = DEFAULT_CACHE_SIZE) -> tuple[AutoencoderKL, LatentShards, str]:
     """The frozen codec and its shards, checked to belong together; the vae config gets the shards' scale.
 
     A decoder-only fine-tune of the codec that made the shards passes: its encoder identity is theirs, so the
@@ -90,7 +98,8 @@ def codec_for_shards(codec_dir: str, shards_dir: str) -> tuple[AutoencoderKL, La
                           f"holds {shard_channels}-channel ones: pass the codec that encoded them, or re-encode the "
                           f"dataset with `latent-codec shards encode --codec {codec_dir}`")
     identity = codec_identity(vae)
-    shards = LatentShards(shards_dir, verify_codec=identity, verify_encoder=encoder_identity(vae))
+    shards = LatentShards(shards_dir, verify_codec=identity, verify_encoder=encoder_identity(vae), cache_dir=cache_dir,
+                          max_cache_size=cache_size)
     had = latent_norm(vae.config)
     # The U-Net learns shards.scale(z); the pipeline undoes the vae config's normalisation. They must be one,
     # shift and per-channel statistics included (dropping a codec's shift would decode every sample offset).
@@ -144,43 +153,21 @@ def sample_grid(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, g
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
 
 
-class LoaderPosition:
-    """The global draws the loader has consumed: saved in every checkpoint (accelerate's register_for_checkpointing),
-    so a resume starts its DrawSampler at the next draw. Steps x global batch would be wrong as soon as the global
-    batch changes between the runs (another process count or batch size): draws would be skipped or repeated."""
-
-    def __init__(self, draws: int = 0):
-        self.draws = draws
-
-    def state_dict(self) -> dict:
-        return {"draws": self.draws}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.draws = int(state["draws"])
-
-
-LOADER_STATE = "custom_checkpoint_0.pkl"  # accelerate's file for the first (only) registered object
-
-
-def load_checkpoint(accelerator, checkpoint: Path | None, step: int, draws_per_step: int) -> LoaderPosition:
-    """accelerate's load_state of `checkpoint` (None: a fresh run), and the loader position, registered so that every
-    checkpoint saves it. accelerate refuses a checkpoint holding fewer custom objects than are registered, so one
-    written before checkpoints kept the position is loaded first and registered after, and resumes at step x
-    global batch, the rule it was written under (right when the global batch is the one it ran with)."""
-    position = LoaderPosition()
+def resume_draws(checkpoint: Path | None, step: int, draws_per_step: int) -> int:
+    """The global draws a resumed run has consumed: recorded in the checkpoint's trainer_state.json, so a resume
+    starts its DrawSampler at the next draw. Steps x global batch would be wrong as soon as the global batch
+    changes between the runs (another process count or batch size): draws would be skipped or repeated. A
+    checkpoint written before checkpoints kept the position resumes by that rule, with a warning. (JSON beside
+    the weights, not accelerate's register_for_checkpointing, whose loader unpickles.)"""
     if checkpoint is None:
-        accelerator.register_for_checkpointing(position)
-    elif (checkpoint / LOADER_STATE).is_file():
-        accelerator.register_for_checkpointing(position)
-        accelerator.load_state(str(checkpoint))
-    else:
-        accelerator.load_state(str(checkpoint))
-        accelerator.register_for_checkpointing(position)
-        position.draws = step * draws_per_step
+        return 0
+    draws = read_trainer_state(checkpoint).get("draws")
+    if draws is None:
+        draws = step * draws_per_step
         log.warning("%s records no loader position (written before checkpoints kept it): resuming at draw %d = step "
                     "%d x global batch %d, which is right only if the run that wrote it had this global batch",
-                    checkpoint, position.draws, step, draws_per_step)
-    return position
+                    checkpoint, draws, step, draws_per_step)
+    return int(draws)
 
 
 def export_pipeline(pipe: LatentDiffusionPipeline, output_dir: Path, info: dict) -> Path:
@@ -215,7 +202,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     resume_dir, step = resolve_resume(output_dir, resume, architecture, accelerator)  # the same on every rank
 
     # ---- data: shards, their codec, captions ------------------------------------------------------------
-    vae, shards, scale_note = codec_for_shards(cfg.codec, cfg.shards)
+    vae, shards, scale_note = codec_for_shards(cfg.codec, cfg.shards, cfg.train.store_cache, cfg.train.store_cache_size)
     vae.to(device)
     channels, side, _ = shards.manifest["latent_shape"]
     tokenizer, text_model = load_text_encoder(cfg.text_encoder.path)
@@ -226,7 +213,8 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     draws_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
     # The eval loss's examples: held-out shards of the same codec when given, else the training shards' first records.
     held_shards = shards if cfg.train.eval_shards is None else LatentShards(
-        cfg.train.eval_shards, verify_codec=codec_identity(vae), verify_encoder=encoder_identity(vae))
+        cfg.train.eval_shards, verify_codec=codec_identity(vae), verify_encoder=encoder_identity(vae),
+        cache_dir=cfg.train.store_cache, max_cache_size=cfg.train.store_cache_size)
     held = eval_set(held_shards, cfg.train.eval_items, cfg.diffusion.num_train_timesteps, cfg.train.seed,
                     cfg.train.eval_timesteps, scale=shards)
     held_text = embeddings(held.captions)
@@ -247,14 +235,15 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         ema = EMAModel(inner.parameters(), decay=cfg.train.ema_decay)
         ema.to(device)
         keep_ema_in_checkpoints(accelerator, ema, inner)
-    position = load_checkpoint(accelerator, resume_dir, step, draws_per_step)
+    draws = resume_draws(resume_dir, step, draws_per_step)
     if resume_dir is not None:
-        log.info("resumed from %s at step %d, draw %d", resume_dir, step, position.draws)
+        accelerator.load_state(str(resume_dir))
+        log.info("resumed from %s at step %d, draw %d", resume_dir, step, draws)
     # Built once the checkpoint has said where the draws continue.
     loader = accelerator.prepare(DataLoader(
         TrainingDraws(shards, cfg.diffusion, cfg.train.seed, cfg.train.shuffle_chunks),
         batch_size=cfg.train.batch_size,
-        sampler=DrawSampler(start=position.draws),
+        sampler=DrawSampler(start=draws),
         num_workers=cfg.train.num_workers,
         persistent_workers=cfg.train.num_workers > 0,
     ))
@@ -338,7 +327,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         if not accelerator.sync_gradients:
             continue
         step += 1
-        position.draws += draws_per_step
+        draws += draws_per_step
         if ema is not None:
             ema.step(inner.parameters())
         progress.update(1)
@@ -355,7 +344,8 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         if cfg.train.validate_every > 0 and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
             metrics = validate(step)
         if cfg.train.checkpoint_every > 0 and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps):
-            save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints, {"model": architecture})
+            save_checkpoint(accelerator, output_dir, step, cfg.train.keep_checkpoints,
+                            {"model": architecture, "draws": draws})
     progress.close()
 
     # ---- export ------------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ def keyed_generator(*parts: int | str) -> torch.Generator:
 class DrawSampler(torch.utils.data.Sampler[int]):
     """Yields start, start + 1, ... forever: the global draw counter both trainers' datasets are indexed by.
 
-    To resume, start at the number of draws already consumed (steps x global batch size); the run then continues
-    with exactly the examples it would have seen without the interruption.
+    To resume, start at the number of draws already consumed (the U-Net's checkpoints record it; the codec trainer's
+    is steps x global batch size); the run then continues with exactly the examples it would have seen without the
+    interruption.
     """
 
     def __init__(self, start: int = 0):

@@ -206,7 +206,11 @@ class LatentShards(torch.utils.data.Dataset):
 
     def latents(self, i: int, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
         """Normalised latent of record i: normalise(mean + exp(logvar / 2) * eps), or normalise(mean)."""
-        record = self[i]
+        return self.sample_latents(self[i], generator, sample)
+
+    def sample_latents(self, record: dict, generator: torch.Generator | None = None,
+                       sample: bool = True) -> torch.Tensor:
+        """`latents` of a record already read (`self[i]`), so a caller that needs its caption too reads it once."""
         z = record["mean"]
         if sample:
             z = sample_gaussian(z, record["logvar"], torch.randn(z.shape, generator=generator))

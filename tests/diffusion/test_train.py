@@ -19,7 +19,7 @@ from codec.shards import LatentShards
 from diffusion.config import load_unet_config
 from diffusion.draws import TrainingDraws, eval_set
 from diffusion.schedule import build_noise_scheduler
-from diffusion.train import LOADER_STATE, codec_for_shards, denoising_loss, train_unet
+from diffusion.train import codec_for_shards, denoising_loss, train_unet
 from tests.conftest import (
     CONFIGS,
     ROOT,
@@ -119,7 +119,7 @@ def test_a_resume_with_another_global_batch_reads_every_record_of_the_epoch_once
         train_unet(_config(tiny_shards, tiny_codec_dir, tmp_path / "run", *common, "train.batch_size=2",
                            "train.max_steps=4"))
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
-    assert torch.load(checkpoint / LOADER_STATE) == {"draws": 4}
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["draws"] == 4
     before = [(d, record) for d, record in read if d < 4]
     shutil.copytree(tmp_path / "run", tmp_path / "old")
     read.clear()
@@ -134,7 +134,8 @@ def test_a_resume_with_another_global_batch_reads_every_record_of_the_epoch_once
 
     # A checkpoint written before checkpoints kept the loader position resumes by the old rule, step x global
     # batch, and says so.
-    (tmp_path / "old" / "checkpoints" / "step_00000002" / LOADER_STATE).unlink()
+    state = tmp_path / "old" / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state.write_text(json.dumps({key: value for key, value in json.loads(state.read_text()).items() if key != "draws"}))
     reset_accelerate()
     read.clear()
     train_unet(_config(tiny_shards, tiny_codec_dir, tmp_path / "old", *common, "train.batch_size=4",
