@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import time
 from pathlib import Path
 
-import fsspec
-
 from codec.common.atomic import write_bytes_atomically
-from codec.data.listing import is_url, local_path, unreachable
+from codec.data.listing import is_url, local_path, quick_filesystem, unreachable
+
+# What a bucket client raises when the endpoint is down or refuses us: OSError, but also botocore's own exception
+# types, which derive from Exception alone. Caught around every bucket call and turned into one line naming the URL.
+_CLIENT_ERRORS = (Exception,)
 
 
 class Location:
@@ -28,7 +32,8 @@ class Location:
         self.url = where.rstrip("/") if is_url(where) else where
         self.remote = is_url(where) and not where.startswith("file://")
         if self.remote:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            # Short retries and timeouts: a bucket that cannot be reached is one line in seconds, not minutes.
+            self.fs, self.root = quick_filesystem(self.url)
         else:
             self.fs, self.root = None, Path(local_path(where))
 
@@ -52,7 +57,7 @@ class Location:
             return (self.root / name).exists()
         try:
             return self.fs.exists(self._remote(name))
-        except (OSError, ValueError) as exc:
+        except _CLIENT_ERRORS as exc:
             raise self._unreachable(exc) from exc
 
     def read_bytes(self, name: str) -> bytes:
@@ -62,7 +67,7 @@ class Location:
             return self.fs.cat_file(self._remote(name))
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.join(name)} does not exist") from None
-        except (OSError, ValueError) as exc:
+        except _CLIENT_ERRORS as exc:
             raise self._unreachable(exc) from exc
 
     def read_text(self, name: str) -> str:
@@ -78,7 +83,7 @@ class Location:
             listed = self.fs.ls(prefix, detail=True, refresh=True)
         except FileNotFoundError:
             return []
-        except (OSError, ValueError) as exc:
+        except _CLIENT_ERRORS as exc:
             raise self._unreachable(exc) from exc
         return sorted(entry["name"].rsplit("/", 1)[-1] for entry in listed if entry["type"] == "file")
 
@@ -89,9 +94,14 @@ class Location:
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     h.update(block)
             return h.hexdigest()
-        with self.fs.open(self._remote(name), "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+        try:
+            with self.fs.open(self._remote(name), "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.join(name)} does not exist") from None
+        except _CLIENT_ERRORS as exc:
+            raise self._unreachable(exc) from exc
         return h.hexdigest()
 
     # ---- writing ---------------------------------------------------------------------------------------------
@@ -103,11 +113,10 @@ class Location:
             return
         bucket = self.root.split("/", 1)[0]
         try:
-            if not self.fs.exists(bucket):
-                raise FileNotFoundError(f"bucket {bucket!r} does not exist")
-        except FileNotFoundError as exc:
-            raise OSError(f"cannot write to {self.url}: {exc}; create the bucket first") from None
-        except (OSError, ValueError) as exc:
+            self.fs.ls(bucket, refresh=True)  # raises when the endpoint is down; exists() would say False
+        except FileNotFoundError:
+            raise OSError(f"cannot write to {self.url}: bucket {bucket!r} does not exist; create it first") from None
+        except _CLIENT_ERRORS as exc:
             raise self._unreachable(exc) from exc
 
     def write_bytes(self, name: str, payload: bytes) -> None:
@@ -117,27 +126,33 @@ class Location:
             return
         try:
             self.fs.pipe_file(self._remote(name), payload)
-        except (OSError, ValueError) as exc:
+        except _CLIENT_ERRORS as exc:
             raise self._unreachable(exc) from exc
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode("utf-8"))
 
-    def get(self, name: str, local: str | os.PathLike) -> None:
-        """Copy `name` to the local path `local`, whole or not at all (a temp name, then a rename)."""
+    def get(self, name: str, local: str | os.PathLike, attempts: int = 4) -> None:
+        """Copy `name` to the local path `local`, whole or not at all (a temp name, then a rename). A bucket read
+        is tried `attempts` times, 1, 2, 4 s apart: a long training run should outlast a moment's outage."""
         partial = f"{os.fspath(local)}.{os.getpid()}.part"
         try:
-            if self.remote:
-                self.fs.get_file(self._remote(name), partial)
+            if not self.remote:
+                shutil.copyfile(self.root / name, partial)
             else:
-                with open(self.root / name, "rb") as src, open(partial, "wb") as dst:
-                    while block := src.read(1 << 22):
-                        dst.write(block)
+                for attempt in range(attempts):
+                    try:
+                        self.fs.get_file(self._remote(name), partial)
+                        break
+                    except FileNotFoundError:
+                        raise
+                    except _CLIENT_ERRORS as exc:
+                        if attempt == attempts - 1:
+                            raise self._unreachable(exc) from exc
+                        time.sleep(2**attempt)
             os.replace(partial, local)
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.join(name)} does not exist") from None
-        except (OSError, ValueError) as exc:
-            raise self._unreachable(exc) from exc
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
@@ -151,7 +166,7 @@ class Location:
             return
         try:
             self.fs.put_file(os.fspath(local), self._remote(name))
-        except (OSError, ValueError) as exc:
+        except _CLIENT_ERRORS as exc:
             raise self._unreachable(exc) from exc
 
     def remove(self, name: str) -> None:

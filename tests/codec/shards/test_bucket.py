@@ -134,3 +134,20 @@ def test_a_unet_trains_from_a_bucket_store_as_from_disk_and_resumes_mid_epoch(
     a, b = load_file(pipeline), load_file(tmp_path / "local" / "pipeline" / "unet" / pipeline.name)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_manifest(f"{bucket}/latents")["count"] == 8
+
+
+def test_a_bucket_that_cannot_be_reached_or_does_not_exist_is_one_line(codec_dir, photos, local_s3, monkeypatch,
+                                                                      capsys):
+    from tests.codec.shards.test_encode import encode_command
+
+    args = ["--codec", str(codec_dir), "--data", str(photos), "--resolution", str(RES), "--num-workers", "0"]
+    assert encode_command([*args, "--out", "s3://no-such-bucket-here/latents"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("latent-codec shards encode: error: cannot write to s3://no-such-bucket-here/latents: "
+                              "bucket 'no-such-bucket-here' does not exist")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    assert encode_command([*args, "--out", "s3://some-bucket/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach s3://some-bucket/x (AWS_ENDPOINT_URL=http://127.0.0.1:9)" in err[0]
+    assert verify_command(["--shards", "s3://some-bucket/x"]) == 1
+    assert "problem: cannot reach s3://some-bucket/x" in capsys.readouterr().err
