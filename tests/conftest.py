@@ -22,8 +22,10 @@ CONFIGS = ROOT / "configs"
 
 @pytest.fixture(scope="session", autouse=True)
 def store_cache(tmp_path_factory):
-    """Bucket stores cache their chunks in the session temp folder, not in the home folder (shards/reader.py)."""
+    """Bucket stores cache their chunks, and record indexes of tars and parquet their arrays, in the session temp
+    folder, not in the home folder (shards/reader.py, codec/data/index.py)."""
     os.environ["LATENT_CODEC_STORE_CACHE"] = str(tmp_path_factory.mktemp("store-cache"))
+    os.environ["LATENT_CODEC_INDEX_CACHE"] = str(tmp_path_factory.mktemp("index-cache"))
 
 
 @pytest.fixture(scope="session")

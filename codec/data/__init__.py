@@ -4,8 +4,10 @@
     listing.py   what a --data string names (folder, tars, parquet, table, Hub), from one listing, local or URL
     folders.py   an image folder from that listing: splits, .txt captions, metadata, labels
     tars.py      the samples of a webdataset tar, a truncated tar detected
-    sources.py   image folders, saved datasets, parquet/arrow, the Hub, the bundled photos -> a `datasets` table
+    sources.py   image folders, saved datasets, arrow, the Hub, the bundled photos -> a `datasets` table; tars and
+                 parquet -> a RecordIndex
     inputs.py    any input, tars and buckets included, cut into units of records for the encoder (InputSource)
+    index.py     random access to the records of tars and parquet (RecordIndex), for the codec trainer's draws
     crops.py     the torch datasets the codec trains and validates on (draw-keyed crops, centre crops)
 
 The names below are the package's public API, importable from `codec.data` directly.
@@ -13,6 +15,7 @@ The names below are the package's public API, importable from `codec.data` direc
 
 from codec.data.crops import CenterCrops, TrainCrops
 from codec.data.images import UnreadableImage, decode_image, pil_to_tensor, resize_shorter_side, tensor_to_pil, to_rgb
+from codec.data.index import RecordIndex
 from codec.data.inputs import InputSource, InputUnit
 from codec.data.sources import BUNDLED_TRAIN, BUNDLED_VAL, bundled_photos, load_image_dataset
 
@@ -22,6 +25,7 @@ __all__ = [
     "CenterCrops",
     "InputSource",
     "InputUnit",
+    "RecordIndex",
     "TrainCrops",
     "UnreadableImage",
     "bundled_photos",
