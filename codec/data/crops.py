@@ -54,14 +54,25 @@ def _undecoded(dataset: Any, image_column: str) -> Any:
     """Check the column exists and make sure indexing yields raw records: decoding inside datasets would raise on
     a broken file before decode_image could report and skip it."""
     features = getattr(dataset, "features", None)
-    if features is None:
-        return dataset  # a plain sequence of mappings; nothing to cast
+    if features is None:  # a record index (codec.data.index) or a plain sequence of mappings; nothing to cast
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and image_column not in columns:
+            raise ValueError(f"dataset has no column {image_column!r}; available columns: {list(columns)}")
+        return dataset
     if image_column not in features:
         raise ValueError(f"dataset has no column {image_column!r}; available columns: {list(features)}")
     feature = features[image_column]
     if isinstance(feature, datasets.Image) and feature.decode:
         return dataset.cast_column(image_column, datasets.Image(decode=False))
     return dataset
+
+
+def _image(row: dict, image_column: str) -> Any:
+    """The row's image for decode_image; a record whose bytes could not even be got (a tar's sample without an image
+    member, a truncated tar: codec.data.index) is unreadable with its reason, like a broken file."""
+    if "reject" in row:
+        raise UnreadableImage(row["reject"], row.get("id"))
+    return row[image_column]
 
 
 class TrainCrops(torch.utils.data.Dataset):
@@ -137,7 +148,7 @@ class TrainCrops(torch.utils.data.Dataset):
             if candidate in self.rejected:
                 continue
             try:
-                return candidate, decode_image(self.dataset[candidate][self.image_column], min_side)
+                return candidate, decode_image(_image(self.dataset[candidate], self.image_column), min_side)
             except UnreadableImage as exc:
                 self.rejected[candidate] = str(exc)
                 logger.warning("skipping unreadable training image at index %d: %s", candidate, exc)
@@ -202,7 +213,7 @@ class CenterCrops(torch.utils.data.Dataset):
             if limit is not None and len(crops) >= limit:
                 break
             try:
-                img = decode_image(dataset[index][image_column])
+                img = decode_image(_image(dataset[index], image_column))
             except UnreadableImage as exc:
                 self.rejected.append((index, str(exc)))
                 logger.warning("skipping unreadable validation image at index %d: %s", index, exc)

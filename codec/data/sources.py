@@ -1,12 +1,14 @@
-"""Where training images come from, as one map-style table: image folders, saved `datasets`, parquet/arrow files
-(also img2dataset's, and behind a bucket URL), the Hub, and the bundled photos (scikit-image's colour photos, the
-default that needs no download). Data too big for a table streams through codec.data.inputs instead.
+"""Where training images come from, as one map-style dataset: image folders, saved `datasets`, arrow files, the Hub,
+the bundled photos (scikit-image's colour photos, the default that needs no download), and webdataset tars and
+parquet files (img2dataset's too), local or behind a bucket URL, through an index of their records
+(codec.data.index), so that any record is read on its own without copying the data first.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -15,7 +17,10 @@ from PIL import Image
 
 from codec.common.atomic import write_atomically
 from codec.data.folders import FolderImages, index_image_folder
-from codec.data.listing import find_data
+from codec.data.listing import Found, find_data
+
+if TYPE_CHECKING:
+    from codec.data.index import RecordIndex
 
 # ---------------------------------------------------------------------------------------------------------------
 # Dataset loading
@@ -66,22 +71,14 @@ def _load_hub(source: str, split: str) -> datasets.Dataset:
         raise hub_unavailable(source, split, exc) from exc
 
 
-def _load_any(source: str, split: str) -> datasets.Dataset:
-    found = find_data(source)
+def _load_any(found: Found, split: str) -> datasets.Dataset:
     if found.kind == "folder":
         return folder_dataset(index_image_folder(found.listing, split))
     if found.kind == "table" and not found.names:
         return load_saved_dataset(found.root, split)
-    if found.kind in ("table", "parquet"):  # datasets puts all data_files in one 'train' split
-        builder = "arrow" if found.kind == "table" else "parquet"
-        return datasets.load_dataset(builder, data_files=found.locations(), split="train")
-    if found.kind == "webdataset":
-        raise ValueError(
-            f"{source!r} holds webdataset tars, which are read as a stream, not as a table: `latent-codec shards "
-            f"encode --data {source}` encodes them; the codec trainer and evaluation take an image folder, a "
-            f"save_to_disk directory or parquet/arrow files"
-        )
-    return _load_hub(source, split)
+    if found.kind == "table":  # datasets puts all data_files in one 'train' split
+        return datasets.load_dataset("arrow", data_files=found.locations(), split="train")
+    return _load_hub(found.data, split)
 
 
 def pick_image_column(features: datasets.Features, image_column: str | None, source: str) -> str:
@@ -108,9 +105,14 @@ def pick_image_column(features: datasets.Features, image_column: str | None, sou
 
 def load_image_dataset(
     source: str | os.PathLike, image_column: str | None = None, split: str = "train"
-) -> tuple[datasets.Dataset, str]:
-    """Load images from a folder, a save_to_disk directory, parquet/arrow files (a glob, a brace pattern, a folder
-    of them), a bucket URL of any of these, or a Hub name; webdataset tars are refused (they stream: InputSource).
+) -> tuple[datasets.Dataset | RecordIndex, str]:
+    """Load images from a folder, a save_to_disk directory, arrow files, webdataset tars or parquet files (a glob, a
+    brace pattern, a folder of them), a bucket URL of any of these, or a Hub name (downloaded whole: streaming
+    would give no random access).
+
+    Tars and parquet come back as a RecordIndex (codec.data.index) whose records hold the image in 'image' and
+    the caption in 'caption'; `image_column` then names a parquet column or a tar member ('jpg'), as for
+    InputSource, and `split` does not apply.
 
     An image folder is indexed with one listing (codec.data.folders). 10k tiny files on this machine (2 cores), in
     10 sub-folders / flat with a metadata.jsonl: 0.03 s / 0.04 s, where datasets' imagefolder builder took 6.6 s /
@@ -120,7 +122,12 @@ def load_image_dataset(
     file cannot stop loading; decode_image decides per item later. Returns (dataset, image column name).
     """
     source = os.fspath(source)
-    dataset = _load_any(source, split)
+    found = find_data(source)
+    if found.kind in ("webdataset", "parquet"):
+        from codec.data.index import RecordIndex  # it builds on InputSource, which imports this module
+
+        return RecordIndex(source, image_column), "image"
+    dataset = _load_any(found, split)
     column = pick_image_column(dataset.features, image_column, source)
     return dataset.cast_column(column, datasets.Image(decode=False)), column
 

@@ -89,7 +89,19 @@ class Data:
     class_names: list[str] | None = None  # a class-conditioned codec's (its conditions ride in train and val)
 
 
+def _mixable(dataset, key: str, source: str) -> None:
+    """data.extra_train concatenates tables; tars and parquet come as a record index (codec.data.index), which is
+    not one."""
+    if not isinstance(dataset, datasets.Dataset):
+        raise ConfigError(f"{key}: {source} holds tars or parquet files, read through a record index that "
+                          f"data.extra_train cannot mix with other sources; put all tars (or all parquet files) in "
+                          f"data.train as one folder or pattern, or leave data.extra_train empty")
+
+
 def load_data(cfg: DataConfig, seed: int, model: ModelConfig | None = None) -> Data:
+    """The training crops and validation images of data.train / data.val: any input load_image_dataset takes (the
+    same strings as `shards encode --data`: folders, saved datasets, arrow, tars and parquet, local or in a
+    bucket); tars and parquet through a record index, so a draw fixes its example for them too."""
     train_source, val_source = cfg.train, cfg.val
     if train_source == "bundled" or val_source == "bundled":
         bundled_train, bundled_val = bundled_photos(cfg.bundled_dir)
@@ -111,9 +123,11 @@ def load_data(cfg: DataConfig, seed: int, model: ModelConfig | None = None) -> D
         raise ConfigError(f"data.extra_train mixes in only the images of {cfg.extra_train}, without their "
                          f"{model.condition} conditions; a conditional codec trains on data.train alone")
     if cfg.extra_train:
+        _mixable(train_ds, "data.train", cfg.train)
         parts = [train_ds.select_columns([column])]
         for source in cfg.extra_train:
             extra, extra_column = load_image_dataset(source)
+            _mixable(extra, "data.extra_train", source)
             if cfg.extra_train_limit is not None:
                 extra = extra.select(range(min(cfg.extra_train_limit, len(extra))))
             parts.append(extra.select_columns([extra_column]).rename_columns({extra_column: column})

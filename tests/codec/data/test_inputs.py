@@ -181,8 +181,8 @@ def test_img2dataset_parquet_files_sizes_from_footers_and_limit(tmp_path, offlin
     assert unit_identity(limited) == [(0, "part-0.parquet", 3), (1, "part-1.parquet", 1)]
     assert everything(limited) == records[:4]
 
-    table, column = load_image_dataset(folder / "part-1.parquet")  # the map-style loader takes it too
-    assert column == "jpg" and decode_image(table[0]["jpg"]).getpixel((4, 4)) == pytest.approx(COLOURS[3], abs=3)
+    table, column = load_image_dataset(folder / "part-1.parquet")  # the map-style loader takes it too (an index)
+    assert column == "image" and decode_image(table[0]["image"]).getpixel((4, 4)) == pytest.approx(COLOURS[3], abs=3)
 
 
 # --------------------------------------------------------------------------------------------------- buckets
