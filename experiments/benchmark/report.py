@@ -48,7 +48,7 @@ def markdown(results: dict) -> str:
     """The whole report: the template's `report` block filled from `results`."""
     values = {"side": SIDE, "memory_side": MEMORY_SIDE, "repeats": results["repeats"], "date": results["date"],
               **_environment(results), **_codecs(results), **_memory(results), **_shards(results),
-              **_training(results), **_heads(results), **_diffusion(results)}
+              **_training(results), **_heads(results), **_diffusion(results), **_scale(results)}
     return fill("report", **values) + LINE
 
 
@@ -124,3 +124,39 @@ def _diffusion(results: dict) -> dict:
     diffusion = results["diffusion"]
     measured = diffusion.get("status") == "measured"
     return {"diffusion": key_value_table(diffusion) if measured else diffusion["status"]}
+
+
+def _scale(results: dict) -> dict:
+    """The at-scale section, where the run measured it (runs saved before it existed have none)."""
+    scale = results.get("scale")
+    command = "python -m experiments.benchmark" + (" --quick" if results["quick"] else "")
+    return {"scale": PARAGRAPH + scale_section(scale, command) if scale else ""}
+
+
+def _verdict(met: bool) -> str:
+    return "meets the target" if met else "misses the target"
+
+
+def scale_section(scale: dict, command: str) -> str:
+    """The at-scale section (experiments.benchmark.scale) of a results dict: in the whole report, or alone as
+    `python -m experiments.benchmark.scale` writes it."""
+    verdicts = [fill("scale_startup_verdict", **s, startup_verdict=_verdict(s["startup_met"]),
+                     memory_verdict=_verdict(s["memory_met"]), spread_verdict=_verdict(s["spread_met"]),
+                     spread_target=scale["targets"]["memory_spread_mb"]) for s in scale["startup_summary"]]
+    wait = scale["wait"]
+    worst = max(max(r["wait_percent_in_loop"], r["wait_percent_epoch"]) for r in wait)
+    wait_verdict = (f"The largest wait is {worst:.2f}% of the step: "
+                    f"{_verdict(all(r['met'] for r in wait))} (<= {scale['targets']['wait_percent']:.0f}%).")
+    gpu = scale["gpu"]
+    if gpu.get("status") == "measured":
+        gpu_text = fill("scale_gpu", **gpu, verdict=_verdict(gpu["met"]))
+    else:
+        gpu_text = gpu["status"] + "."
+    return fill("scale", **{
+        **scale, "command": command, "startup_shape": "x".join(map(str, scale["startup_latent_shape"])),
+        "read_shape": "x".join(map(str, scale["read_store"]["latent_shape"])),
+        "startup_rows": fill_rows("scale_startup_row", scale["startup"]), "startup_verdicts": LINE.join(verdicts),
+        "read_rows": fill_rows("scale_read_row", scale["reads"]["rows"]),
+        "wait_rows": fill_rows("scale_wait_row", wait), "wait_steps": wait[0]["steps"],
+        "wait_batch": wait[0]["batch_size"], "wait_workers": wait[0]["num_workers"], "wait_verdict": wait_verdict,
+        "gpu": gpu_text})

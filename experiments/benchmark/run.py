@@ -43,6 +43,8 @@ def measure(quick: bool) -> dict:
     results["training"] = training_rows(quick)
     progress("U-Net training step: attention heads")
     results["heads"] = heads_rows(quick)
+    progress("the latent store at scale")
+    results["scale"] = scale_rows(quick)
     results["total_seconds"] = time.perf_counter() - started
     return results
 
@@ -117,3 +119,11 @@ def training_rows(quick: bool) -> list[dict]:
         progress(f"  {name}: shards {result['shards_images_per_s']:.2f} images/s, on the fly "
                  f"{result['on_the_fly_images_per_s']:.2f} images/s, {result['speedup']:.1f}x")
     return rows
+
+
+def scale_rows(quick: bool) -> dict:
+    """Start-up and memory at 1M and 10M records (100k and 1M in --quick), bucket vs local reads, the small
+    preset's wait for data (experiments.benchmark.scale; its synthetic stores are kept in runs/benchmark-scale)."""
+    from experiments.benchmark.scale import ScalePlan, measure_scale, quick_plan
+
+    return measure_scale(plan=quick_plan() if quick else ScalePlan())
