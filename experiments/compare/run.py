@@ -78,6 +78,10 @@ def split_data(settings: CompareSettings, out: Path) -> tuple[Path, Path, int]:
     train_dir, held_dir = out / "data" / "train", out / "data" / "heldout"
     if not (held_dir / "dataset_info.json").is_file() or not (train_dir / "dataset_info.json").is_file():
         dataset, _ = load_image_dataset(settings.data)
+        if not hasattr(dataset, "save_to_disk"):  # tars and parquet come as a record index, not a datasets table
+            raise ConfigError(f"--data {settings.data}: the A/B splits its data into saved datasets; pass an image "
+                              f"folder or a save_to_disk folder (tars and parquet are read by the trainers and the "
+                              f"encoder, not by this split)")
         if len(dataset) <= settings.heldout:
             raise ConfigError(f"--data {settings.data}: {len(dataset)} images, not enough to hold out "
                               f"{settings.heldout} and train on the rest; lower --heldout")
