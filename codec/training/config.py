@@ -177,8 +177,9 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    # An image folder, a saved `datasets` directory, parquet/arrow files, a hub name, or `bundled`
-    # (the colour photos inside scikit-image, written to `bundled_dir`).
+    # An image folder, webdataset tars or parquet files (local or s3:// etc.; codec/data/index.py), a saved
+    # `datasets` directory, .arrow files, a hub name, or `bundled` (the colour photos inside scikit-image,
+    # written to `bundled_dir`).
     train: str = "bundled"
     # More training sources (same kinds as `train`), mixed in: only their image column is used. Crops are drawn
     # uniformly over all images, so `extra_train_limit` (first N of each source) keeps a big source from drowning

@@ -23,9 +23,11 @@ continues an interrupted run to the same weights."""
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cli.add_config_flags(p, "codec", required=True, example="loss.kl_weight=1e-5")
-    p.add_argument("--data", help="training images: an image folder, a saved `datasets` directory, parquet/arrow "
-                   "files, a hub dataset name (needs network), or `bundled` (scikit-image's photos). "
-                   "Overrides data.train; unless data.val is set, validation images are then held out of it.")
+    p.add_argument("--data", help="training images: an image folder, webdataset tars (a .tar, a folder of them, a "
+                   "brace pattern) or parquet files (img2dataset's layouts; indexed once for random access), a saved "
+                   "`datasets` directory, .arrow files, a hub dataset name (needs network), or `bundled` "
+                   "(scikit-image's photos); file forms may be s3://, gs:// or file:// URLs. Overrides data.train; "
+                   "unless data.val is set, validation images are then held out of it.")
     cli.add_out(p, "checkpoints, logs, sample grids and final/ (overrides train.output_dir)", required=False)
     p.add_argument("--pretrained", metavar="PATH", help="start from this codec: a diffusers AutoencoderKL folder "
                    "(safetensors weights) or an LDM-format .safetensors VAE file; its architecture is used (sets "
