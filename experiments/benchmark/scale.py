@@ -48,7 +48,7 @@ from experiments.benchmark.common import UNET_CONFIG, progress
 from experiments.benchmark.memory import _proc_status_mb
 from experiments.benchmark.synthetic_store import BuiltStore, StoreSpec, build_store, resume_view
 
-DEFAULT_CACHE = CHECKOUT / "runs" / "benchmark-scale"  # synthetic stores are kept here between runs (~2.3 GB at 10M)
+DEFAULT_CACHE = CHECKOUT / "runs" / "benchmark-scale"  # synthetic stores, kept between runs (3.3 GB)
 SD_CONFIG = CHECKOUT / "configs" / "unet" / "sd.yaml"
 # The start-up stores: tiny latents (4x1x1: the tiny codec at 8 px), the encoder's default unit and chunk sizes.
 STARTUP_RESOLUTION = 8
@@ -138,26 +138,34 @@ def trainer_case(store: str, preset: str) -> dict:
     shards = LatentShards(store)
     batch = next(iter(trainer_loader(shards, cfg)))
     seconds = time.perf_counter() - tick
-    return {"process": "U-Net trainer", "startup_seconds": seconds, "store_records": len(shards),
+    return {"process": "U-Net trainer", "startup_seconds": seconds, "setup_peak_above_baseline_mb": None,
+            "store_records": len(shards),
             "chunks": len(shards.chunk_sizes), "batch": len(batch["draw"]), "num_workers": cfg.train.num_workers,
             **memory.result()}
 
 
 def encoder_case(codec: str, data: str, store: str, resolution: int, unit_size: int, chunk_bytes: int) -> dict:
     """In a fresh process: a resume of encode_dataset into `store`; start-up is from right after the imports to the
-    encode loop, memory the whole resume's peak."""
-    from codec.shards.encode import encode_dataset
+    encode loop, memory the whole resume's peak and, apart, the peak when the encode loop starts (the setup's)."""
+    from codec.shards import encode
 
     memory = ProcessMemory()
     tick = time.perf_counter()
-    timings: dict = {}
+    timings, setup_peak = {}, []
+    encode_units = encode._encode_units
+
+    def peak_then_encode(*args, **kwargs):
+        setup_peak.append(_proc_status_mb("VmHWM"))
+        return encode_units(*args, **kwargs)
+
     called = time.perf_counter() - tick
-    manifest = encode_dataset(codec, data, store, resolution=resolution, unit_size=unit_size,
-                              chunk_bytes=chunk_bytes, progress=False, timings=timings)
+    with mock.patch.object(encode, "_encode_units", peak_then_encode):
+        manifest = encode.encode_dataset(codec, data, store, resolution=resolution, unit_size=unit_size,
+                                         chunk_bytes=chunk_bytes, progress=False, timings=timings)
     return {"process": "encoder (resume)", "startup_seconds": called + timings["setup_seconds"],
             "chunks": sum(len(u["chunks"]) for u in manifest["units"]),
             **{key: timings[key] for key in ("setup_seconds", "encode_loop_seconds", "finalize_seconds")},
-            **memory.result()}
+            "setup_peak_above_baseline_mb": setup_peak[0] - memory.baseline_mb, **memory.result()}
 
 
 def run_case(case: dict) -> dict:
@@ -170,13 +178,16 @@ def run_case(case: dict) -> dict:
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "process_seconds": time.perf_counter() - tick}
 
 
-def startup_rows(cache: Path, plan: ScalePlan) -> list[dict]:
-    """Trainer and encoder start-up at each of plan.records, on a synthetic store built (or reused) under cache."""
+def startup_specs(plan: ScalePlan) -> list[StoreSpec]:
+    """The start-up stores: tiny latents, plan.records records each."""
+    return [StoreSpec(records, plan.unit_size, STARTUP_RESOLUTION, STARTUP_CHUNK_BYTES) for records in plan.records]
+
+
+def startup_rows(stores: list[BuiltStore], plan: ScalePlan) -> list[dict]:
+    """Trainer and encoder start-up on each store, smallest first."""
     rows = []
-    for records in plan.records:
-        spec = StoreSpec(records, plan.unit_size, STARTUP_RESOLUTION, STARTUP_CHUNK_BYTES)
-        progress(f"  synthetic store of {records:,} records")
-        built = build_store(cache, spec, progress)
+    for built in stores:
+        spec, records = built.spec, built.spec.records
         common = {"records": records, "units": spec.units}
         rows.append({**common, **run_case({"kind": "trainer", "store": str(built.store), "preset": str(plan.preset)})})
         progress(f"  trainer at {records:,}: {rows[-1]['startup_seconds']:.1f} s, "
@@ -420,10 +431,14 @@ def measure_scale(cache: Path = DEFAULT_CACHE, plan: ScalePlan | None = None, bu
                     "litdata": litdata.__version__, "targets": TARGETS, "preset": plan.preset.name,
                     "unit_size": plan.unit_size, "pending_units": PENDING_UNITS,
                     "startup_latent_shape": [4, 1, 1], "read_store": vars(plan.read)}
-    progress("at scale: start-up and memory")
-    result["startup"] = startup_rows(Path(cache), plan)
-    result["startup_summary"] = startup_summary(result["startup"])
+    progress("at scale: synthetic stores (built once, then reused)")
+    tick = time.perf_counter()
+    stores = [build_store(Path(cache), spec, progress) for spec in startup_specs(plan)]
     built = build_store(Path(cache), plan.read, progress)
+    result["build_seconds"] = time.perf_counter() - tick
+    progress("at scale: start-up and memory")
+    result["startup"] = startup_rows(stores, plan)
+    result["startup_summary"] = startup_summary(result["startup"])
     result["read_store"]["latent_shape"] = json.loads((built.store / "manifest.json").read_text())["latent_shape"]
     with tempfile.TemporaryDirectory() as tmp, s3_bucket(bucket) as url:
         remote = f"{url}/scale-{os.getpid()}-{int(time.time())}"

@@ -61,6 +61,8 @@ def test_the_section_at_a_tiny_size(cache, local_s3):
     assert trainer["batch"] == 8 and trainer["num_workers"] == 0  # tiny.yaml's loader
     assert encoder["pending_units"] == 4 and encoder["chunks"] == 30
     assert encoder["startup_seconds"] >= encoder["setup_seconds"] > 0
+    assert 0 <= encoder["setup_peak_above_baseline_mb"] <= encoder["peak_above_baseline_mb"]
+    assert trainer["setup_peak_above_baseline_mb"] is None  # its start-up is all it does: shown as "–"
     for row in result["startup"]:
         assert row["units"] == 30 and row["startup_seconds"] > 0 and row["process_seconds"] > row["startup_seconds"]
         assert row["peak_mb"] == pytest.approx(row["baseline_mb"] + row["peak_above_baseline_mb"])
