@@ -1,7 +1,8 @@
 """Measure, side by side in one run on this machine, what the codec (and later the diffusion model) costs.
 
-    python -m experiments.benchmark             # everything: about 20-30 minutes on 2 CPU cores
-    python -m experiments.benchmark --quick     # fewer repeats, skips the slowest rows: under 10 minutes
+    python -m experiments.benchmark             # everything: about 25-35 minutes on 2 CPU cores (+15 once:
+                                                # the at-scale section builds its 10M-record store)
+    python -m experiments.benchmark --quick     # fewer repeats, skips the slowest rows: under 15 minutes
     python -m experiments.benchmark --inference-options   # only the inference-path comparison of docs/performance.md
     python -m experiments.benchmark --tiling-quality runs/demo/codec/final   # tiled vs untiled, a trained codec
     python -m experiments.benchmark --architectures       # decode cost of candidate widths for the small preset
