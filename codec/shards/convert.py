@@ -19,6 +19,7 @@ from codec.shards.format import (
     CHUNK_BYTES,
     FORMAT,
     LEGACY_FORMAT,
+    StoreIndex,
     UnitRecords,
     publish,
     unit_entry,
@@ -64,7 +65,7 @@ def convert_shards(old: str | os.PathLike, out: str | os.PathLike, chunk_bytes: 
         "source": {"kind": "converted", "units": len(names), "captions": old_settings["caption_source"],
                    "converted_from": f"{old} ({LEGACY_FORMAT})"},
     }
-    records = []
+    gathered, units = StoreIndex(), []
     for unit, entry in enumerate(tqdm(legacy["shards"], desc="convert", unit="shard", disable=not progress)):
         shard, info = read_legacy_shard(old / entry["file"])
         rejects = [{"unit": unit, "row": r["index"] - info["indices"][0], "id": r["id"], "source": r["source"],
@@ -72,11 +73,12 @@ def convert_shards(old: str | os.PathLike, out: str | os.PathLike, chunk_bytes: 
         unit_info = {"settings": settings, "name": names[unit], "rejects": rejects,
                      "captions_missing": info["captions_missing"],
                      "captions_mirrored": info.get("captions_mirrored", 0), "sums": info["sums"]}
-        records.append(write_unit(store, unit, shard, unit_info, chunk_bytes))
+        record = write_unit(store, unit, shard, unit_info, chunk_bytes)
+        gathered.add(record)
+        units.append(unit_entry(record, names[unit]))
     manifest = {key: value for key, value in legacy.items() if key not in ("shards", "shard_size")}
-    manifest.update(format=FORMAT, settings=settings, units=[unit_entry(r, n) for r, n in zip(records, names)],
-                    count=sum(r["records"] for r in records))
+    manifest.update(format=FORMAT, settings=settings, units=units, count=sum(u["records"] for u in units))
     manifest["data"] = dict(legacy["data"], kind="converted")
-    publish(store, manifest, records)
+    publish(store, manifest, gathered)
     return manifest
 

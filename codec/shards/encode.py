@@ -59,6 +59,7 @@ from codec.shards.format import (
     FORMAT,
     MANIFEST,
     REJECTS,
+    StoreIndex,
     UnitRecords,
     committed_units,
     publish,
@@ -369,20 +370,24 @@ def _finalize(store: Location, settings: dict, vae, codec_dir: str, data: str, s
               started: set[int]) -> tuple[dict, int]:
     """Main process, after every unit is committed: write litdata's index, the manifest (checksums, counts,
     statistics) and the rejects. Returns the manifest and the number of images read by this run."""
-    numbers = [unit.number for unit in source.units]
-    with ThreadPoolExecutor(16 if store.remote else 1) as pool:  # a bucket answers many small GETs at once
-        records = list(pool.map(lambda k: read_unit_record(store, k), numbers))
     units, sums, rejected, missing, mirrored, new_images = [], [], 0, 0, 0, 0
-    for unit, record in zip(source.units, records):
-        info = record["info"]
-        _mismatch(info["settings"], settings, f"unit {unit.number}", store)
-        units.append(unit_entry(record, unit.name))
-        sums.append(info["sums"])
-        rejected += len(info["rejects"])
-        missing += info["captions_missing"]
-        mirrored += info["captions_mirrored"]
-        if unit.number not in started:
-            new_images += record["records"] + len(info["rejects"])
+    gathered = StoreIndex()
+    with ThreadPoolExecutor(16 if store.remote else 1) as pool:  # a bucket answers many small GETs at once
+        # A few hundred commit records at a time, each dropped once counted: 10k of them would hold 10k copies of
+        # litdata's record layout.
+        for start in range(0, len(source.units), 256):
+            part = source.units[start : start + 256]
+            for unit, record in zip(part, pool.map(lambda u: read_unit_record(store, u.number), part)):
+                info = record["info"]
+                _mismatch(info["settings"], settings, f"unit {unit.number}", store)
+                units.append(unit_entry(record, unit.name))
+                gathered.add(record)
+                sums.append(info["sums"])
+                rejected += len(info["rejects"])
+                missing += info["captions_missing"]
+                mirrored += info["captions_mirrored"]
+                if unit.number not in started:
+                    new_images += record["records"] + len(info["rejects"])
     stats = stats_from_sums(sums)
     normalisation = norm_from_stats(stats, norm_mode(vae.config))
     manifest = {
@@ -407,7 +412,7 @@ def _finalize(store: Location, settings: dict, vae, codec_dir: str, data: str, s
         "normalisation": normalisation,
         "scaling_factor": normalisation["scaling_factor"],
     }
-    publish(store, manifest, records)
+    publish(store, manifest, gathered)
     return manifest, new_images
 
 

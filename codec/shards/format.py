@@ -166,21 +166,41 @@ def _config_body(config: dict) -> dict:
     return {key: value for key, value in config.items() if key != "types"}
 
 
-def litdata_index(unit_records: list[dict]) -> dict:
-    """litdata's index.json for these units' chunks, in unit order. Deterministic: `updated_at` (which litdata
-    folds into its cache folder's name) is a digest of the chunk list, so re-encoded content gets a new cache."""
-    chunks, config = [], None
-    for record in unit_records:
+def content_digest(chunk_hashes) -> str:
+    """16 hex digits naming a store's content: a digest of its chunks' sha256s in order."""
+    h = hashlib.sha256()
+    for sha in chunk_hashes:
+        h.update(f"{sha}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class StoreIndex:
+    """litdata's index.json and the store's rejects, gathered one commit record at a time in unit order, so finishing
+    a store of 10k units never holds 10k commit records (each repeats litdata's record layout)."""
+
+    def __init__(self):
+        self.chunks: list[dict] = []
+        self.config: dict | None = None
+        self.first_unit: int | None = None
+        self.rejects: list[dict] = []
+        self.hashes: list[str] = []
+
+    def add(self, record: dict) -> None:
+        self.rejects.extend(record["info"]["rejects"])
+        self.hashes.extend(chunk["sha256"] for chunk in record["chunks"])
         if record["litdata_config"] is None:
-            continue  # every image of the unit was rejected: no chunk
-        if config is None:
-            config = record["litdata_config"]
-        elif _config_body(config) != _config_body(record["litdata_config"]):
+            return  # every image of the unit was rejected: no chunk
+        if self.config is None:
+            self.config, self.first_unit = record["litdata_config"], record["unit"]
+        elif _config_body(self.config) != _config_body(record["litdata_config"]):
             raise StoreError(f"unit {record['unit']} was written with another record layout than unit "
-                             f"{unit_records[0]['unit']}; re-encode it")
-        chunks.extend(chunk["litdata"] for chunk in record["chunks"])
-    digest = hashlib.sha256(json.dumps([c["sha256"] for r in unit_records for c in r["chunks"]]).encode()).hexdigest()
-    return {"chunks": chunks, "config": config, "updated_at": digest[:16]}
+                             f"{self.first_unit}; re-encode it")
+        self.chunks.extend(chunk["litdata"] for chunk in record["chunks"])
+
+    def index(self) -> dict:
+        """Deterministic: `updated_at` (which litdata folds into its cache folder's name) is the content digest, so
+        re-encoded content gets a new cache."""
+        return {"chunks": self.chunks, "config": self.config, "updated_at": content_digest(self.hashes)}
 
 
 def unit_entry(record: dict, name: str) -> dict:
@@ -190,11 +210,10 @@ def unit_entry(record: dict, name: str) -> dict:
             "chunks": [{key: chunk[key] for key in ("file", "records", "sha256")} for chunk in record["chunks"]]}
 
 
-def publish(store: Location, manifest: dict, unit_records: list[dict]) -> None:
+def publish(store: Location, manifest: dict, gathered: StoreIndex) -> None:
     """Write the rejects, litdata's index and, last, the manifest: a store with a manifest is complete."""
-    rejects = [reject for record in unit_records for reject in record["info"]["rejects"]]
-    store.write_text(REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
-    store.write_text(INDEX, json.dumps(litdata_index(unit_records), sort_keys=True))
+    store.write_text(REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in gathered.rejects))
+    store.write_text(INDEX, json.dumps(gathered.index(), sort_keys=True))
     store.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 

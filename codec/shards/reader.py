@@ -21,7 +21,6 @@ has them), measured over the whole encoded dataset on latents sampled from the p
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import numpy as np
@@ -31,7 +30,7 @@ from litdata.utilities.format import _convert_bytes_to_int
 from codec.common.config import ConfigError
 from codec.common.precision import sample_gaussian
 from codec.exchange.pipeline import denormalise_latents, latent_norm, normalise_latents
-from codec.shards.format import INDEX, chunk_sizes, read_manifest
+from codec.shards.format import INDEX, chunk_sizes, content_digest, read_manifest
 from codec.shards.location import Location
 
 # Where a bucket store's chunks are cached, unless the caller names a folder: $LATENT_CODEC_STORE_CACHE, else
@@ -137,7 +136,7 @@ class LatentShards(torch.utils.data.Dataset):
         if self.location.remote:
             # One mirror folder per store URL and content: a store re-encoded at the same URL gets a fresh one.
             chunks = [chunk for unit in self.manifest["units"] for chunk in unit["chunks"]]
-            content = hashlib.sha256(json.dumps([c["sha256"] for c in chunks]).encode()).hexdigest()[:16]
+            content = content_digest(c["sha256"] for c in chunks)
             root = cache_dir or os.environ.get(CACHE_VARIABLE) or os.path.join(
                 os.path.expanduser("~"), ".cache", "latent-codec", "stores")
             folder = os.path.join(root, hashlib.sha256(self.shards_dir.encode()).hexdigest()[:16], content)

@@ -8,7 +8,7 @@ import os
 import re
 
 from codec.network.model import codec_identity, encoder_identity, load_codec
-from codec.shards.format import INDEX, MANIFEST, StoreError, litdata_index, read_manifest, read_unit_record
+from codec.shards.format import INDEX, MANIFEST, StoreError, StoreIndex, read_manifest, read_unit_record
 from codec.shards.location import Location
 from codec.shards.reader import codec_mismatch
 
@@ -42,14 +42,19 @@ def verify_shards(out: str | os.PathLike, codec_dir: str | os.PathLike | None = 
     present = set(store.list())
     for extra in sorted(name for name in present if _CHUNK.match(name) and name not in listed):
         problems.append(f"{extra}: a chunk file the manifest does not list")
-    records, total = [], 0
+    gathered, complete, total = StoreIndex(), True, 0
     for unit in manifest["units"]:
         try:
             record = read_unit_record(store, unit["unit"])
         except StoreError as exc:
             problems.append(str(exc))
+            complete = False
             continue
-        records.append(record)
+        try:
+            gathered.add(record)
+        except StoreError as exc:
+            problems.append(str(exc))
+            complete = False
         made = record["info"]["settings"]
         if codec_mismatch(made["codec_identity"], made.get("encoder_identity"), identity, encoder) is not None:
             problems.append(f"unit {unit['unit']} ({unit['name']}): made by codec {made['codec_identity']}, "
@@ -69,13 +74,13 @@ def verify_shards(out: str | os.PathLike, codec_dir: str | os.PathLike | None = 
                             f"{sum(c['records'] for c in unit['chunks'])} records, the manifest says {unit['records']}")
     if total != manifest["count"]:
         problems.append(f"{MANIFEST}: count {manifest['count']} but the chunks hold {total} records")
-    if len(records) == len(manifest["units"]):
+    if complete:
         try:
             index = json.loads(store.read_text(INDEX))
         except (FileNotFoundError, json.JSONDecodeError) as exc:
             problems.append(f"{INDEX}: unreadable ({exc}); re-run the encoder into {store} to rewrite it")
         else:
-            if index["chunks"] != litdata_index(records)["chunks"]:
+            if index["chunks"] != gathered.index()["chunks"]:
                 problems.append(f"{INDEX}: litdata's index does not list the units' chunks in order; re-run the "
                                 f"encoder into {store} to rewrite it")
     return problems
