@@ -3,6 +3,7 @@ the consistency of its numbers are checked here; what they are on this machine i
 wall-clock assertions)."""
 
 import json
+import os
 
 import pytest
 
@@ -46,13 +47,15 @@ def test_a_synthetic_store_is_one_the_encoder_would_resume_and_verify_accepts(ca
     assert verify_shards(built.store, built.codec) == []
 
 
-def test_the_section_at_a_tiny_size(cache, local_s3):
+def test_the_section_at_a_tiny_size(cache):
     from experiments.benchmark.report import scale_section
     from experiments.benchmark.scale import TARGETS, ScalePlan, measure_scale
 
     read = StoreSpec(records=64, unit_size=16, resolution=64, chunk_bytes=4096)  # 4x8x8 latents, ~3 per chunk
     plan = ScalePlan(records=(3000,), unit_size=100, read=read, preset=CONFIGS / "unet" / "tiny.yaml", loop_steps=3)
-    result = measure_scale(cache, plan, bucket=local_s3.new_bucket())
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    result = measure_scale(cache, plan)  # its own bucket, on a moto server it starts and stops
+    assert os.environ.get("AWS_ENDPOINT_URL") == endpoint  # the server's variables were the run's only
 
     # Start-up: each process once per size, in its own process, memory from the import baseline on.
     trainer, encoder = result["startup"]
