@@ -14,7 +14,10 @@ encoder's resume check accepts the store, and a resume into it does what it woul
                                          /store/                   the latent store
                                          /params.json              what it was built for: reused when equal
 
-Building is resumable like an encode: a unit whose commit record exists is not written again.
+Building is resumable like an encode: a unit whose commit record exists is not written again. A store is reused
+as long as its params.json matches, whatever the code: after a change to how the encoder finishes a store,
+delete <cache>/*/store/manifest.json and the next build finishes each store again (seconds; no unit is
+rewritten).
 """
 
 from __future__ import annotations
