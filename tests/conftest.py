@@ -132,7 +132,7 @@ def command(words: str):
 def local_s3():
     """moto's S3 server on 127.0.0.1 for the session; its endpoint and keys are in os.environ meanwhile, so
     in-process clients and launched children reach it as they would reach any custom S3 endpoint."""
-    from tests.bucket import start_local_s3, stop_local_s3
+    from experiments.local_s3 import start_local_s3, stop_local_s3
 
     s3, server = start_local_s3()
     saved = {key: os.environ.get(key) for key in s3.env}

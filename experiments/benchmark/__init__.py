@@ -10,7 +10,10 @@
     inference.py           inference-path options of the small preset; tiled vs untiled quality of a codec
     unet.py                the U-Net's cost: latents vs pixels, attention-head layouts, training from shards vs on
                            the fly
-    shards.py              the shard encoder's throughput against the bare encoder
+    shards.py              the latent encoder's throughput against the bare encoder
+    scale.py               the latent store at 10M records: start-up and memory of the trainer and the encoder,
+                           bucket vs local reads, the small preset's wait for data
+    synthetic_store.py     latent stores of millions of tiny records, written by the encoder's own writer
     environment.py         the machine: versions, threads, bf16 instructions, fp32 matmul peak
     timing.py              the timing loops every row uses: repeated calls, or several functions taking turns
     common.py              the sizes and presets measured, the repository's paths, progress on stderr

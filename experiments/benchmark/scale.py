@@ -34,7 +34,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -234,40 +233,19 @@ def startup_summary(rows: list[dict]) -> list[dict]:
 @contextmanager
 def s3_bucket(url: str | None):
     """`url` as given (a bucket the environment reaches), else a fresh bucket on moto's S3 server started on
-    127.0.0.1 for the run, reached as any custom endpoint is: AWS_ENDPOINT_URL and the usual keys in os.environ
-    while it runs. (tests/bucket.py starts the tests' server the same way; experiments may not import tests.)"""
+    127.0.0.1 for the run (experiments/local_s3.py, as the tests start theirs), reached as any custom endpoint is:
+    AWS_ENDPOINT_URL and the usual keys in os.environ while it runs."""
     if url is not None:
         yield url.rstrip("/")
         return
-    import boto3
+    from experiments.local_s3 import start_local_s3, stop_local_s3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    s3, server = start_local_s3()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto's S3 server did not start on {endpoint}") from None
-                time.sleep(0.1)
-        with mock.patch.dict(os.environ, env):
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="scale")
-            yield "s3://scale"
+        with mock.patch.dict(os.environ, s3.env):
+            yield s3.new_bucket("scale")
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_local_s3(server)
 
 
 def upload(folder: Path, url: str) -> float:

@@ -1,5 +1,5 @@
 """Tars in a bucket -> latents in a bucket -> a U-Net trained from the bucket: the same bytes, records and losses
-as the same data on local disk. The bucket is moto's S3 server on 127.0.0.1 (tests/bucket.py)."""
+as the same data on local disk. The bucket is moto's S3 server on 127.0.0.1 (experiments/local_s3.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A local S3 for tests: moto's server on 127.0.0.1, started by the test session and stopped with it.
+"""A local S3: moto's server on 127.0.0.1, started by the test session (tests/conftest.py `local_s3`) or a benchmark
+(experiments/benchmark/scale.py) and stopped with it.
 
 Clients reach it the way AWS's own tools reach a custom endpoint (MinIO, an on-premise store): AWS_ENDPOINT_URL
 with any AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Nothing beyond 127.0.0.1 is contacted.
@@ -19,11 +20,11 @@ class LocalS3:
     endpoint: str
     env: dict  # the variables a client (or a launched child process) needs to reach it
 
-    def new_bucket(self) -> str:
-        """A fresh, empty bucket; its name as `s3://<name>`."""
+    def new_bucket(self, name: str | None = None) -> str:
+        """A fresh, empty bucket (a random name unless given); its URL `s3://<name>`."""
         import boto3
 
-        name = f"test-{uuid.uuid4().hex[:12]}"
+        name = name or f"test-{uuid.uuid4().hex[:12]}"
         boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(Bucket=name)
         return f"s3://{name}"
 
