@@ -153,6 +153,14 @@ def sample_grid(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, g
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
 
 
+def training_loader(shards: LatentShards, cfg: UNetTrainingConfig, start: int) -> DataLoader:
+    """Training examples from global draw `start` on, in batches of train.batch_size (before accelerate splits the
+    global batch over the processes)."""
+    return DataLoader(TrainingDraws(shards, cfg.diffusion, cfg.train.seed, cfg.train.shuffle_chunks),
+                      batch_size=cfg.train.batch_size, sampler=DrawSampler(start=start),
+                      num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
+
+
 def resume_draws(checkpoint: Path | None, step: int, draws_per_step: int) -> int:
     """The global draws a resumed run has consumed: recorded in the checkpoint's trainer_state.json, so a resume
     starts its DrawSampler at the next draw. Steps x global batch would be wrong as soon as the global batch
@@ -240,13 +248,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
         accelerator.load_state(str(resume_dir))
         log.info("resumed from %s at step %d, draw %d", resume_dir, step, draws)
     # Built once the checkpoint has said where the draws continue.
-    loader = accelerator.prepare(DataLoader(
-        TrainingDraws(shards, cfg.diffusion, cfg.train.seed, cfg.train.shuffle_chunks),
-        batch_size=cfg.train.batch_size,
-        sampler=DrawSampler(start=draws),
-        num_workers=cfg.train.num_workers,
-        persistent_workers=cfg.train.num_workers > 0,
-    ))
+    loader = accelerator.prepare(training_loader(shards, cfg, draws))
     pipe = LatentDiffusionPipeline(vae=vae, unet=inner, scheduler=make_sampler("ddim", noise_scheduler.config),
                                    text_encoder=text_model, tokenizer=tokenizer)
     pipe.set_progress_bar_config(disable=True)

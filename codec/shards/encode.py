@@ -352,7 +352,7 @@ def deal(pending: list[int], process: int, processes: int) -> list[int]:
     return pending[process::processes]
 
 
-def _remove_stale_temps(store: Location) -> None:
+def remove_stale_temps(store: Location) -> None:
     """Temp folders of unit writes a kill interrupted (a local store only: a bucket has no partial objects)."""
     if store.remote:
         return
@@ -366,7 +366,7 @@ def _remove_stale_temps(store: Location) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _finalize(store: Location, settings: dict, vae, codec_dir: str, data: str, source: InputSource,
+def finalize(store: Location, settings: dict, vae, codec_dir: str, data: str, source: InputSource,
               started: set[int]) -> tuple[dict, int]:
     """Main process, after every unit is committed: write litdata's index, the manifest (checksums, counts,
     statistics) and the rejects. Returns the manifest and the number of images read by this run."""
@@ -455,6 +455,18 @@ def source_settings(source: InputSource) -> dict:
             "unit_names_sha256": hashlib.sha256(names.encode()).hexdigest()}
 
 
+def run_settings(vae, source: InputSource, resolution: int, crop: str, flip: str, seed: int, unit_size: int,
+                 limit: int | None, precision: str, chunk_bytes: int) -> dict:
+    """What every unit and the manifest record as the settings that made them (SETTING_KEYS, compared on resume,
+    and the encoder identity). `flip` is the policy flip_policy returns."""
+    return {
+        "codec_identity": codec_identity(vae), ENCODER_KEY: encoder_identity(vae),
+        "resolution": resolution, "crop": crop, "flip": flip, "seed": seed, "unit_size": unit_size, "limit": limit,
+        "source": source_settings(source), "latent_shape": list(latent_shape(vae, resolution, resolution)),
+        "precision": precision, "chunk_bytes": chunk_bytes,
+    }
+
+
 def encode_dataset(
     codec_dir: str | os.PathLike,
     data: str | os.PathLike,
@@ -495,21 +507,15 @@ def encode_dataset(
     codec_dir, data, store = os.fspath(codec_dir), os.fspath(data), Location(out)
     # channels-last: 1.2-1.4x faster encoding on CPU (docs/performance.md); the weights and identity are unchanged.
     vae = prepare_for_inference(load_codec(codec_dir).to(state.device))
-    latent = latent_shape(vae, resolution, resolution)
     source = InputSource(data, image_column=image_column, caption_column=caption_column, unit_size=unit_size,
                          limit=limit)
-    settings = {
-        "codec_identity": codec_identity(vae), ENCODER_KEY: encoder_identity(vae),
-        "resolution": resolution, "crop": crop, "flip": flip, "seed": seed, "unit_size": unit_size, "limit": limit,
-        "source": source_settings(source), "latent_shape": list(latent), "precision": precision,
-        "chunk_bytes": chunk_bytes,
-    }
+    settings = run_settings(vae, source, resolution, crop, flip, seed, unit_size, limit, precision, chunk_bytes)
     # One process decides what is done, and every process gets the same answer: listing separately could see a
     # unit another process has just committed and deal the rest differently.
     done_box: list[Any] = [None]
     if state.is_main_process:
         store.make()
-        _remove_stale_temps(store)
+        remove_stale_temps(store)
         done_box = [sorted(check_resumable(store, settings))]
     if state.num_processes > 1:
         broadcast_object_list(done_box, from_process=0)
@@ -527,7 +533,7 @@ def encode_dataset(
     bar.close()
     gather_object([len(mine)])  # the barrier: every unit is committed before the manifest is written
     if state.is_main_process:
-        manifest, new_images = _finalize(store, settings, vae, codec_dir, data, source, done)
+        manifest, new_images = finalize(store, settings, vae, codec_dir, data, source, done)
         if write_scaling_factor:
             write_scaling_factor_into_codec(codec_dir, vae, manifest["normalisation"])
         seconds = time.perf_counter() - started_at

@@ -111,16 +111,10 @@ class ProcessMemory:
 
 
 def trainer_loader(shards, cfg):
-    """The U-Net trainer's loader as diffusion/train.py builds it (before accelerate wraps it): training draws
-    over a DrawSampler from draw 0, the preset's batch size and workers."""
-    from torch.utils.data import DataLoader
+    """The U-Net trainer's loader from draw 0, as diffusion/train.py builds it (before accelerate wraps it)."""
+    from diffusion.train import training_loader
 
-    from codec.common.draws import DrawSampler
-    from diffusion.draws import TrainingDraws
-
-    return DataLoader(TrainingDraws(shards, cfg.diffusion, cfg.train.seed, cfg.train.shuffle_chunks),
-                      batch_size=cfg.train.batch_size, sampler=DrawSampler(start=0),
-                      num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
+    return training_loader(shards, cfg, 0)
 
 
 def trainer_case(store: str, preset: str) -> dict:
@@ -128,8 +122,7 @@ def trainer_case(store: str, preset: str) -> dict:
     import torch  # noqa: F401
     from litdata import StreamingDataset  # noqa: F401  (the reader imports it on first read: an import, not work)
 
-    import codec.common.draws  # noqa: F401
-    import diffusion.draws  # noqa: F401
+    import diffusion.train  # noqa: F401  (the trainer's module, as a training process has it imported)
     from codec.shards import LatentShards
     from diffusion.config import load_unet_config
 

@@ -109,22 +109,11 @@ def write_tars(folder: Path, count: int, side: int) -> None:
 
 def encoder_settings(vae, source, spec: StoreSpec) -> dict:
     """The settings encode_dataset computes for this codec and input at its defaults (centre crop, seed 0, fp32)
-    with the spec's resolution, unit size and chunk size. Checked against the encoder's own list of keys, so a new
-    setting fails here by name instead of as a refused resume."""
-    from codec.network.model import codec_identity, encoder_identity, latent_shape
-    from codec.shards.encode import ENCODER_KEY, SETTING_KEYS, flip_policy, source_settings
+    with the spec's resolution, unit size and chunk size: the encoder's own run_settings."""
+    from codec.shards.encode import flip_policy, run_settings
 
-    settings = {
-        "codec_identity": codec_identity(vae), ENCODER_KEY: encoder_identity(vae),
-        "resolution": spec.resolution, "crop": "center", "flip": flip_policy("center", None), "seed": 0,
-        "unit_size": spec.unit_size, "limit": None, "source": source_settings(source),
-        "latent_shape": list(latent_shape(vae, spec.resolution, spec.resolution)), "precision": "fp32",
-        "chunk_bytes": spec.chunk_bytes,
-    }
-    if set(settings) != {*SETTING_KEYS, ENCODER_KEY}:
-        raise RuntimeError(f"encode_dataset's settings are now {sorted({*SETTING_KEYS, ENCODER_KEY})}, the synthetic "
-                           f"store writes {sorted(settings)}: update experiments/benchmark/synthetic_store.py")
-    return settings
+    return run_settings(vae, source, spec.resolution, "center", flip_policy("center", None), 0, spec.unit_size, None,
+                        "fp32", spec.chunk_bytes)
 
 
 def unit_records(number: int, name: str, count: int, latent: tuple[int, int, int], side: int):
@@ -156,7 +145,7 @@ def build_store(cache: Path, spec: StoreSpec, progress=print) -> BuiltStore:
     """The store of `spec` under `cache`, built unless an equal one is there (or finishing one a kill cut short)."""
     from codec.measurement.latent_stats import latent_sums
     from codec.network.model import codec_identity, load_codec
-    from codec.shards.encode import _finalize, _remove_stale_temps
+    from codec.shards.encode import finalize, remove_stale_temps
     from codec.shards.format import committed_units, write_unit
     from codec.shards.location import Location
 
@@ -181,7 +170,7 @@ def build_store(cache: Path, spec: StoreSpec, progress=print) -> BuiltStore:
     settings = encoder_settings(vae, source, spec)
     store = Location(built.store)
     store.make()
-    _remove_stale_temps(store)  # a unit write a kill cut short
+    remove_stale_temps(store)  # a unit write a kill cut short
     done = committed_units(store)
     started, reported = time.perf_counter(), 0.0
     for unit in source.units:
@@ -198,7 +187,7 @@ def build_store(cache: Path, spec: StoreSpec, progress=print) -> BuiltStore:
             progress(f"  synthetic store {spec.name}: unit {unit.number + 1} of {spec.units}, {elapsed:.0f} s")
     # The encoder's own finalisation: litdata's index, the rejects and the manifest exactly as encode_dataset
     # writes them (statistics from the units' sums, normalisation in the codec's form, checksums, counts).
-    _finalize(store, settings, vae, str(codec_dir), str(built.input), source, set())
+    finalize(store, settings, vae, str(codec_dir), str(built.input), source, set())
     return built
 
 
