@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from codec.data.images import UnreadableImage
+from codec.data.sources import HubUnavailable
 from codec.exchange.pipeline import PRECISIONS as PIPELINE_PRECISIONS
 from codec.measurement.metrics import InceptionUnavailable
 
@@ -44,9 +45,10 @@ GROUP_HELP = {
 }
 
 # The mistakes a user can make and we can name: missing or unreadable inputs (OSError), bad values, configs, shards,
-# checkpoints and files (ValueError: ConfigError, ShardError, BitstreamError ...), images PIL cannot read, and an
-# optional measurement whose weights were not given. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (OSError, ValueError, UnreadableImage, InceptionUnavailable)
+# checkpoints and files (ValueError: ConfigError, ShardError, BitstreamError ...), images PIL cannot read, a Hub
+# dataset that cannot be reached, and an optional measurement whose weights were not given. Anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (OSError, ValueError, UnreadableImage, HubUnavailable, InceptionUnavailable)
 
 
 # The dtype words of --precision, everywhere: the pipeline's table, which maps them to torch dtypes.

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 
 from latent_codec import cli
@@ -66,11 +67,18 @@ def test_help_exits_0_at_every_level(words, capsys):
     assert "usage: latent-codec" in capsys.readouterr().out
 
 
-def test_a_mistake_is_one_line_naming_the_input_and_exit_2(tmp_path, capsys):
+def test_a_mistake_is_one_line_naming_the_input_and_exit_2(tmp_path, capsys, monkeypatch):
     missing = tmp_path / "no-such-codec"
     assert cli.main(["codec", "export", "--codec", str(missing), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(missing) in err and err.startswith("latent-codec codec export: error:")
+
+    # A Hub dataset that cannot be reached (offline here) is the user's input too.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    assert cli.main(["codec", "train", "--config", "tiny", "--data", "nobody-xyz/no-such-dataset-123",
+                     "--out", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not load dataset 'nobody-xyz/no-such-dataset-123'" in err
 
     with pytest.raises(SystemExit) as exit_:  # argparse's own errors: the same one line, the same status
         cli.main(["codec", "export", "--codec", "c", "--out", "o", "--no-such-flag"])

@@ -56,8 +56,13 @@ def folder_dataset(folder: FolderImages) -> datasets.Dataset:
     return datasets.Dataset(table, info=datasets.DatasetInfo(features=datasets.Features(features)))
 
 
-def hub_unavailable(source: str, split: str, exc: Exception) -> RuntimeError:
-    return RuntimeError(
+class HubUnavailable(RuntimeError):
+    """A Hub dataset that cannot be loaded from here (no network, no such repository or split): the user's input,
+    reported in one line by the command line."""
+
+
+def hub_unavailable(source: str, split: str, exc: Exception) -> HubUnavailable:
+    return HubUnavailable(
         f"could not load dataset {source!r} (split {split!r}) from the Hugging Face Hub: "
         f"{type(exc).__name__}: {exc}. This machine may have no network access. Pass a local image folder, "
         f"a directory written by save_to_disk, .parquet/.arrow files, webdataset tars or a bucket URL instead."
