@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from codec.shards.location import Location
+from codec.shards.location import Location, stream_sha256
 
 FORMAT = "latent-store/1"
 LEGACY_FORMAT = "latent-shards/1"  # the safetensors shards of before; `latent-codec shards convert` migrates them
@@ -105,12 +105,9 @@ def committed_units(store: Location) -> set[int]:
     return {int(m.group(1)) for name in store.list(UNITS) if (m := _UNIT_RECORD.match(name))}
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
+def _file_sha256(path: str) -> str:
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+        return stream_sha256(fh)
 
 
 def write_unit(store: Location, unit: int, records: UnitRecords, info: dict, chunk_bytes: int = CHUNK_BYTES) -> dict:
@@ -139,7 +136,7 @@ def write_unit(store: Location, unit: int, records: UnitRecords, info: dict, chu
             for k, entry in enumerate(written["chunks"]):
                 name = chunk_name(unit, k)
                 local = os.path.join(tmp, entry["filename"])
-                chunks.append({"file": name, "records": entry["chunk_size"], "sha256": _sha256(local),
+                chunks.append({"file": name, "records": entry["chunk_size"], "sha256": _file_sha256(local),
                                "litdata": dict(entry, filename=name)})
                 store.put(local, name)
     record = {"format": FORMAT, "unit": unit, "records": len(records), "chunks": chunks, "litdata_config": config,

@@ -24,6 +24,14 @@ from codec.data.listing import is_url, local_path, quick_filesystem, unreachable
 _CLIENT_ERRORS = (Exception,)
 
 
+def stream_sha256(fh) -> str:
+    """sha256 of an open binary file, read in 4 MB blocks."""
+    h = hashlib.sha256()
+    for block in iter(lambda: fh.read(1 << 22), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
 class Location:
     """A folder or a bucket prefix. Names are '/'-separated paths relative to it."""
 
@@ -88,21 +96,16 @@ class Location:
         return sorted(entry["name"].rsplit("/", 1)[-1] for entry in listed if entry["type"] == "file")
 
     def sha256(self, name: str) -> str:
-        h = hashlib.sha256()
         if not self.remote:
             with open(self.root / name, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-            return h.hexdigest()
+                return stream_sha256(fh)
         try:
             with self.fs.open(self._remote(name), "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
+                return stream_sha256(fh)
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.join(name)} does not exist") from None
         except _CLIENT_ERRORS as exc:
             raise self._unreachable(exc) from exc
-        return h.hexdigest()
 
     # ---- writing ---------------------------------------------------------------------------------------------
 
