@@ -10,6 +10,15 @@ The article's conditional VAE feeds the condition into both networks. Here it is
   (FiLM, the way a U-Net takes its timestep), so the condition acts at every depth, not only at the input. The
   maps start at zero: an untrained FiLM codec is the plain AutoencoderKL.
 
+Two further parts, measured on the shapes world (docs/generative-vae.md):
+
+- `coordinates`: the latent grid's x and y as two more decoder input channels. Both injections give every position
+  the same numbers, so "at the top left" has nothing spatial to act on; with the maps, a decoder learned to put the
+  object where its caption says.
+- `standardize_condition` (text): captions' pooled embeddings standardised per feature with the training set's
+  statistics (buffers fitted at the first step), so the embedding MLP sees the few percent by which two captions
+  differ at unit scale.
+
 Either way the network is AutoencoderKL's apart from the condition's parts. One embedding serves both sides, so the
 encoder and decoder agree on what each condition means and a gradient reaches it through both.
 
@@ -96,6 +105,8 @@ class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
         condition_dim: int = 384,
         condition_channels: int = 16,
         injection: str = "concat",
+        coordinates: bool = False,
+        standardize_condition: bool = False,
         text_encoder: str | None = None,
         text_max_length: int = 32,
         in_channels: int = 3,
@@ -132,13 +143,19 @@ class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
             # Two layers: a pooled sentence embedding mixes every word, and a linear map into a few channels could not
             # pull apart four independent attributes of a caption.
             self.condition_embedding = nn.Sequential(nn.Linear(condition_dim, 8 * k), nn.SiLU(), nn.Linear(8 * k, k))
+            if standardize_condition:
+                # Pooled sentence embeddings of one caption template differ from each other by a few percent of
+                # their length: standardised per feature (fit_condition_statistics), the MLP sees those differences
+                # at unit scale from its first step. Buffers, so the export carries them.
+                self.register_buffer("condition_mean", torch.zeros(condition_dim))
+                self.register_buffer("condition_std", torch.ones(condition_dim))
         common = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block, act_fn=act_fn,
                       norm_num_groups=norm_num_groups, mid_block_add_attention=mid_block_add_attention)
         extra = k if injection == "concat" else 0
         self.encoder = Encoder(in_channels=in_channels + extra, out_channels=latent_channels,
                                down_block_types=down_block_types, double_z=True, **common)
-        self.decoder = Decoder(in_channels=latent_channels + extra, out_channels=out_channels,
-                               up_block_types=up_block_types, **common)
+        self.decoder = Decoder(in_channels=latent_channels + extra + (2 if coordinates else 0),
+                               out_channels=out_channels, up_block_types=up_block_types, **common)
         if injection == "film":
             # Kept as plain lists, not submodules: the norms are already registered inside encoder and decoder.
             self._film = {"encoder": _film_norms(self.encoder, k), "decoder": _film_norms(self.decoder, k)}
@@ -163,8 +180,22 @@ class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
             if condition.dim() != 2 or condition.shape[1] != self.config.condition_dim:
                 raise ValueError(f"condition 'text' takes (B, {self.config.condition_dim}) pooled text embeddings, "
                                  f"got shape {tuple(condition.shape)}")
-            embedded = self.condition_embedding(condition.to(like.device, like.dtype))
+            condition = condition.to(like.device, torch.float32)
+            if self.config.standardize_condition:
+                condition = (condition - self.condition_mean) / self.condition_std
+            embedded = self.condition_embedding(condition.to(like.dtype))
         return embedded.to(like.dtype)
+
+    @torch.no_grad()
+    def fit_condition_statistics(self, conditions: torch.Tensor) -> None:
+        """Set the per-feature mean and standard deviation that text conditions are standardised with, from the
+        training set's (N, condition_dim) caption embeddings; a fresh codec's first step, the same on every process."""
+        if not self.config.standardize_condition:
+            raise ValueError("this codec was built without standardize_condition")
+        conditions = conditions.to(self.condition_mean.device, torch.float32)
+        self.condition_mean.copy_(conditions.mean(0))
+        self.condition_std.copy_(conditions.std(0, unbiased=False).clamp_min(1e-6) if len(conditions) > 1
+                                 else torch.ones_like(self.condition_std))
 
     def _conditioned_input(self, side: str, h: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """`h` with the condition attached the configured way: concatenated as constant maps, or set on the FiLM
@@ -182,8 +213,10 @@ class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def decode(self, z: torch.Tensor, condition: torch.Tensor, return_dict: bool = True):
-        h = self.post_quant_conv(z)
-        decoded = self.decoder(self._conditioned_input("decoder", h, condition))
+        h = self._conditioned_input("decoder", self.post_quant_conv(z), condition)
+        if self.config.coordinates:
+            h = torch.cat([h, coordinate_maps(h)], dim=1)
+        decoded = self.decoder(h)
         return DecoderOutput(sample=decoded) if return_dict else (decoded,)
 
     def forward(self, sample: torch.Tensor, condition: torch.Tensor, sample_posterior: bool = False,
@@ -196,6 +229,16 @@ class ConditionalAutoencoderKL(ModelMixin, ConfigMixin):
         else:
             z = posterior.mode()
         return self.decode(z, condition, return_dict=return_dict)
+
+
+def coordinate_maps(like: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W): the x and y of each position of `like`'s grid, from -1 at the first row or column to 1 at the
+    last; a fraction of the side, so the same caption places its object alike at any resolution."""
+    batch, _, height, width = like.shape
+    ys = torch.linspace(-1.0, 1.0, height, device=like.device, dtype=like.dtype)
+    xs = torch.linspace(-1.0, 1.0, width, device=like.device, dtype=like.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))
+    return grid.expand(batch, -1, -1, -1)
 
 
 def is_conditional(vae) -> bool:

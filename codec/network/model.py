@@ -73,6 +73,8 @@ def build_codec(cfg: ModelConfig, class_names: list[str] | None = None, conditio
         condition_dim=condition_dim,
         condition_channels=cfg.condition_channels,
         injection=cfg.condition_injection,
+        coordinates=cfg.condition_coordinates,
+        standardize_condition=cfg.condition == "text",
         text_encoder=cfg.text_encoder if cfg.condition == "text" else None,
         text_max_length=cfg.text_max_length,
         **_network_arguments(cfg),

@@ -57,6 +57,10 @@ class ModelConfig:
     # channels of both. Measured for the same 190 steps, FiLM reconstructed 5 dB better and its prior samples
     # followed their captions more often (docs/generative-vae.md).
     condition_injection: str = "film"
+    # Two channels holding the latent grid's x and y (in [-1, 1]) at the decoder's input, so that a caption's "at the
+    # top left" has somewhere to act: FiLM and concat both give the decoder the same numbers at every position, and a
+    # convolution alone maps a named position to pixels poorly (Liu et al. 2018, CoordConv).
+    condition_coordinates: bool = False
     text_encoder: str = "minilm"  # condition: text: `minilm` (bundled) or a local transformers folder
     text_max_length: int = 32
 
@@ -93,8 +97,12 @@ class ModelConfig:
             network.update(condition=self.condition, condition_channels=self.condition_channels)
             if self.condition_injection != "concat":  # concat checkpoints written before the key still resume
                 network.update(condition_injection=self.condition_injection)
+            if self.condition_coordinates:  # checkpoints written before the key still resume
+                network.update(condition_coordinates=True)
             if self.condition == "text":
-                network.update(text_encoder=self.text_encoder, text_max_length=self.text_max_length)
+                # standardized: built with standardize_condition (buffers a checkpoint from before it lacks)
+                network.update(text_encoder=self.text_encoder, text_max_length=self.text_max_length,
+                               text_standardized=True)
         return network
 
 
@@ -112,7 +120,11 @@ class LossConfig:
     if_lpips_missing: str = "error"  # error | ms_ssim | none
     kl_weight: float = 1.0e-6
     kl_schedule: str = "constant"  # constant | linear | cyclical
-    kl_warmup_steps: int = 0  # linear: 0 -> kl_weight over these steps
+    kl_warmup_steps: int = 0  # linear: kl_start_weight -> kl_weight over these steps
+    # linear: where β starts. 0 is KL annealing (Bowman et al. 2016). Above kl_weight it anneals β *down*: a
+    # conditional VAE then learns to read its condition while z is priced out, before z could carry the same facts
+    # (docs/generative-vae.md: a CVAE's latent takes the object's position unless the condition is learned first).
+    kl_start_weight: float = 0.0
     kl_cycle_steps: int = 0  # cyclical: period of each ramp-and-hold cycle
     kl_cycle_ramp: float = 0.5  # cyclical: fraction of a cycle spent ramping up
     learn_logvar: bool = False
@@ -161,6 +173,11 @@ class LossConfig:
             raise ConfigError("loss.nll: exact is the likelihood's own NLL (an ELBO): set loss.perceptual: none and "
                               f"loss.pixel_weight: 1 (got perceptual {self.perceptual!r}, "
                               f"pixel_weight {self.pixel_weight})")
+        if self.kl_start_weight < 0:
+            raise ConfigError(f"loss.kl_start_weight must be >= 0, got {self.kl_start_weight}")
+        if self.kl_start_weight and self.kl_schedule != "linear":
+            raise ConfigError(f"loss.kl_start_weight is where the linear schedule starts; kl_schedule is "
+                              f"{self.kl_schedule!r}: set kl_schedule: linear or drop kl_start_weight")
         if self.kl_schedule == "cyclical" and self.kl_cycle_steps <= 0:
             raise ConfigError("loss.kl_cycle_steps must be > 0 with kl_schedule: cyclical")
         check_choice("loss.equivariance", self.equivariance, EQUIVARIANCE_KINDS)

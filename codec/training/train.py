@@ -203,6 +203,8 @@ def initial_codec(cfg: CodecConfig, parent: Parent | None, data: Data):
     conditions = data.train.conditions
     text_width = conditions.shape[1] if conditions is not None and conditions.dim() == 2 else 384
     vae = build_codec(cfg.model, data.class_names, text_width)
+    if getattr(vae.config, "standardize_condition", False):
+        vae.fit_condition_statistics(conditions)
     if cfg.model.init == "thumbnail":
         thumbnail_init(vae)
     return vae
