@@ -68,14 +68,18 @@ def exact_nll(x: torch.Tensor, recon: torch.Tensor, logvar: torch.Tensor, kind: 
 
 
 def kl_weight_at(step: int, cfg: LossConfig) -> float:
-    """β at an optimizer step. constant: β. linear (KL annealing): β·min(1, step/warmup).
+    """β at an optimizer step. constant: β. linear: from β₀ = kl_start_weight to β over the warm-up,
+    β₀ + (β − β₀)·min(1, step/warmup) (β₀ = 0 is KL annealing; β₀ > β anneals down).
     cyclical (Fu et al. 2019): within each cycle of `kl_cycle_steps`, ramp 0 -> β over the first
     `kl_cycle_ramp` fraction, then hold β."""
     beta = cfg.kl_weight
     if cfg.kl_schedule == "constant":
         return beta
     if cfg.kl_schedule == "linear":
-        return beta if cfg.kl_warmup_steps <= 0 else beta * min(1.0, step / cfg.kl_warmup_steps)
+        if cfg.kl_warmup_steps <= 0:
+            return beta
+        start = cfg.kl_start_weight
+        return start + (beta - start) * min(1.0, step / cfg.kl_warmup_steps)
     if cfg.kl_schedule == "cyclical":
         phase = (step % cfg.kl_cycle_steps) / cfg.kl_cycle_steps
         ramp = max(cfg.kl_cycle_ramp, 1e-12)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 
+from codec.common.config import ConfigError
 from codec.network.model import CodecForTraining, build_autoencoder
 from codec.training.config import LossConfig, ModelConfig
 from codec.training.losses import (
@@ -51,6 +52,10 @@ def test_kl_schedules_at_given_steps():
     assert [kl_weight_at(s, const) for s in (0, 10, 10_000)] == [1e-6] * 3
     linear = LossConfig(kl_weight=2e-6, kl_schedule="linear", kl_warmup_steps=100)
     assert [kl_weight_at(s, linear) for s in (0, 25, 100, 500)] == pytest.approx([0, 0.5e-6, 2e-6, 2e-6])
+    down = LossConfig(kl_weight=8.0, kl_schedule="linear", kl_warmup_steps=100, kl_start_weight=1000.0)
+    assert [kl_weight_at(s, down) for s in (0, 50, 100, 400)] == pytest.approx([1000, 504, 8, 8])
+    with pytest.raises(ConfigError, match="kl_start_weight is where the linear schedule starts"):
+        LossConfig(kl_weight=8.0, kl_start_weight=1000.0)
     cyc = LossConfig(kl_weight=1.0, kl_schedule="cyclical", kl_cycle_steps=100, kl_cycle_ramp=0.5)
     assert [kl_weight_at(s, cyc) for s in (0, 25, 50, 99, 100, 125, 260)] == pytest.approx([0, 0.5, 1, 1, 0, 0.5, 1])
 
