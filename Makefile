@@ -28,4 +28,4 @@ demo: setup
 	$(PY) -m experiments.demo --config configs/demo.yaml
 
 clean:
-	rm -rf runs data/shapes .pytest_cache
+	rm -rf runs data/shapes data/shapes-32 .pytest_cache

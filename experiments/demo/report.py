@@ -53,6 +53,8 @@ def generate_and_score(pipeline_dir: Path, gen, out_dir: Path, cvae_dir: Path | 
     pipe.use_sampler(gen.sampler)
     cvae = (load_codec(cvae_dir, allow_conditional=True)
             if cvae_dir is not None and (cvae_dir / "config.json").is_file() else None)
+    if cvae is not None:
+        cvae_size = trained_size(cvae_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     conditional, unconditional, cvae_rows, files = [], [], [], []
     for i, prompt in enumerate(gen.prompts):
@@ -66,11 +68,11 @@ def generate_and_score(pipeline_dir: Path, gen, out_dir: Path, cvae_dir: Path | 
         rows = [cond, uncond]
         if cvae is not None:
             c = condition_tensor(cvae, prompt=prompt, count=gen.images_per_prompt)
-            width, height = cond[0].size
-            drawn = sample_prior(cvae, gen.images_per_prompt, height, width, torch.Generator().manual_seed(seed), c)
-            prior = [tensor_to_pil(x) for x in drawn]
+            drawn = sample_prior(cvae, gen.images_per_prompt, cvae_size, cvae_size,
+                                 torch.Generator().manual_seed(seed), c)
+            prior = [tensor_to_pil(x) for x in drawn]  # scored at the size it was trained at, shown at the sheet's
             cvae_rows += [score(img, prompt) for img in prior]
-            rows.append(prior)
+            rows.append([img.resize(cond[0].size, Image.NEAREST) for img in prior])
         name = f"prompt_{i:02d}.png"
         save_png(_sheet(rows), out_dir / name)
         files.append(name)
@@ -87,6 +89,12 @@ def generate_and_score(pipeline_dir: Path, gen, out_dir: Path, cvae_dir: Path | 
         result["cvae"] = str(cvae_dir)
     write_text_atomically(out_dir / "adherence.json", json.dumps(result, indent=2))
     return result
+
+
+def trained_size(codec_dir: Path) -> int:
+    """The image side a codec export was trained and validated at (its codec_training.json): a conditional VAE's
+    prior samples are drawn there, since its decoder has never seen another latent grid."""
+    return int(json.loads((codec_dir / "codec_training.json").read_text())["config"]["data"]["val_size"])
 
 
 def plot_curves(codec_run: Path, unet_run: Path, out: Path) -> Path:

@@ -55,7 +55,7 @@ class VAEStudyStage:
     # experiments.demo.beta_study's config; `overrides` are --set assignments of that config (not of the codec's).
     config: str = "configs/beta_study.yaml"
     overrides: list[str] = field(default_factory=list)
-    cvae_run: str = "cvae beta=1"  # the study run whose conditional codec draws prior samples for the prompts
+    cvae_run: str = "cvae"  # the study run whose conditional codec draws prior samples for the prompts
 
 
 @dataclass
@@ -192,7 +192,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     clock.run("VAE study (β, CVAE)", (paths.vae_study / "results.json").exists(), lambda: _run(
         _experiment("experiments.demo.beta_study") + [
             "--config", str(CHECKOUT / cfg.vae_study.config), "--set", f"output_dir={paths.vae_study}",
-            "--set", f"shapes={shapes_dir}", *_sets(cfg.vae_study.overrides)]))
+            *_sets(cfg.vae_study.overrides)]))
     clock.run("encode shards", (paths.shards / "manifest.json").exists(), lambda: _run(
         _latent_codec("shards", "encode") + ["--codec", str(diffusion_codec), "--data", str(shapes_dir),
                                              "--out", str(paths.shards), "--resolution", str(cfg.encode.resolution),

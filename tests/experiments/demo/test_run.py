@@ -15,6 +15,7 @@ def test_the_whole_chain_runs_at_toy_size_and_writes_the_report(tmp_path, bundle
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump({
         "codec_config": "configs/codec/beta-study.yaml", "heldout_count": 4, "prior_samples": 4,
+        "shapes": str(tmp_path / "shapes-32"), "render": {"count": 12, "size": 32, "seed": 0},
         "overrides": ["train.max_steps=2", "train.batch_size=4", "data.val_count=2", "train.checkpoint_every=0",
                       "data.num_workers=0", "train.latent_stats_images=4", "model.block_out_channels=[8,8,16,16]",
                       "model.norm_num_groups=4"],
