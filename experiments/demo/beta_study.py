@@ -63,6 +63,8 @@ class BetaStudyConfig:
     prior_samples: int = 64
     runs: list[StudyRun] = field(default_factory=list)
     only: list[str] = field(default_factory=list)  # names of the runs to do (empty: all), e.g. a shorter demo
+    # More overrides for the named runs, after their own: e.g. a longer clock for one run, {cvae: [train.max_minutes=5]}
+    run_overrides: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -73,6 +75,14 @@ class BetaStudyConfig:
         unknown = [name for name in self.only if name not in names]
         if unknown:
             raise ConfigError(f"only: {unknown} are not runs of this study; its runs are {names}")
+        strange = [name for name in self.run_overrides if name not in names]
+        if strange:
+            raise ConfigError(f"run_overrides: {strange} are not runs of this study; its runs are {names}")
+        for run in self.runs:
+            extra = self.run_overrides.get(run.name, [])
+            if not isinstance(extra, list) or not all(isinstance(item, str) for item in extra):
+                raise ConfigError(f"run_overrides: {run.name}: expected a list of key=value texts, got {extra!r}")
+            run.overrides = [*run.overrides, *extra]
         if self.only:
             self.runs = [r for r in self.runs if r.name in self.only]
         if self.workers < 1:
@@ -93,6 +103,18 @@ def rate_bits(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     from codec.training.losses import kl_divergence
 
     return kl_divergence(mean.double(), logvar.double()) / math.log(2)
+
+
+def end_slope(steps: list[int], losses: list[float], fraction: float = 0.25) -> float:
+    """The least-squares slope of loss against step over the last `fraction` of the logged points, per 1,000
+    steps: about 0 for a run converged by its own loss curve, negative while it still learns."""
+    tail = max(2, int(len(steps) * fraction))
+    if len(steps) < 2:
+        return float("nan")
+    x = torch.tensor(steps[-tail:], dtype=torch.float64)
+    y = torch.tensor(losses[-tail:], dtype=torch.float64)
+    x = x - x.mean()
+    return float((x * (y - y.mean())).sum() / (x * x).sum().clamp_min(1e-12) * 1000)
 
 
 def active_channels(means: torch.Tensor, threshold: float = 0.01) -> int:
@@ -193,12 +215,15 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
             condition = f"{condition} ({model.get('condition_injection', 'concat')})"
         numbers.update(name=run.name, beta=loss["kl_weight"], schedule=schedule_text(loss), condition=condition,
                        steps=history["steps"])
+        curve = loss_curve(out / run.name, images[0].numel())
+        numbers.update(loss_curve=curve, end_slope=end_slope(curve["step"], curve["loss"]))
         save_png(_grid(samples[:16]), out / prior_file(run.name))
         results.append(numbers)
         print(f"  {run.name}: {_line(numbers)}", flush=True)
     summary = {"runs": results, "heldout": {"count": cfg.heldout_count, "seed": cfg.heldout_seed}}
     write_text_atomically(out / "results.json", json.dumps(summary, indent=2))
     plot_rate_distortion(results, out / "rate_distortion.png")
+    plot_loss_curves(results, out / "loss_curves.png")
     write_text_atomically(out / "report.md", report_markdown(results, cfg))
     return summary
 
@@ -215,6 +240,9 @@ def train_runs(configs: list, names: list[str], workers: int) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     threads = max(1, (os.cpu_count() or 1) // workers)
+    # The longest clock budget first, so that the shorter runs fill the other workers meanwhile and all end together.
+    order = sorted(range(len(configs)), key=lambda k: -(configs[k].train.max_minutes or 0.0))
+    configs, names = [configs[k] for k in order], [names[k] for k in order]
     # spawn: a fresh interpreter per run, so no accelerate state or torch thread pool is inherited
     with ProcessPoolExecutor(max_workers=min(workers, len(configs)),
                              mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -266,6 +294,35 @@ def _line(n: dict) -> str:
     return text
 
 
+def loss_curve(run_dir: Path, pixels: int) -> dict:
+    """A run's logged training loss in nats per image (the trainer logs it per pixel element), against step."""
+    from codec.common.logs import read_history
+
+    logs = [h for h in read_history(run_dir) if "loss/total" in h]
+    return {"step": [h["step"] for h in logs], "loss": [h["loss/total"] * pixels for h in logs]}
+
+
+def plot_loss_curves(results: list[dict], path: Path) -> Path:
+    """Each run's training loss (β-weighted, nats per image) against step: whether it had converged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        steps, losses = r["loss_curve"]["step"], torch.tensor(r["loss_curve"]["loss"])
+        if len(losses) >= 5:  # a running mean over 5 logs: single batches of 16 are noisy
+            losses = torch.nn.functional.avg_pool1d(losses[None, None], 5, 1, 2, count_include_pad=False)[0, 0]
+        ax.plot(steps, losses.tolist(), label=r["name"], lw=1)
+    ax.set(xlabel="step", ylabel="training loss, nats per image (β-weighted)", title="Training loss per run")
+    ax.set_yscale("symlog", linthresh=100)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
 def plot_rate_distortion(results: list[dict], path: Path) -> Path:
     """Rate (bits per image, log axis) against distortion (PSNR), each point named by its run."""
     import matplotlib
@@ -292,17 +349,20 @@ def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:
         "# β trade-off on the shapes world", "",
         f"Codec preset `{cfg.codec_config}` on `{cfg.shapes}`, every run for the same budget; measured on "
         f"{cfg.heldout_count} held-out shapes (seed {cfg.heldout_seed}) and {cfg.prior_samples} prior samples.", "",
-        "| run | β | schedule | condition | steps | PSNR (dB) | rate (bits/image) | active channels | "
-        "prior: one shape | prior adherence c/p/s/b |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | β | schedule | condition | steps | loss slope at the end | PSNR (dB) | rate (bits/image) | "
+        "active channels | prior: one shape | prior adherence c/p/s/b |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         adherence = ("/".join(f"{r['prior_adherence_percent'][a]:.0f}" for a in ATTRIBUTES)
                      if "prior_adherence_percent" in r else "-")
         lines.append(f"| {r['name']} | {r['beta']:g} | {r['schedule']} | {r['condition']} | {r['steps']} | "
-                     f"{r['psnr_db']:.2f} | {r['rate_bits']:.1f} | {r['active_channels']}/{r['latent_channels']} | "
+                     f"{r['end_slope']:+.0f} | {r['psnr_db']:.2f} | {r['rate_bits']:.1f} | "
+                     f"{r['active_channels']}/{r['latent_channels']} | "
                      f"{r['prior_one_shape_percent']:.0f}% | {adherence} |")
-    lines += ["", "![rate against distortion](rate_distortion.png)", ""]
+    lines += ["", "Loss slope at the end: the least-squares slope of the training loss (nats per image) over the last "
+              "quarter of the run, per 1,000 steps; near 0 when the run has converged by its own curve.", "",
+              "![rate against distortion](rate_distortion.png)", "", "![training loss per run](loss_curves.png)", ""]
     lines += ["Prior samples, z ~ N(0, I) decoded (the CVAE's with the held-out captions), one grid per run:", ""]
     lines += [f"`{r['name']}`: ![prior samples of {r['name']}]({prior_file(r['name'])})" for r in results]
     return "\n".join(lines) + "\n"

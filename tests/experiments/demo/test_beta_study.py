@@ -10,6 +10,7 @@ from codec.network.model import encode_posterior, load_codec
 from experiments.demo.adherence import shows_one_shape
 from experiments.demo.beta_study import (
     active_channels,
+    end_slope,
     heldout_shapes,
     load_study_config,
     prior_file,
@@ -38,6 +39,14 @@ def test_active_channels_counts_channels_whose_mean_varies_with_the_image():
     assert active_channels(means) == 2
 
 
+def test_end_slope_is_the_loss_trend_over_the_last_quarter_per_thousand_steps():
+    steps = list(range(0, 4000, 25))
+    falling_then_flat = [1000.0 - 0.5 * s if s < 2000 else 0.0 for s in steps]
+    assert end_slope(steps, falling_then_flat) == pytest.approx(0.0, abs=1e-9)
+    assert end_slope(steps, [-3.0 * s for s in steps]) == pytest.approx(-3000.0)
+    assert math.isnan(end_slope([25], [1.0]))
+
+
 def test_one_shape_holds_for_real_shapes_and_not_for_noise():
     held = scenes(56, 7)
     assert sum(shows_one_shape(render(s, 64)) for s in held) >= 55
@@ -60,8 +69,8 @@ def test_a_three_run_study_measures_the_rate_and_writes_its_table_plot_and_prior
         "render": {"count": 24, "size": 32, "seed": 0}, "workers": 2,
         "output_dir": str(tmp_path / "out"), "heldout_count": 8, "prior_samples": 8,
         "overrides": ["train.max_steps=2", "optim.warmup_steps=0", "train.batch_size=4", "data.crop_size=32",
-                      "data.resize=32",
-                      "data.val_size=32", "data.val_count=2", "train.checkpoint_every=0", "data.num_workers=0",
+                      "data.resize=32", "data.val_size=32", "data.val_count=2", "train.checkpoint_every=0",
+                      "data.num_workers=0", "train.log_every=1",
                       "train.latent_stats_images=4", "model.block_out_channels=[8,8,16,16]", "model.norm_num_groups=4"],
         "runs": [{"name": "small", "overrides": ["loss.kl_weight=1e-6"]},
                  {"name": "large", "overrides": ["loss.kl_weight=1000"]},
@@ -84,9 +93,21 @@ def test_a_three_run_study_measures_the_rate_and_writes_its_table_plot_and_prior
     assert "prior_adherence_percent" in cvae and "prior_adherence_percent" not in small
     out = tmp_path / "out"
     assert (out / "rate_distortion.png").stat().st_size > 1000 and (out / "prior_cvae.png").is_file()
+    assert (out / "loss_curves.png").stat().st_size > 1000 and len(small["loss_curve"]["step"]) >= 1
     assert prior_file("cvae beta=1") == "prior_cvae_beta_1.png"
     report = (out / "report.md").read_text()
     assert "| small | 1e-06 | constant | none | 2 |" in report and "| cvae | 1 |" in report
     # A second call reuses the exported codecs and measures the same numbers.
     again = run_study(load_study_config(study), ROOT)
     assert again["runs"][0]["psnr_db"] == small["psnr_db"]
+
+
+def test_run_overrides_extend_the_named_runs_and_unknown_names_are_refused():
+    from codec.common.config import ConfigError
+
+    cfg = load_study_config(ROOT / "configs/beta_study.yaml",
+                            ['only=["beta=1", "cvae"]', 'run_overrides={cvae: ["train.max_minutes=2.5"]}'])
+    runs = {r.name: r.overrides for r in cfg.runs}
+    assert runs["beta=1"] == ["loss.kl_weight=1"] and runs["cvae"][-1] == "train.max_minutes=2.5"
+    with pytest.raises(ConfigError, match=r"run_overrides: \['cvea'\] are not runs of this study"):
+        load_study_config(ROOT / "configs/beta_study.yaml", ['run_overrides={cvea: ["train.max_minutes=2.5"]}'])
