@@ -91,6 +91,37 @@ def generate_and_score(pipeline_dir: Path, gen, out_dir: Path, cvae_dir: Path | 
     return result
 
 
+def vae_claims(results: list[dict], cvae_prior: dict | None) -> list[str]:
+    """The article's three claims about the VAE, each with the study's measured number and its target: prior samples
+    that are pictures (β = 1), a CVAE that draws its prompt, and rate and distortion both falling as β rises (over
+    the unconditional runs with a constant β)."""
+    points = sorted((r for r in results if r["condition"] == "none" and r["schedule"] == "constant"),
+                    key=lambda r: r["beta"])
+    lines = ["| claim | measured | target | met |", "|---|---|---|---|"]
+    elbo = [r for r in points if r["beta"] == 1]
+    if elbo:
+        share = elbo[0]["prior_one_shape_percent"]
+        lines.append(f"| β = 1 VAE: prior samples show one shape | {share:.0f}% | ≥ 50% | "
+                     f"{'yes' if share >= 50 else 'no'} |")
+    if cvae_prior is not None:
+        percent = [cvae_prior["percent"][a] for a in ATTRIBUTES]
+        lines.append("| CVAE prior samples follow the prompts, " + " / ".join(ATTRIBUTES) + " | "
+                     + " / ".join(f"{p:.0f}%" for p in percent) + " | ≥ 80% each | "
+                     + ("yes" if min(percent) >= 80 else "no") + " |")
+    if len(points) >= 2:
+        rates, psnrs = [r["rate_bits"] for r in points], [r["psnr_db"] for r in points]
+        steps = list(zip(points, points[1:]))
+        rate_falls = all(b["rate_bits"] < a["rate_bits"] for a, b in steps)
+        psnr_falls = all(b["psnr_db"] < a["psnr_db"] for a, b in steps)
+        apart = all(a["psnr_db"] - b["psnr_db"] >= 1 or b["rate_bits"] <= 0.8 * a["rate_bits"] for a, b in steps)
+        betas = " / ".join(f"{r['beta']:g}" for r in points)
+        lines.append(f"| β {betas}: rate and PSNR both fall, each step ≥ 1 dB or ≥ 20% of the rate apart | "
+                     f"rate {' / '.join(f'{v:.0f}' for v in rates)} bits, PSNR "
+                     f"{' / '.join(f'{v:.2f}' for v in psnrs)} dB | both fall | "
+                     f"{'yes' if rate_falls and psnr_falls and apart else 'no'} |")
+    return lines
+
+
 def trained_size(codec_dir: Path) -> int:
     """The image side a codec export was trained and validated at (its codec_training.json): a conditional VAE's
     prior samples are drawn there, since its decoder has never seen another latent grid."""
@@ -228,9 +259,11 @@ def write_report(cfg, paths, seconds: dict) -> Path:
         lines += [f"**{prompt}**", "", f"![{prompt}](generated/{name})", ""]
     study = paths.vae_study / "report.md"
     if study.is_file():
+        results = json.loads((paths.vae_study / "results.json").read_text())["runs"]
         lines += ["## The VAE itself: β and a conditional VAE", "",
                   "Codecs trained for one budget at several β with the exact likelihood (β = 1 is the ELBO), and a "
                   "conditional VAE; measured on held-out shapes (experiments/demo/beta_study.py).", "",
+                  *vae_claims(results, adherence.get("cvae_prior")), "",
                   _demote(study.read_text().strip().replace("](", f"]({paths.vae_study.relative_to(root)}/")), ""]
     lines += ["## Training curves", "", f"![curves]({plot.relative_to(root)})", ""]
     report = root / "report.md"

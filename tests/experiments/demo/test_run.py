@@ -47,7 +47,8 @@ def test_the_whole_chain_runs_at_toy_size_and_writes_the_report(tmp_path, bundle
 
     text = report.read_text()
     for section in ("## Stages", "## What the codec keeps", "## Codec quality", "## Prompt adherence",
-                    "## The VAE itself", "rate_distortion.png", "CVAE prior samples", "## Training curves"):
+                    "## The VAE itself", "| claim | measured | target | met |", "rate_distortion.png",
+                    "CVAE prior samples", "## Training curves"):
         assert section in text
     assert "**48x** fewer numbers" in text  # 3x512x512 against 4x64x64
     adherence = json.loads((tmp_path / "demo" / "generated" / "adherence.json").read_text())
@@ -71,3 +72,22 @@ def test_the_whole_chain_runs_at_toy_size_and_writes_the_report(tmp_path, bundle
     assert all(s["reused"] for s in stages.values())
     # Nothing leaks into the caller: training in the same process still gets gradients.
     assert torch.is_grad_enabled()
+
+
+def test_the_report_checks_the_articles_claims_against_their_targets():
+    from experiments.demo.report import vae_claims
+
+    def run(beta, psnr, rate, one_shape, condition="none", schedule="constant"):
+        return {"beta": beta, "psnr_db": psnr, "rate_bits": rate, "prior_one_shape_percent": one_shape,
+                "condition": condition, "schedule": schedule}
+
+    cvae = {"percent": {"color": 100.0, "position": 100.0, "shape": 88.0, "background": 100.0}}
+    falling = [run(4, 22.0, 60, 40), run(1e-6, 25.0, 200, 5), run(1, 23.5, 90, 56), run(64, 27, 0, 90, "text (film)"),
+               run(1, 20.0, 300, 0, schedule="cyclical, 250 steps")]
+    lines = vae_claims(falling, cvae)
+    assert "| β = 1 VAE: prior samples show one shape | 56% | ≥ 50% | yes |" in lines
+    assert lines[3].endswith("| 100% / 100% / 88% / 100% | ≥ 80% each | yes |")
+    assert "β 1e-06 / 1 / 4" in lines[4] and "rate 200 / 90 / 60 bits" in lines[4] and lines[4].endswith("| yes |")
+    # PSNR out of β order (β = 4 above β = 1) fails the trade-off even though the rate falls
+    tied = vae_claims([run(1e-6, 21.79, 196, 38), run(1, 22.22, 94, 56), run(4, 21.98, 57, 31)], None)
+    assert len(tied) == 4 and tied[3].endswith("| no |")
