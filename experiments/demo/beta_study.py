@@ -236,10 +236,10 @@ def train_runs(configs: list, names: list[str], workers: int) -> None:
             _train_one(codec_cfg, name, threads=None)
         return
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    # torch's own thread count, not os.cpu_count(): it already follows the process's CPU affinity and OMP_NUM_THREADS
+    threads = max(1, torch.get_num_threads() // workers)
     # The longest clock budget first, so that the shorter runs fill the other workers meanwhile and all end together.
     order = sorted(range(len(configs)), key=lambda k: -(configs[k].train.max_minutes or 0.0))
     configs, names = [configs[k] for k in order], [names[k] for k in order]
