@@ -29,8 +29,7 @@ import torch
 from codec.common.atomic import save_figure, write_text_atomically
 from codec.common.config import ConfigError, exit_status, load_config
 from experiments import CHECKOUT
-
-ATTRIBUTES = ("color", "position", "shape", "background")
+from experiments.demo.adherence import ATTRIBUTES
 
 
 @dataclass

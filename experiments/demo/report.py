@@ -23,9 +23,7 @@ from codec.common.atomic import save_figure, write_text_atomically  # noqa: E402
 from codec.common.logs import read_history  # noqa: E402
 from codec.measurement.evaluate import save_png  # noqa: E402
 from codec.network.model import compression_ratio, latent_shape  # noqa: E402
-from experiments.demo.adherence import score, summarise  # noqa: E402
-
-ATTRIBUTES = ("color", "position", "shape", "background")
+from experiments.demo.adherence import ATTRIBUTES, score, summarise  # noqa: E402
 
 
 def _sheet(rows: list[list[Image.Image]], gap: int = 4) -> Image.Image:
