@@ -35,11 +35,13 @@ from codec.exchange.pipeline import (  # noqa: F401
 from codec.measurement.equivariance import Transform, transform_image, transform_latent
 from codec.measurement.latent_stats import latent_sums, stats_from_sums
 from codec.network.conditional import ConditionalAutoencoderKL
+from codec.network.global_latent import GlobalLatentAutoencoderKL
 from codec.training.config import ModelConfig
 
 
 def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
-    return AutoencoderKL(
+    cls = GlobalLatentAutoencoderKL if cfg.global_latent else AutoencoderKL
+    return cls(
         in_channels=3,
         out_channels=3,
         **_network_arguments(cfg),
@@ -103,6 +105,8 @@ def load_codec(codec_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
                              f"command needs an unconditional AutoencoderKL (model.condition: none). A conditional "
                              f"codec samples with `latent-codec generate --codec {codec_dir} --prior-samples N`")
         cls = ConditionalAutoencoderKL
+    elif config.get("_class_name") == GlobalLatentAutoencoderKL.__name__:
+        cls = GlobalLatentAutoencoderKL
     vae = cls.from_pretrained(path, use_safetensors=True, dtype=dtype)
     return vae.eval().requires_grad_(False)
 

@@ -63,6 +63,9 @@ class ModelConfig:
     condition_coordinates: bool = False
     text_encoder: str = "minilm"  # condition: text: `minilm` (bundled) or a local transformers folder
     text_max_length: int = 32
+    # The article's VAE: one latent vector for the whole image (codec/network/global_latent.py) instead of a grid of
+    # cells drawn independently by prior sampling. For model.sample_size images only; stock diffusers cannot load it.
+    global_latent: bool = False
 
     def __post_init__(self) -> None:
         check_choice("model.init", self.init, INITS)
@@ -81,6 +84,9 @@ class ModelConfig:
             for key, value in ARCHITECTURE_DEFAULTS.items():
                 if getattr(self, key) is None:
                     setattr(self, key, copy.deepcopy(value))
+        if self.global_latent and (self.condition != "none" or self.init != "random"):
+            raise ConfigError(f"model.global_latent builds a new unconditional network (model.condition: none, "
+                              f"model.init: random), not condition {self.condition!r} with init {self.init!r}")
         if self.block_out_channels is not None and self.norm_num_groups is not None:
             for width in self.block_out_channels:
                 if width % self.norm_num_groups:
@@ -103,6 +109,8 @@ class ModelConfig:
                 # standardized: built with standardize_condition (buffers a checkpoint from before it lacks)
                 network.update(text_encoder=self.text_encoder, text_max_length=self.text_max_length,
                                text_standardized=True)
+        if self.global_latent:  # checkpoints written before the key still resume
+            network.update(global_latent=True)
         return network
 
 
@@ -277,6 +285,10 @@ class CodecConfig:
         if self.train.trainable == "encoder" and self.loss.gan_weight > 0:
             # The adaptive GAN weight takes gradients at the decoder's last layer, which is frozen here.
             raise ConfigError("train.trainable: encoder freezes the decoder, so loss.gan_weight must be 0")
+        if self.model.global_latent and not (self.model.sample_size == self.data.crop_size == self.data.val_size):
+            # Its linear layers are sized for one image size, which training crops and validation must both have.
+            raise ConfigError(f"model.global_latent: model.sample_size ({self.model.sample_size}), data.crop_size "
+                              f"({self.data.crop_size}) and data.val_size ({self.data.val_size}) must be equal")
 
 
     def latent_norm(self) -> str:

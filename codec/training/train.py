@@ -295,8 +295,12 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     }
     if main:
         (output_dir / "run.yaml").write_text(yaml.safe_dump(run_info, sort_keys=False))
-        log.info("codec: %.2fM parameters, 512x512x3 -> %s latent (%.0fx fewer numbers)",
-                 sum(p.numel() for p in inner.vae.parameters()) / 1e6, (cfg.model.latent_channels, 64, 64),
+        # a global latent's codec takes its sample_size only; any other codec is described at 512 px
+        size = cfg.model.sample_size if cfg.model.global_latent else 512
+        factor = 2 ** (len(inner.vae.config.block_out_channels) - 1)
+        log.info("codec: %.2fM parameters, %dx%dx3 -> %s latent (%.0fx fewer numbers)",
+                 sum(p.numel() for p in inner.vae.parameters()) / 1e6, size, size,
+                 (inner.vae.config.latent_channels, size // factor, size // factor),
                  run_info["compression_ratio_512"])
         log.info("%s", data.description)
         log.info("perceptual loss in use: %s", perceptual_used)

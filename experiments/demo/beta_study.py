@@ -213,7 +213,7 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
         if condition != "none":  # runs recorded before the key were concatenations
             condition = f"{condition} ({model.get('condition_injection', 'concat')})"
         numbers.update(name=run.name, beta=loss["kl_weight"], schedule=schedule_text(loss), condition=condition,
-                       steps=history["steps"])
+                       latent="global" if model.get("global_latent") else "grid", steps=history["steps"])
         curve = loss_curve(out / run.name, images[0].numel())
         numbers.update(loss_curve=curve, end_slope=end_slope(curve["step"], curve["loss"]))
         save_png(_grid(samples[:16]), out / prior_file(run.name))
@@ -348,14 +348,15 @@ def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:
         "# β trade-off on the shapes world", "",
         f"Codec preset `{cfg.codec_config}` on `{cfg.shapes}`, every run for the same budget; measured on "
         f"{cfg.heldout_count} held-out shapes (seed {cfg.heldout_seed}) and {cfg.prior_samples} prior samples.", "",
-        "| run | β | schedule | condition | steps | loss slope at the end | PSNR (dB) | rate (bits/image) | "
+        "| run | β | schedule | condition | latent | steps | loss slope at the end | PSNR (dB) | rate (bits/image) | "
         "active channels | prior: one shape | prior adherence c/p/s/b |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         adherence = ("/".join(f"{r['prior_adherence_percent'][a]:.0f}" for a in ATTRIBUTES)
                      if "prior_adherence_percent" in r else "-")
-        lines.append(f"| {r['name']} | {r['beta']:g} | {r['schedule']} | {r['condition']} | {r['steps']} | "
+        lines.append(f"| {r['name']} | {r['beta']:g} | {r['schedule']} | {r['condition']} | "
+                     f"{r.get('latent', 'grid')} | {r['steps']} | "
                      f"{r['end_slope']:+.0f} | {r['psnr_db']:.2f} | {r['rate_bits']:.1f} | "
                      f"{r['active_channels']}/{r['latent_channels']} | "
                      f"{r['prior_one_shape_percent']:.0f}% | {adherence} |")

@@ -144,7 +144,7 @@ def _preset_on_meta(name: str) -> AutoencoderKL:
     ("kl-f8", ["diffusers", "ComfyUI", "AUTOMATIC1111"]),
     # 16 latent channels: SD3/Flux-shaped, which AUTOMATIC1111's SD configs are not
     ("f8c16", ["diffusers", "ComfyUI"]),
-    ("small", ["diffusers"]), ("tiny", ["diffusers"]), ("compress-f4", ["diffusers"]), ("beta-study", ["diffusers"]),
+    ("small", ["diffusers"]), ("tiny", ["diffusers"]), ("compress-f4", ["diffusers"]),
 ])
 def test_the_export_names_the_tools_that_load_each_preset(preset, loaders):
     from codec.exchange.ldm_format import tools_that_load

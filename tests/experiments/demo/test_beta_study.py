@@ -74,7 +74,8 @@ def test_a_three_run_study_measures_the_rate_and_writes_its_table_plot_and_prior
                       "train.latent_stats_images=4", "model.block_out_channels=[8,8,16,16]", "model.norm_num_groups=4"],
         "runs": [{"name": "small", "overrides": ["loss.kl_weight=1e-6"]},
                  {"name": "large", "overrides": ["loss.kl_weight=1000"]},
-                 {"name": "cvae", "overrides": ["model.condition=text", "model.condition_channels=4"]}]}))
+                 {"name": "cvae", "overrides": ["model.global_latent=false", "model.condition=text",
+                                                "model.condition_channels=4"]}]}))
     summary = run_study(load_study_config(study), ROOT)
     assert json.loads((shapes / "shapes.json").read_text())["count"] == 24
     small, large, cvae = summary["runs"]
@@ -96,7 +97,8 @@ def test_a_three_run_study_measures_the_rate_and_writes_its_table_plot_and_prior
     assert (out / "loss_curves.png").stat().st_size > 1000 and len(small["loss_curve"]["step"]) >= 1
     assert prior_file("cvae beta=1") == "prior_cvae_beta_1.png"
     report = (out / "report.md").read_text()
-    assert "| small | 1e-06 | constant | none | 2 |" in report and "| cvae | 1 |" in report
+    assert "| small | 1e-06 | constant | none | global | 2 |" in report and "| cvae | 1 |" in report
+    assert small["latent"] == "global" and cvae["latent"] == "grid"
     # A second call reuses the exported codecs and measures the same numbers.
     again = run_study(load_study_config(study), ROOT)
     assert again["runs"][0]["psnr_db"] == small["psnr_db"]
