@@ -246,6 +246,7 @@ def export_for_tools(codec_dir: str | os.PathLike, out: str | os.PathLike, name:
     if (source / "model_index.json").is_file():
         source = source / "vae"
     vae = load_codec(source)
+    tensors = to_ldm_state_dict(vae)  # before anything is written: a codec without an LDM layout is refused here
     out = Path(out)
     with folder_atomically(out / "diffusers") as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
@@ -265,7 +266,7 @@ def export_for_tools(codec_dir: str | os.PathLike, out: str | os.PathLike, name:
     if not difference <= tolerance:
         raise RuntimeError(f"{path}: read back by diffusers' from_single_file it decodes {difference:.3g} away from "
                            f"{source} (allowed {tolerance}); the file is not a faithful copy, do not use it")
-    loaders, not_loaded_because = tools_that_load(to_ldm_state_dict(vae))
+    loaders, not_loaded_because = tools_that_load(tensors)
     return {"diffusers": out / "diffusers", "single_file": path, "round_trip_max_difference": difference,
             "scaling_factor": float(vae.config.scaling_factor), "latent_channels": int(vae.config.latent_channels),
             "loaders": loaders, "not_loaded_because": not_loaded_because}

@@ -1,5 +1,7 @@
 """The global-latent codec (model.global_latent): every latent number sees the whole image, and back."""
 
+import json
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -63,3 +65,30 @@ def test_config_refuses_a_conditional_or_pretrained_global_latent_and_mismatched
     cfg = tiny_config("model.global_latent=true", "model.sample_size=64")
     assert cfg.model.architecture()["global_latent"] is True
     assert "global_latent" not in tiny_config().model.architecture()
+
+
+def test_generate_draws_prior_samples_at_the_codecs_size_and_refuses_other_sizes_in_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    from tests.conftest import command
+
+    vae = _model(True)
+    vae.save_pretrained(tmp_path / "global")
+    generate, out = command("generate"), tmp_path / "out"
+    assert generate(["--codec", tmp_path / "global", "--prior-samples", "2", "--seed", "0", "--out", out]) == 0
+    record = json.loads((out / "prior-seed0.json").read_text())
+    assert record["output"]["latent_shape"] == [1, 16, 16] and Image.open(out / "prior-seed0-0.png").size == (64, 64)
+    Image.new("RGB", (96, 96), (200, 30, 30)).save(tmp_path / "photo.png")
+    capsys.readouterr()
+    assert generate(["--codec", tmp_path / "global", "--reconstruct", tmp_path / "photo.png", "--out", out]) != 0
+    err = capsys.readouterr().err
+    assert "encodes 64x64 images only" in err and err.count("\n") == 1, err
+
+
+def test_export_for_tools_refuses_a_global_latent_before_writing_anything(tmp_path, capsys):
+    from tests.conftest import command
+
+    _model(True).save_pretrained(tmp_path / "global")
+    assert command("codec export")(["--codec", tmp_path / "global", "--out", tmp_path / "export"]) != 0
+    assert "no LDM layout" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
