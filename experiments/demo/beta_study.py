@@ -239,8 +239,10 @@ def train_runs(configs: list, names: list[str], workers: int) -> None:
 
     # torch's own thread count, not os.cpu_count(): it already follows the process's CPU affinity and OMP_NUM_THREADS
     threads = max(1, torch.get_num_threads() // workers)
-    # The longest clock budget first, so that the shorter runs fill the other workers meanwhile and all end together.
-    order = sorted(range(len(configs)), key=lambda k: -(configs[k].train.max_minutes or 0.0))
+    # The longest budget first (clock, then steps), so that the shorter runs fill the other workers meanwhile and all
+    # end together.
+    order = sorted(range(len(configs)), key=lambda k: (-(configs[k].train.max_minutes or 0.0),
+                                                       -configs[k].train.max_steps))
     configs, names = [configs[k] for k in order], [names[k] for k in order]
     # spawn: a fresh interpreter per run, so no accelerate state or torch thread pool is inherited
     with ProcessPoolExecutor(max_workers=min(workers, len(configs)),
@@ -376,7 +378,7 @@ COMMAND_LINE = """The β trade-off on the shapes world: train one codec per run 
 measure each.
 
     python -m experiments.demo.beta_study --config configs/beta_study.yaml
-    python -m experiments.demo.beta_study --config configs/beta_study.yaml --set overrides='["train.max_minutes=10"]'
+    python -m experiments.demo.beta_study --config configs/beta_study.yaml --set overrides='["train.max_steps=8000"]'
 
 Writes <output_dir>/results.json, report.md (the table), rate_distortion.png (rate in bits per image against held-out
 PSNR, each point named) and prior_<run>.png (decoded z ~ N(0, I)). A run whose codec is already exported is measured
