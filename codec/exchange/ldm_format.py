@@ -47,9 +47,9 @@ def _ldm_key(key: str, levels: int) -> str:
 
 def to_ldm_state_dict(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     """The codec's weights under LDM key names; attention projections become the 1x1 convolutions LDM uses."""
-    if type(vae).__name__ == "GlobalLatentAutoencoderKL":
-        raise ValueError("a global-latent codec (model.global_latent) has linear layers where LDM's VAE has "
-                         "convolutions: it has no LDM layout (its diffusers folder loads with model.load_codec)")
+    if not getattr(vae, "has_ldm_layout", True):
+        raise ValueError(f"a {type(vae).__name__} has layers LDM's VAE does not (e.g. a global latent's linear "
+                         f"layers): it has no LDM layout (its diffusers folder loads with model.load_codec)")
     levels = len(vae.config.block_out_channels)
     out = {}
     for key, tensor in vae.state_dict().items():

@@ -23,6 +23,8 @@ from torch import nn
 
 
 class GlobalLatentAutoencoderKL(AutoencoderKL):
+    has_ldm_layout = False  # linear layers where LDM's VAE has convolutions (codec/exchange/ldm_format.py)
+
     @register_to_config
     def __init__(self, in_channels: int = 3, out_channels: int = 3,
                  down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",),
