@@ -358,7 +358,7 @@ def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:
         adherence = ("/".join(f"{r['prior_adherence_percent'][a]:.0f}" for a in ATTRIBUTES)
                      if "prior_adherence_percent" in r else "-")
         lines.append(f"| {r['name']} | {r['beta']:g} | {r['schedule']} | {r['condition']} | "
-                     f"{r.get('latent', 'grid')} | {r['steps']} | "
+                     f"{r['latent']} | {r['steps']} | "
                      f"{r['end_slope']:+.0f} | {r['psnr_db']:.2f} | {r['rate_bits']:.1f} | "
                      f"{r['active_channels']}/{r['latent_channels']} | "
                      f"{r['prior_one_shape_percent']:.0f}% | {adherence} |")
