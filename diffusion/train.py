@@ -46,7 +46,13 @@ from codec.common.checkpoints import (
 from codec.common.config import ConfigError, to_dict
 from codec.common.distributed import make_accelerator
 from codec.common.draws import DrawSampler
-from codec.common.logs import append_history, flat_hparams, start_run_logging, stop_run_logging
+from codec.common.logs import (
+    append_history,
+    flat_hparams,
+    start_run_logging,
+    stop_run_logging,
+    truncate_history,
+)
 from codec.common.loop import LoopResult
 from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
 from codec.exchange.pipeline import LatentDiffusionPipeline, latent_norm, make_sampler
@@ -247,6 +253,8 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
         log.info("resumed from %s at step %d, draw %d", resume_dir, step, draws)
+        if main:
+            truncate_history(output_dir, step)  # the steps after the checkpoint are made, and logged, again
     # Built once the checkpoint has said where the draws continue.
     loader = accelerator.prepare(training_loader(shards, cfg, draws))
     pipe = LatentDiffusionPipeline(vae=vae, unet=inner, scheduler=make_sampler("ddim", noise_scheduler.config),

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from codec.common.atomic import write_text_atomically
+
 
 def start_run_logging(log: logging.Logger, main: bool, output_dir: Path) -> logging.Handler | None:
     """INFO to stdout and <output_dir>/train.log on the main process, warnings only on the others. Returns the
@@ -41,6 +43,18 @@ def read_history(output_dir: Path) -> list[dict]:
     """The records append_history wrote, oldest first; empty when the run logged nothing yet."""
     path = Path(output_dir) / "history.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def truncate_history(output_dir: Path, step: int) -> None:
+    """Drop the records after `step`: a run resumed from its checkpoint at `step` makes those steps again and logs
+    them anew (a run stopped after logging past its last checkpoint would otherwise log them twice)."""
+    path = Path(output_dir) / "history.jsonl"
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def flat_hparams(config: dict, prefix: str = "") -> dict:

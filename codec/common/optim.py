@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from codec.common.config import ConfigError
+
 
 @dataclass
 class OptimConfig:
@@ -14,17 +16,29 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    min_lr_ratio: float = 0.1  # the rate decays to lr * min_lr_ratio at max_steps
+    # 0: cosine decay over the whole run. N > 0: warm-up, stable, decay: `lr` until the last N steps, then a linear
+    # decay to lr * min_lr_ratio. A longer budget then repeats every step of a shorter one up to its decay, so a run
+    # can be extended from its checkpoints, and the decay lets its loss settle at the end.
+    cooldown_steps: int = 0
     max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.cooldown_steps < 0:
+            raise ConfigError(f"optim.cooldown_steps must be >= 0, got {self.cooldown_steps}")
 
 
 def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`.
+    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`; with `cooldown_steps`, `lr`
+    until the last cooldown_steps before `max_steps`, then linear decay to `lr * min_lr_ratio` at `max_steps`.
 
     A pure function of the step (no scheduler object): resuming needs nothing but the step, and the rate does
     not depend on how many processes step a scheduler (accelerate steps a prepared one once per process)."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.cooldown_steps > 0:
+        progress = min(1.0, max(0.0, (step - (max_steps - cfg.cooldown_steps)) / cfg.cooldown_steps))
+        return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * progress)
     span = max(1, max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

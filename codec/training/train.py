@@ -36,7 +36,13 @@ from codec.common.checkpoints import (
 from codec.common.config import ConfigError, to_dict
 from codec.common.distributed import agreed_seconds, make_accelerator
 from codec.common.draws import DrawSampler
-from codec.common.logs import append_history, flat_hparams, start_run_logging, stop_run_logging
+from codec.common.logs import (
+    append_history,
+    flat_hparams,
+    start_run_logging,
+    stop_run_logging,
+    truncate_history,
+)
 from codec.common.loop import LoopResult
 from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
 from codec.data import CenterCrops, TrainCrops, bundled_photos, load_image_dataset
@@ -279,6 +285,8 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
         log.info("resumed from %s at step %d", resume_dir, step)
+        if main:
+            truncate_history(output_dir, step)  # the steps after the checkpoint are made, and logged, again
 
     run_info = {
         "config": to_dict(cfg),

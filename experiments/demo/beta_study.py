@@ -17,9 +17,11 @@ The runs and their budgets are listed in a YAML file (configs/beta_study.yaml); 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,9 @@ from pathlib import Path
 import torch
 
 from codec.common.atomic import save_figure, write_text_atomically
+from codec.common.checkpoints import checkpoint_dirs, read_trainer_state
 from codec.common.config import ConfigError, exit_status, load_config
+from codec.common.optim import OptimConfig, learning_rate
 from experiments import CHECKOUT
 from experiments.demo.adherence import ATTRIBUTES
 
@@ -185,7 +189,9 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
     configs = {run.name: load_codec_config(root / cfg.codec_config, [
         f"data.train={json.dumps(str(root / cfg.shapes))}", f"train.output_dir={json.dumps(str(out / run.name))}",
         *cfg.overrides, *run.overrides]) for run in cfg.runs}
-    to_train = [run.name for run in cfg.runs if not (out / run.name / "final" / "config.json").is_file()]
+    to_train = [run.name for run in cfg.runs if not trained(out / run.name, configs[run.name].train)]
+    for name in to_train:
+        set_aside_other_budget(out / name, configs[name])
     train_runs([configs[name] for name in to_train], to_train, cfg.workers)
     results = []
     heldout: dict[int, tuple[torch.Tensor, list[str]]] = {}  # by image size: rendered once, measured by every run
@@ -225,6 +231,50 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
     plot_loss_curves(results, out / "loss_curves.png")
     write_text_atomically(out / "report.md", report_markdown(results, cfg))
     return summary
+
+
+def trained(run_dir: Path, train) -> bool:
+    """Whether the run's exported codec has its budget: a step budget longer than the exported codec's steps is
+    trained on from the run's latest checkpoint, so a longer budget extends a study instead of starting it again
+    (exactly so where the learning rate of the steps already made is unchanged, e.g. optim.cooldown_steps)."""
+    record = run_dir / "final" / "codec_training.json"
+    if not (run_dir / "final" / "config.json").is_file() or not record.is_file():
+        return False
+    return bool(train.max_minutes) or json.loads(record.read_text())["steps"] >= train.max_steps
+
+
+def steps_in_common(old: OptimConfig, old_steps: int, new: OptimConfig, new_steps: int) -> int:
+    """How many first steps two budgets make at the same learning rates (the rest of their schedules, β's
+    included, follow the step alone): a checkpoint after at most that many steps is one of both runs."""
+    for step in range(min(old_steps, new_steps)):
+        if not math.isclose(learning_rate(step, old, old_steps), learning_rate(step, new, new_steps), rel_tol=1e-12):
+            return step
+    return min(old_steps, new_steps)
+
+
+def set_aside_other_budget(run_dir: Path, codec_cfg) -> None:
+    """Before a run exported for another budget trains on: its codec, and its checkpoints after the steps both
+    budgets make alike (the last steps of a cool-down, say), move to <run>/superseded/<steps>-steps/ with a copy of
+    its history, so the run resumes from the last checkpoint the new budget would also have made. Nothing is
+    deleted."""
+    record = run_dir / "final" / "codec_training.json"
+    if not record.is_file():
+        return  # nothing exported: an interrupted run, resumed as it is
+    recorded = json.loads(record.read_text())
+    optim = recorded["config"]["optim"]
+    old = OptimConfig(**{f.name: optim[f.name] for f in dataclasses.fields(OptimConfig) if f.name in optim})
+    common = steps_in_common(old, recorded["config"]["train"]["max_steps"], codec_cfg.optim,
+                             codec_cfg.train.max_steps)
+    aside = run_dir / "superseded" / f"{recorded['steps']}-steps"
+    (aside / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for checkpoint in checkpoint_dirs(run_dir):
+        if read_trainer_state(checkpoint)["step"] > common:
+            checkpoint.rename(aside / "checkpoints" / checkpoint.name)
+    (run_dir / "final").rename(aside / "final")
+    if (run_dir / "history.jsonl").is_file():  # the trainer drops the records after the step it resumes from
+        shutil.copy2(run_dir / "history.jsonl", aside / "history.jsonl")
+    print(f"  {run_dir.name}: {recorded['steps']} steps exported, {codec_cfg.train.max_steps} asked; "
+          f"resuming after at most {common} steps (the rest set aside in {aside})", flush=True)
 
 
 def train_runs(configs: list, names: list[str], workers: int) -> None:
@@ -304,22 +354,30 @@ def loss_curve(run_dir: Path, pixels: int) -> dict:
 
 
 def plot_loss_curves(results: list[dict], path: Path) -> Path:
-    """Each run's training loss (β-weighted, nats per image) against step: whether it had converged."""
+    """Each run's training loss (β-weighted, nats per image) against step, whole (left) and over the last half of
+    the run less its final value (right, linear): whether it had converged, which a whole curve on a log axis hides."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (whole, end) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:
         steps, losses = r["loss_curve"]["step"], torch.tensor(r["loss_curve"]["loss"])
         if len(losses) >= 5:  # a running mean over 5 logs: single batches of 16 are noisy
             losses = torch.nn.functional.avg_pool1d(losses[None, None], 5, 1, 2, count_include_pad=False)[0, 0]
-        ax.plot(steps, losses.tolist(), label=r["name"], lw=1)
-    ax.set(xlabel="step", ylabel="training loss, nats per image (β-weighted)", title="Training loss per run")
-    ax.set_yscale("symlog", linthresh=100)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+        line, = whole.plot(steps, losses.tolist(), label=r["name"], lw=1)
+        half = [k for k, s in enumerate(steps) if s >= steps[-1] / 2] if steps else []
+        if half:
+            end.plot([steps[k] for k in half], (losses[half] - losses[-1]).tolist(), lw=1, color=line.get_color())
+    whole.set(xlabel="step", ylabel="training loss, nats per image (β-weighted)", title="Training loss per run")
+    whole.set_yscale("symlog", linthresh=100)
+    whole.legend(fontsize=7)
+    end.set(xlabel="step", ylabel="loss less its final value, nats per image",
+            title="The last half of each run (running mean of 5 logs)")
+    end.axhline(0, color="black", lw=0.5)
+    for ax in (whole, end):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path, dpi=120)
 
@@ -378,12 +436,15 @@ COMMAND_LINE = """The β trade-off on the shapes world: train one codec per run 
 measure each.
 
     python -m experiments.demo.beta_study --config configs/beta_study.yaml
-    python -m experiments.demo.beta_study --config configs/beta_study.yaml --set overrides='["train.max_steps=8000"]'
+    python -m experiments.demo.beta_study --config configs/beta_study.yaml \\
+        --set overrides='["train.max_steps=18000", "optim.cooldown_steps=1000", "optim.min_lr_ratio=0"]'
 
 Writes <output_dir>/results.json, report.md (the table), rate_distortion.png (rate in bits per image against held-out
-PSNR, each point named) and prior_<run>.png (decoded z ~ N(0, I)). A run whose codec is already exported is measured
-again without retraining; an interrupted one resumes from its latest checkpoint. Needs the shapes world
-(python -m experiments.demo.shapes --out data/shapes, or `make demo`).
+PSNR, each point named) and prior_<run>.png (decoded z ~ N(0, I)). A run whose codec is already exported for its
+budget is measured again without retraining; an interrupted one resumes from its latest checkpoint; one given more
+steps than it was trained for trains on from the last checkpoint both budgets make alike (with optim.cooldown_steps,
+the start of its cool-down), its codec and later checkpoints set aside in <run>/superseded/. The study renders its own
+shapes world (render:) or reads `shapes`.
 """
 
 

@@ -62,7 +62,7 @@ def test_tiny_training_lowers_validation_l1_and_exports_a_diffusers_codec(tiny_c
 
 def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_config, fresh_accelerate_state, tmp_path,
                                                                 monkeypatch):
-    common = ("train.max_steps=8", "train.checkpoint_every=4", "optim.warmup_steps=2")
+    common = ("train.max_steps=8", "train.checkpoint_every=4", "optim.warmup_steps=2", "train.log_every=1")
     straight = train_codec(tiny_config(*common, f"train.output_dir={tmp_path / 'straight'}"))
 
     reset_accelerate()
@@ -76,6 +76,13 @@ def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_config, fre
     assert_same_safetensors(tmp_path / "straight", tmp_path / "resumed",
                             ("checkpoints/step_00000008/model.safetensors",
                              "final/diffusion_pytorch_model.safetensors"))
+
+    # Resumed from step 4 after logging up to 8, the run logs steps 5-8 again: its history holds each step once.
+    reset_accelerate()
+    train_codec(tiny_config(*common, f"train.output_dir={tmp_path / 'straight'}"),
+                resume=str(tmp_path / "straight" / "checkpoints" / "step_00000004"))
+    logged = [r["step"] for r in read_history(tmp_path / "straight") if "loss/total" in r]
+    assert logged == sorted(set(logged)) and logged[-1] == 8, logged
 
     # 8 GroupNorm groups instead of 4 keeps every parameter's shape, so accelerate would load the checkpoint
     # without a word and continue a different network.

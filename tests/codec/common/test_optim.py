@@ -43,3 +43,26 @@ def test_backward_and_step_clips_only_the_synchronised_step(fresh_accelerate_sta
     # Clipped to norm 1 on the synchronised step, then applied: -0.5 per element (unclipped: -5).
     torch.testing.assert_close(weight.detach(), torch.full((4,), -0.5))
     assert weight.grad is None  # zeroed for the next step
+
+
+def test_learning_rate_warmup_stable_decay():
+    """cooldown_steps: `lr` after the warm-up until the last N steps, then linear to lr * min_lr_ratio; every step
+    before the decay is the same for any budget, which is what lets a run be extended from its checkpoints."""
+    cfg = OptimConfig(lr=2.0, warmup_steps=10, min_lr_ratio=0.0, cooldown_steps=100)
+    assert learning_rate(0, cfg, 1000) == pytest.approx(0.2)
+    assert learning_rate(10, cfg, 1000) == pytest.approx(2.0)
+    assert learning_rate(900, cfg, 1000) == pytest.approx(2.0)  # the decay starts here
+    assert learning_rate(950, cfg, 1000) == pytest.approx(1.0)  # half-way down the line
+    assert learning_rate(1000, cfg, 1000) == pytest.approx(0.0)
+    assert learning_rate(1200, cfg, 1000) == pytest.approx(0.0)
+    assert [learning_rate(s, cfg, 500) for s in range(400)] == [learning_rate(s, cfg, 1000) for s in range(400)]
+    floor = OptimConfig(lr=1.0, min_lr_ratio=0.1, cooldown_steps=10)
+    assert learning_rate(95, floor, 100) == pytest.approx(1 - 0.9 * 0.5)
+    assert learning_rate(100, floor, 100) == pytest.approx(0.1)
+
+
+def test_negative_cooldown_is_refused():
+    from codec.common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cooldown_steps"):
+        OptimConfig(cooldown_steps=-1)

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,46 @@ def test_run_overrides_extend_the_named_runs_and_unknown_names_are_refused():
     assert runs["beta=1"] == ["loss.kl_weight=1"] and runs["cvae"][-1] == "train.max_minutes=2.5"
     with pytest.raises(ConfigError, match=r"run_overrides: \['cvea'\] are not runs of this study"):
         load_study_config(ROOT / "configs/beta_study.yaml", ['run_overrides={cvea: ["train.max_minutes=2.5"]}'])
+
+
+def test_a_longer_budget_extends_the_runs_from_their_checkpoints_to_the_same_codec(tmp_path):
+    """A study trained for 2 steps at a constant rate, given 4 with a cool-down over the last 2, then 6: each time it
+    trains on from the last checkpoint both budgets make alike (the 4-step codec and its cooled-down 4th step set
+    aside) and ends with the codec a 6-step study trains from scratch."""
+    def study(name: str, steps: int, cooldown: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({
+            "codec_config": str(ROOT / "configs/codec/beta-study.yaml"), "shapes": str(tmp_path / "shapes"),
+            "render": {"count": 24, "size": 32, "seed": 0}, "output_dir": str(tmp_path / name),
+            "heldout_count": 4, "prior_samples": 4,
+            "overrides": [f"train.max_steps={steps}", "optim.warmup_steps=0", f"optim.cooldown_steps={cooldown}",
+                          f"optim.min_lr_ratio={0.0 if cooldown else 1.0}", "train.batch_size=4", "data.val_count=2",
+                          "train.checkpoint_every=1", "train.log_every=1", "train.latent_stats_images=4",
+                          "model.block_out_channels=[8,8,16,16]", "model.norm_num_groups=4"],
+            "runs": [{"name": "b", "overrides": ["loss.kl_weight=1"]}]}))
+        return path
+
+    runs = [run_study(load_study_config(study("extended", steps, cooldown)), ROOT)["runs"][0]
+            for steps, cooldown in ((2, 0), (4, 2), (6, 2))]
+    fresh = run_study(load_study_config(study("fresh", 6, 2)), ROOT)["runs"][0]
+    assert [r["steps"] for r in runs] == [2, 4, 6] and fresh["steps"] == 6
+    extended = runs[-1]
+    assert extended["psnr_db"] == pytest.approx(fresh["psnr_db"], abs=1e-6) != pytest.approx(runs[1]["psnr_db"])
+    assert extended["rate_bits"] == pytest.approx(fresh["rate_bits"], rel=1e-6)
+    assert extended["loss_curve"] == fresh["loss_curve"]  # the history read as the run that went on logged it
+    # The 4-step budget's 4th step had a lower rate than the 6-step one's: set aside with its codec, nothing deleted.
+    aside = tmp_path / "extended" / "b" / "superseded" / "4-steps"
+    assert (aside / "final" / "config.json").is_file() and (aside / "checkpoints" / "step_00000004").is_dir()
+    assert [json.loads(line)["step"] for line in (aside / "history.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert not (aside / "checkpoints" / "step_00000003").exists()
+
+
+def test_steps_in_common_are_those_before_either_cool_down_starts():
+    from codec.common.optim import OptimConfig
+    from experiments.demo.beta_study import steps_in_common
+
+    constant = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=1.0)
+    cooled = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.0, cooldown_steps=1000)
+    assert steps_in_common(constant, 4000, cooled, 9000) == 4000
+    assert steps_in_common(cooled, 9000, cooled, 18000) == 8001  # step 8000 is the first below lr in the 9,000
+    assert steps_in_common(OptimConfig(lr=1.0), 4000, OptimConfig(lr=1.0), 8000) == 1  # cosine: apart at once

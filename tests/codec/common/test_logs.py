@@ -1,0 +1,14 @@
+from codec.common.logs import append_history, read_history, truncate_history
+
+
+def test_truncating_a_history_keeps_the_records_up_to_the_checkpoints_step(tmp_path):
+    """Logged to step 75 with a checkpoint at 50: a resume from 50 drops 60 and 75 (it logs them again); both
+    records at step 50 (a training log and a validation) stay, and a history with nothing later is left alone."""
+    for step in (25, 50, 50, 60, 75):
+        append_history(tmp_path, {"step": step, "loss": 1.0})
+    truncate_history(tmp_path, 50)
+    assert [r["step"] for r in read_history(tmp_path)] == [25, 50, 50]
+    truncate_history(tmp_path, 100)
+    assert [r["step"] for r in read_history(tmp_path)] == [25, 50, 50]
+    truncate_history(tmp_path / "none", 10)  # no history yet: nothing to do
+    assert read_history(tmp_path / "none") == []
