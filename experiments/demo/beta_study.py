@@ -108,16 +108,31 @@ def rate_bits(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return kl_divergence(mean.double(), logvar.double()) / math.log(2)
 
 
-def end_slope(steps: list[int], losses: list[float], fraction: float = 0.25) -> float:
-    """The least-squares slope of loss against step over the last `fraction` of the logged points, per 1,000
-    steps: about 0 for a run converged by its own loss curve, negative while it still learns."""
-    tail = max(2, int(len(steps) * fraction))
-    if len(steps) < 2:
-        return float("nan")
-    x = torch.tensor(steps[-tail:], dtype=torch.float64)
-    y = torch.tensor(losses[-tail:], dtype=torch.float64)
+def plateau_slope(steps: list[int], losses: list[float], stable_end: int,
+                  fraction: float = 0.25) -> tuple[float, float]:
+    """The least-squares slope of the loss against step over the last `fraction` of the steps at a constant rate
+    (up to `stable_end`, where the cool-down starts, or the run's last step when it has none), per 1,000 steps, and
+    its standard error, widened for the correlation of neighbouring logs (AR(1) at lag 1). Within two standard errors
+    of 0, the run has converged by its own curve: at that rate its loss no longer falls, and the cool-down after it
+    takes out the noise of the steps. (nan, nan) with fewer than 3 logs in the window."""
+    window = [(step, loss) for step, loss in zip(steps, losses) if stable_end * (1 - fraction) < step <= stable_end]
+    if len(window) < 3:
+        return float("nan"), float("nan")
+    x = torch.tensor([step for step, _ in window], dtype=torch.float64) / 1000
+    y = torch.tensor([loss for _, loss in window], dtype=torch.float64)
     x = x - x.mean()
-    return float((x * (y - y.mean())).sum() / (x * x).sum().clamp_min(1e-12) * 1000)
+    slope = (x * (y - y.mean())).sum() / (x * x).sum().clamp_min(1e-12)
+    residual = y - y.mean() - slope * x
+    stderr = (residual.pow(2).sum() / (len(window) - 2) / (x * x).sum().clamp_min(1e-12)).sqrt()
+    rho = float((residual[1:] * residual[:-1]).sum() / residual.pow(2).sum().clamp_min(1e-12))
+    rho = min(max(rho, 0.0), 0.9)  # anti-correlated logs would narrow it: never below the plain error
+    return float(slope), float(stderr * math.sqrt((1 + rho) / (1 - rho)))
+
+
+def stable_end(recorded: dict, steps: int) -> int:
+    """The last step at the constant rate of a run recorded in codec_training.json: before its cool-down, if any."""
+    cooldown = recorded["config"]["optim"].get("cooldown_steps", 0)
+    return recorded["config"]["train"]["max_steps"] - cooldown if cooldown else steps
 
 
 def active_channels(means: torch.Tensor, threshold: float = 0.01) -> int:
@@ -221,7 +236,10 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
         numbers.update(name=run.name, beta=loss["kl_weight"], schedule=schedule_text(loss), condition=condition,
                        latent="global" if model.get("global_latent") else "grid", steps=history["steps"])
         curve = loss_curve(out / run.name, images[0].numel())
-        numbers.update(loss_curve=curve, end_slope=end_slope(curve["step"], curve["loss"]))
+        constant_until = stable_end(history, history["steps"])
+        slope, stderr = plateau_slope(curve["step"], curve["loss"], constant_until)
+        numbers.update(loss_curve=curve, cooldown_steps=history["steps"] - min(constant_until, history["steps"]),
+                       plateau_slope=slope, plateau_stderr=stderr, converged=bool(abs(slope) <= 2 * stderr))
         save_png(_grid(samples[:16]), out / prior_file(run.name))
         results.append(numbers)
         print(f"  {run.name}: {_line(numbers)}", flush=True)
@@ -408,20 +426,25 @@ def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:
         "# β trade-off on the shapes world", "",
         f"Codec preset `{cfg.codec_config}` on `{cfg.shapes}`, every run for the same budget; measured on "
         f"{cfg.heldout_count} held-out shapes (seed {cfg.heldout_seed}) and {cfg.prior_samples} prior samples.", "",
-        "| run | β | schedule | condition | latent | steps | loss slope at the end | PSNR (dB) | rate (bits/image) | "
-        "active channels | prior: one shape | prior adherence c/p/s/b |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | β | schedule | condition | latent | steps (cool-down) | loss slope | converged | PSNR (dB) | "
+        "rate (bits/image) | active channels | prior: one shape | prior adherence c/p/s/b |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         adherence = ("/".join(f"{r['prior_adherence_percent'][a]:.0f}" for a in ATTRIBUTES)
                      if "prior_adherence_percent" in r else "-")
+        cooldown = f" ({r['cooldown_steps']})" if r["cooldown_steps"] else ""
         lines.append(f"| {r['name']} | {r['beta']:g} | {r['schedule']} | {r['condition']} | "
-                     f"{r['latent']} | {r['steps']} | "
-                     f"{r['end_slope']:+.0f} | {r['psnr_db']:.2f} | {r['rate_bits']:.1f} | "
+                     f"{r['latent']} | {r['steps']}{cooldown} | "
+                     f"{r['plateau_slope']:+.0f} ± {r['plateau_stderr']:.0f} | {'yes' if r['converged'] else 'no'} | "
+                     f"{r['psnr_db']:.2f} | {r['rate_bits']:.1f} | "
                      f"{r['active_channels']}/{r['latent_channels']} | "
                      f"{r['prior_one_shape_percent']:.0f}% | {adherence} |")
-    lines += ["", "Loss slope at the end: the least-squares slope of the training loss (nats per image) over the last "
-              "quarter of the run, per 1,000 steps; near 0 when the run has converged by its own curve.", "",
+    lines += ["", "Loss slope: the least-squares slope of the training loss (nats per image, per 1,000 steps) over the "
+              "last quarter of the steps at the constant learning rate (before the cool-down), ± its standard error "
+              "(widened for neighbouring logs' correlation). Converged: the slope is within two standard errors of 0, "
+              "so at that rate the loss no longer falls by its own curve; the cool-down then takes out the steps' "
+              "noise.", "",
               "![rate against distortion](rate_distortion.png)", "", "![training loss per run](loss_curves.png)", ""]
     lines += ["Prior samples, z ~ N(0, I) decoded (the CVAE's with the held-out captions), one grid per run:", ""]
     lines += [f"`{r['name']}`: ![prior samples of {r['name']}]({prior_file(r['name'])})" for r in results]

@@ -11,12 +11,13 @@ from codec.network.model import encode_posterior, load_codec
 from experiments.demo.adherence import shows_one_shape
 from experiments.demo.beta_study import (
     active_channels,
-    end_slope,
     heldout_shapes,
     load_study_config,
+    plateau_slope,
     prior_file,
     rate_bits,
     run_study,
+    stable_end,
 )
 from experiments.demo.shapes import render, scenes
 from tests.conftest import ROOT
@@ -40,12 +41,24 @@ def test_active_channels_counts_channels_whose_mean_varies_with_the_image():
     assert active_channels(means) == 2
 
 
-def test_end_slope_is_the_loss_trend_over_the_last_quarter_per_thousand_steps():
-    steps = list(range(0, 4000, 25))
-    falling_then_flat = [1000.0 - 0.5 * s if s < 2000 else 0.0 for s in steps]
-    assert end_slope(steps, falling_then_flat) == pytest.approx(0.0, abs=1e-9)
-    assert end_slope(steps, [-3.0 * s for s in steps]) == pytest.approx(-3000.0)
-    assert math.isnan(end_slope([25], [1.0]))
+def test_plateau_slope_reads_the_constant_rate_steps_before_the_cool_down_with_its_error():
+    steps = list(range(25, 9001, 25))
+    wobble = [(-1.0) ** (s // 25) * 30.0 for s in steps]  # alternating logs: no correlation to widen the error by
+    # Falling until 4,000, flat (with noise) at the constant rate up to 8,000, then a cool-down that drops it again.
+    losses = [(1000.0 - 0.25 * s if s < 4000 else 0.0 if s <= 8000 else -(s - 8000) * 0.5) + w
+              for s, w in zip(steps, wobble)]
+    slope, stderr = plateau_slope(steps, losses, stable_end=8000)  # the window is 6,000-8,000
+    assert abs(slope) <= 2 * stderr and stderr == pytest.approx(30 / math.sqrt(sum(
+        (s / 1000 - 7.0125) ** 2 for s in steps if 6000 < s <= 8000)), rel=0.02)
+    # Without the cool-down's start the window is 6,750-9,000: the drop makes it fall, far beyond its error.
+    slope, stderr = plateau_slope(steps, losses, stable_end=9000)
+    assert slope < -100 and abs(slope) > 2 * stderr
+    line = plateau_slope(steps, [-3.0 * s for s in steps], 8000)
+    assert line == (pytest.approx(-3000.0), pytest.approx(0.0, abs=1e-6))
+    assert math.isnan(plateau_slope([25], [1.0], 25)[0])
+    record = {"config": {"optim": {"cooldown_steps": 2000}, "train": {"max_steps": 18000}}}
+    assert stable_end(record, 18000) == 16000
+    assert stable_end({"config": {"optim": {}, "train": {"max_steps": 20000}}}, 1560) == 1560
 
 
 def test_one_shape_holds_for_real_shapes_and_not_for_noise():
