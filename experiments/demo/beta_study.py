@@ -252,9 +252,9 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
 
 
 def trained(run_dir: Path, train) -> bool:
-    """Whether the run's exported codec has its budget: a step budget longer than the exported codec's steps is
-    trained on from the run's latest checkpoint, so a longer budget extends a study instead of starting it again
-    (exactly so where the learning rate of the steps already made is unchanged, e.g. optim.cooldown_steps)."""
+    """Whether the run's exported codec has its budget (a clock budget, once exported, has). A run given more steps
+    than its codec was trained for is trained on (see set_aside_other_budget), so a longer budget extends a study
+    instead of starting it again."""
     record = run_dir / "final" / "codec_training.json"
     if not (run_dir / "final" / "config.json").is_file() or not record.is_file():
         return False
@@ -460,7 +460,7 @@ measure each.
 
     python -m experiments.demo.beta_study --config configs/beta_study.yaml
     python -m experiments.demo.beta_study --config configs/beta_study.yaml \\
-        --set overrides='["train.max_steps=18000", "optim.cooldown_steps=1000", "optim.min_lr_ratio=0"]'
+        --set overrides='["train.max_steps=36000", "optim.cooldown_steps=4000", "optim.min_lr_ratio=0"]'
 
 Writes <output_dir>/results.json, report.md (the table), rate_distortion.png (rate in bits per image against held-out
 PSNR, each point named) and prior_<run>.png (decoded z ~ N(0, I)). A run whose codec is already exported for its
