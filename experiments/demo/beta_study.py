@@ -17,7 +17,6 @@ The runs and their budgets are listed in a YAML file (configs/beta_study.yaml); 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import re
@@ -30,7 +29,7 @@ import torch
 
 from codec.common.atomic import save_figure, write_text_atomically
 from codec.common.checkpoints import checkpoint_dirs, read_trainer_state
-from codec.common.config import ConfigError, exit_status, load_config
+from codec.common.config import ConfigError, exit_status, from_dict, load_config
 from codec.common.optim import OptimConfig, learning_rate
 from experiments import CHECKOUT
 from experiments.demo.adherence import ATTRIBUTES
@@ -279,8 +278,7 @@ def set_aside_other_budget(run_dir: Path, codec_cfg) -> None:
     if not record.is_file():
         return  # nothing exported: an interrupted run, resumed as it is
     recorded = json.loads(record.read_text())
-    optim = recorded["config"]["optim"]
-    old = OptimConfig(**{f.name: optim[f.name] for f in dataclasses.fields(OptimConfig) if f.name in optim})
+    old = from_dict(OptimConfig, recorded["config"]["optim"], "optim")  # keys it lacks (older runs) take defaults
     common = steps_in_common(old, recorded["config"]["train"]["max_steps"], codec_cfg.optim,
                              codec_cfg.train.max_steps)
     aside = run_dir / "superseded" / f"{recorded['steps']}-steps"
