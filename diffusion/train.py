@@ -47,6 +47,7 @@ from codec.common.config import ConfigError, to_dict
 from codec.common.distributed import make_accelerator
 from codec.common.draws import DrawSampler
 from codec.common.logs import (
+    IntervalMeans,
     append_history,
     flat_hparams,
     start_run_logging,
@@ -314,6 +315,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     batches = iter(loader)
     progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not main, desc="unet", dynamic_ncols=True)
     tick, latents_since = time.perf_counter(), 0
+    interval = IntervalMeans()  # the logged loss: its mean over the steps since the last log, on every process
     metrics: dict = {}
     if step == 0 and cfg.train.validate_every > 0:
         metrics = validate(0)
@@ -332,6 +334,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
                 prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
             loss = training_loss(noise_scheduler, prediction, latents, noise, timesteps, cfg.diffusion.snr_gamma)
             backward_and_step(accelerator, loss, optimizer, unet.parameters(), cfg.optim.max_grad_norm)
+        interval.add({"loss": loss})
 
         latents_since += latents.shape[0] * accelerator.num_processes
         if not accelerator.sync_gradients:
@@ -344,8 +347,8 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             elapsed = time.perf_counter() - tick
-            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()  # over processes, not just this one
-            logs = {"loss": mean_loss, "lr": lr, "latents_per_s": latents_since / max(elapsed, 1e-9)}
+            logs = {**interval.means(lambda sums: accelerator.reduce(sums, reduction="mean")), "lr": lr,
+                    "latents_per_s": latents_since / max(elapsed, 1e-9)}
             accelerator.log(logs, step=step)
             if main:  # the loss curve as JSON lines, for plots and reports without tensorboard
                 append_history(output_dir, {"step": step, **logs})

@@ -6,6 +6,9 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from codec.common.atomic import write_text_atomically
 
@@ -55,6 +58,36 @@ def truncate_history(output_dir: Path, step: int) -> None:
     kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
         write_text_atomically(path, "".join(line + "\n" for line in kept))
+
+
+class IntervalMeans:
+    """Each logged loss as its mean over every micro-batch since the last log, on every process.
+
+    A log of the last batch alone keeps one batch in log_every and that batch's noise: its curve cannot show a slope
+    smaller than the noise of single batches (a study's "has the loss stopped falling" could not see what was left).
+    The sums stay on the device (no synchronisation per step); `means` averages them over the processes, so it must
+    be called on every process at the same step, as the log step is."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        """One micro-batch's values (the same keys at every call)."""
+        for key, value in values.items():
+            value = value.detach().float()
+            self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
+        self._count += 1
+
+    def means(self, reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """The means since the last call (or since the run started or resumed), averaged over processes with
+        reduce_mean (accelerator.reduce(..., reduction="mean")); the sums start again."""
+        if not self._count:
+            raise RuntimeError("IntervalMeans.means: nothing was added since the last log")
+        keys = list(self._sums)
+        averaged = reduce_mean(torch.stack([self._sums[key] for key in keys]) / self._count)
+        self._sums, self._count = {}, 0
+        return dict(zip(keys, averaged.tolist()))
 
 
 def flat_hparams(config: dict, prefix: str = "") -> dict:

@@ -37,6 +37,7 @@ from codec.common.config import ConfigError, to_dict
 from codec.common.distributed import agreed_seconds, make_accelerator
 from codec.common.draws import DrawSampler
 from codec.common.logs import (
+    IntervalMeans,
     append_history,
     flat_hparams,
     start_run_logging,
@@ -342,6 +343,7 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
     batches = iter(loader)
     progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not main, desc="codec", dynamic_ncols=True)
     seconds_at_log, images_since = train_seconds, 0
+    interval = IntervalMeans()  # the logged losses: means over the steps since the last log, on every process
     budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
     metrics: dict = {}
     validated_at = checkpointed_at = -1
@@ -392,6 +394,9 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
                 with accelerator.autocast():
                     d_loss = discriminator_loss(disc, images, recon)
                 backward_and_step(accelerator, d_loss, opt_d, disc.parameters(), cfg.optim.max_grad_norm)
+        interval.add({"loss/total": loss, "loss/rec": parts.rec, "loss/perceptual": parts.perceptual,
+                      "loss/kl": parts.kl, "loss/g": g_loss, "loss/d": d_loss,
+                      **({} if parts.equivariance is None else {"loss/equivariance": parts.equivariance})})
 
         images_since += images.shape[0] * accelerator.num_processes
         train_seconds += time.perf_counter() - started
@@ -407,11 +412,9 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             elapsed = train_seconds - seconds_at_log
             logs = {
-                "loss/total": loss.item(), "loss/rec": parts.rec.item(), "loss/perceptual": parts.perceptual.item(),
-                "loss/kl": parts.kl.item(), "loss/nll_logvar": inner.logvar.item(), "loss/kl_weight": parts.kl_weight,
-                **({} if parts.equivariance is None else {"loss/equivariance": parts.equivariance.item()}),
-                "loss/g": g_loss.item(), "loss/gan_weight": float(gan_weight), "loss/d": d_loss.item(),
-                "lr": lr, "images_per_s": images_since / max(elapsed, 1e-9),
+                **interval.means(lambda sums: accelerator.reduce(sums, reduction="mean")),
+                "loss/nll_logvar": inner.logvar.item(), "loss/kl_weight": parts.kl_weight,
+                "loss/gan_weight": float(gan_weight), "lr": lr, "images_per_s": images_since / max(elapsed, 1e-9),
             }
             accelerator.log(logs, step=step)
             if main:

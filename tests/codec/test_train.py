@@ -92,6 +92,30 @@ def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_config, fre
                     resume="latest")
 
 
+def test_the_logged_losses_are_means_over_every_step_since_the_last_log(tiny_config, fresh_accelerate_state,
+                                                                        monkeypatch):
+    """A log every 3 steps holds the mean of those 3 steps' losses, not the last step's alone (which kept one batch
+    in log_every and all of its noise)."""
+    steps = []
+
+    class RecordedLoss(train_module.CodecLoss):
+        def __call__(self, *args, **kwargs):
+            parts = super().__call__(*args, **kwargs)
+            steps.append((parts.total.item(), parts.kl.item()))
+            return parts
+
+    monkeypatch.setattr(train_module, "CodecLoss", RecordedLoss)
+    cfg = tiny_config("train.max_steps=6", "train.log_every=3", "train.validate_every=0")
+    train_codec(cfg)
+    rows = [row for row in read_history(cfg.train.output_dir) if "loss/total" in row]
+    assert [row["step"] for row in rows] == [3, 6] and len(steps) == 6
+    for row, first in zip(rows, (0, 3)):
+        window = steps[first:first + 3]
+        assert row["loss/total"] == pytest.approx(sum(t for t, _ in window) / 3, rel=1e-6)
+        assert row["loss/kl"] == pytest.approx(sum(k for _, k in window) / 3, rel=1e-6)
+    assert abs(rows[0]["loss/total"] - steps[2][0]) > 1e-4  # not the last step's loss
+
+
 def test_gan_and_learned_logvar_train(tiny_config, fresh_accelerate_state, tmp_path, monkeypatch):
     cfg = tiny_config("train.max_steps=4", "train.checkpoint_every=4", "loss.gan_weight=0.5", "loss.disc_start=2",
                       "loss.disc_channels=8", "loss.learn_logvar=true", "train.log_every=1")

@@ -74,6 +74,27 @@ def test_training_lowers_the_denoising_loss_without_ever_running_the_encoder(
     assert (tmp_path / "run" / "samples" / "step_00000080.png").is_file()
 
 
+def test_the_logged_loss_is_the_mean_over_every_step_since_the_last_log(
+        tiny_shards, tiny_codec_dir, tmp_path, fresh_accelerate_state, monkeypatch):
+    from codec.common.logs import read_history
+
+    losses, real = [], train_module.training_loss
+
+    def recorded(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(train_module, "training_loss", recorded)
+    cfg = _config(tiny_shards, tiny_codec_dir, tmp_path / "run", "train.max_steps=4", "train.log_every=2",
+                  "train.validate_every=0")
+    train_unet(cfg)
+    rows = [row for row in read_history(tmp_path / "run") if "loss" in row]
+    assert [row["step"] for row in rows] == [2, 4] and len(losses) == 4
+    assert [row["loss"] for row in rows] == pytest.approx([sum(losses[:2]) / 2, sum(losses[2:]) / 2], rel=1e-6)
+    assert abs(rows[0]["loss"] - losses[1]) > 1e-6  # not the last step's loss
+
+
 def test_resume_latest_gives_the_same_weights_as_a_straight_run(tiny_shards, tiny_codec_dir, tmp_path,
                                                                  fresh_accelerate_state, monkeypatch):
     common = ("train.max_steps=6", "train.checkpoint_every=3", "optim.warmup_steps=2", "train.batch_size=4")
