@@ -458,7 +458,7 @@ measure each.
 
     python -m experiments.demo.beta_study --config configs/beta_study.yaml
     python -m experiments.demo.beta_study --config configs/beta_study.yaml \\
-        --set overrides='["train.max_steps=36000", "optim.cooldown_steps=4000", "optim.min_lr_ratio=0"]'
+        --set overrides='["train.max_steps=72000", "optim.cooldown_steps=8000", "optim.min_lr_ratio=0"]'
 
 Writes <output_dir>/results.json, report.md (the table), rate_distortion.png (rate in bits per image against held-out
 PSNR, each point named) and prior_<run>.png (decoded z ~ N(0, I)). A run whose codec is already exported for its
