@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from codec.common.atomic import write_atomically
 from codec.data.inputs import InputSource, InputUnit
-from codec.data.listing import is_url, open_file, quick_filesystem, unreachable
+from codec.data.listing import Found, is_url, open_file, quick_filesystem, unreachable
 from codec.data.tars import BrokenTar, tar_members
 
 logger = logging.getLogger(__name__)
@@ -204,13 +204,14 @@ class RecordIndex:
     """The records of webdataset tars or parquet files, by position: `len(index)`, `index[i]` (InputSource's
     record i), `index["caption"]` / `index["id"]` (and a parquet file's columns) as lists, `select(rows)`.
 
-    `data`, `image_column`, `caption_column` as InputSource takes them. Pickles without open files or
-    connections (DataLoader workers); each process opens its own on first read."""
+    `data`, `image_column`, `caption_column` and `found` (a listing of `data` already made) as InputSource takes
+    them. Pickles without open files or connections (DataLoader workers); each process opens its own on first
+    read."""
 
     def __init__(self, data: str | os.PathLike, image_column: str | None = None, caption_column: str | None = None,
-                 cache_dir: str | None = None, threads: int = 16, progress: bool = True):
+                 cache_dir: str | None = None, threads: int = 16, progress: bool = True, found: Found | None = None):
         started = time.perf_counter()
-        self.source = InputSource(data, image_column, caption_column)
+        self.source = InputSource(data, image_column, caption_column, found=found)
         if self.source.kind not in INDEXED_KINDS:
             raise ValueError(f"{self.source.data!r} holds {self.source.kind} data, which load_image_dataset reads "
                              f"as a table; RecordIndex is for webdataset tars and parquet files")

@@ -102,7 +102,7 @@ class InputSource:
     """
 
     def __init__(self, data: str | os.PathLike, image_column: str | None = None, caption_column: str | None = None,
-                 split: str = "train", unit_size: int = 1000, limit: int | None = None):
+                 split: str = "train", unit_size: int = 1000, limit: int | None = None, found: Found | None = None):
         if unit_size < 1:
             raise ValueError(f"unit_size must be at least 1, got {unit_size}")
         if limit is not None and limit < 1:
@@ -110,7 +110,7 @@ class InputSource:
         self.data = os.fspath(data)
         self.split = split
         self.unit_size = unit_size
-        found = find_data(self.data)
+        found = found or find_data(self.data)  # a caller that already listed `data` passes its listing: one is enough
         self.kind: str = found.kind
         self.captions: str = "none"
         self._cache: dict = {}  # per-process handles (a table, a streamed dataset); never pickled

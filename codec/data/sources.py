@@ -131,7 +131,7 @@ def load_image_dataset(
     if found.kind in ("webdataset", "parquet"):
         from codec.data.index import RecordIndex  # it builds on InputSource, which imports this module
 
-        return RecordIndex(source, image_column), "image"
+        return RecordIndex(source, image_column, found=found), "image"  # listed once, not again
     dataset = _load_any(found, split)
     column = pick_image_column(dataset.features, image_column, source)
     return dataset.cast_column(column, datasets.Image(decode=False)), column

@@ -167,6 +167,21 @@ def test_load_image_dataset_gives_tars_and_parquet_as_an_index_that_train_crops_
     assert set(crops.rejected) == unreadable
 
 
+def test_load_image_dataset_lists_a_folder_of_tars_once(awkward_shards, monkeypatch):
+    """The listing that found the tars is the index's: a bucket of many tars is listed once at start, not twice."""
+    import codec.data.listing as listing_module
+
+    listed, real = [], listing_module.list_folder
+
+    def counting(where, *args, **kwargs):
+        listed.append(where)
+        return real(where, *args, **kwargs)
+
+    monkeypatch.setattr(listing_module, "list_folder", counting)
+    dataset, _ = load_image_dataset(str(awkward_shards))
+    assert len(dataset) == 10 and listed == [str(awkward_shards)]
+
+
 # --------------------------------------------------------------------------------------------------- the trainer
 
 
