@@ -63,10 +63,10 @@ def truncate_history(output_dir: Path, step: int) -> None:
 class IntervalMeans:
     """Each logged loss as its mean over every micro-batch since the last log, on every process.
 
-    A log of the last batch alone keeps one batch in log_every and that batch's noise: its curve cannot show a slope
-    smaller than the noise of single batches (a study's "has the loss stopped falling" could not see what was left).
-    The sums stay on the device (no synchronisation per step); `means` averages them over the processes, so it must
-    be called on every process at the same step, as the log step is."""
+    A log of the last batch alone keeps one batch in log_every, with all of its noise, and of several processes
+    only one's (measured on the β study's β = 1 run, steps 16,000-20,000: the logged curve's standard deviation 362
+    nats so, 223 as means of 25). The sums stay on the device (no synchronisation per step); `means` averages them
+    over the processes, so it must be called on every process at the same step, as the log step is."""
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
