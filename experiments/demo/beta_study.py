@@ -422,7 +422,7 @@ def plot_rate_distortion(results: list[dict], path: Path) -> Path:
 def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:
     lines = [
         "# β trade-off on the shapes world", "",
-        f"Codec preset `{cfg.codec_config}` on `{cfg.shapes}`, every run for the same budget; measured on "
+        f"Codec preset `{cfg.codec_config}` on `{cfg.shapes}`, each run for the steps in its row; measured on "
         f"{cfg.heldout_count} held-out shapes (seed {cfg.heldout_seed}) and {cfg.prior_samples} prior samples.", "",
         "| run | β | schedule | condition | latent | steps (cool-down) | loss slope | converged | PSNR (dB) | "
         "rate (bits/image) | active channels | prior: one shape | prior adherence c/p/s/b |",
@@ -453,8 +453,8 @@ def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:
 # The command line
 # ---------------------------------------------------------------------------------------------------------------
 
-COMMAND_LINE = """The β trade-off on the shapes world: train one codec per run of --config for the same budget,
-measure each.
+COMMAND_LINE = """The β trade-off on the shapes world: train one codec per run of --config (the budget
+of `overrides`, a run's own in `run_overrides`), measure each.
 
     python -m experiments.demo.beta_study --config configs/beta_study.yaml
     python -m experiments.demo.beta_study --config configs/beta_study.yaml \\
