@@ -10,7 +10,9 @@ import torch
 from codec.network.model import encode_posterior, load_codec
 from experiments.demo.adherence import shows_one_shape
 from experiments.demo.beta_study import (
+    ConvergedWithin,
     active_channels,
+    doubling_check,
     heldout_shapes,
     load_study_config,
     plateau_slope,
@@ -59,6 +61,30 @@ def test_plateau_slope_reads_the_constant_rate_steps_before_the_cool_down_with_i
     record = {"config": {"optim": {"cooldown_steps": 2000}, "train": {"max_steps": 18000}}}
     assert stable_end(record, 18000) == 16000
     assert stable_end({"config": {"optim": {}, "train": {"max_steps": 20000}}}, 1560) == 1560
+
+
+def test_doubling_check_compares_the_last_budget_with_the_longest_at_most_half_as_long():
+    within = ConvergedWithin(psnr_db=0.5, rate_fraction=0.1, rate_floor_bits=1.0)
+    # The β = 1 run of the study at 9,000 / 18,000 / 36,000 steps: +3.25 dB over the last doubling, not converged.
+    budgets = {9000: {"psnr_db": 32.8, "rate_bits": 60.0}, 18000: {"psnr_db": 33.94, "rate_bits": 58.0},
+               36000: {"psnr_db": 37.19, "rate_bits": 58.0}}
+    check = doubling_check(budgets, within)
+    assert check["from_steps"] == 18000 and not check["converged"]
+    assert check["psnr_change_db"] == pytest.approx(3.25) and check["rate_change_bits"] == pytest.approx(0.0)
+    # Within 0.5 dB and 10% of the rate: converged; 5.9 bits of 58 is, 6.1 bits is not.
+    budgets[36000] = {"psnr_db": 34.3, "rate_bits": 58.0 - 5.7}
+    assert doubling_check(budgets, within)["converged"]
+    budgets[36000]["rate_bits"] = 58.0 + 6.1
+    assert not doubling_check(budgets, within)["converged"]
+    # A budget less than twice as long is no doubling: 30,000 compares with 9,000, the longest at most half of it.
+    assert doubling_check({9000: budgets[9000], 18000: budgets[18000],
+                           30000: {"psnr_db": 33.0, "rate_bits": 60.0}}, within)["from_steps"] == 9000
+    assert doubling_check({18000: budgets[18000], 30000: budgets[18000]}, within) is None
+    assert doubling_check({36000: budgets[36000]}, within) is None
+    # A CVAE's rate of a tenth of a bit: the 1-bit floor, not 10% of it, bounds its change.
+    cvae = {9000: {"psnr_db": 28.37, "rate_bits": 0.1}, 18000: {"psnr_db": 28.05, "rate_bits": 0.6}}
+    assert doubling_check(cvae, within) == {"from_steps": 9000, "psnr_change_db": pytest.approx(-0.32),
+                                            "rate_change_bits": pytest.approx(0.5), "converged": True}
 
 
 def test_one_shape_holds_for_real_shapes_and_not_for_noise():
@@ -159,6 +185,13 @@ def test_a_longer_budget_extends_the_runs_from_their_checkpoints_to_the_same_cod
     assert (aside / "final" / "config.json").is_file() and (aside / "checkpoints" / "step_00000004").is_dir()
     assert [json.loads(line)["step"] for line in (aside / "history.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert not (aside / "checkpoints" / "step_00000003").exists()
+    # Every budget's codec is measured again beside the last: the 4-step one as the 4-step study measured it.
+    assert list(extended["budgets"]) == ["2", "4", "6"] and fresh["budgets"].keys() == {"6"}
+    assert extended["budgets"]["4"]["psnr_db"] == pytest.approx(runs[1]["psnr_db"], abs=1e-6)
+    assert extended["doubling"]["from_steps"] == 2 and fresh["doubling"] is None
+    assert extended["doubling"]["psnr_change_db"] == pytest.approx(extended["psnr_db"] - runs[0]["psnr_db"], abs=1e-6)
+    report = (tmp_path / "extended" / "report.md").read_text()
+    assert "| 2 -> 6: " in report and (tmp_path / "extended" / "budgets.png").stat().st_size > 1000
 
 
 def test_steps_in_common_are_those_before_either_cool_down_starts():
