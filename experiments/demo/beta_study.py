@@ -470,8 +470,11 @@ def plot_budgets(results: list[dict], path: Path) -> Path:
     rate.set(xlabel="training steps (log)", ylabel="rate, bits per image (log)", title="Rate by budget")
     rate.set_yscale("log")
     distortion.legend(fontsize=7)
+    ticks = sorted({int(s) for r in results for s in r["budgets"]})
     for ax in (distortion, rate):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path, dpi=120)
