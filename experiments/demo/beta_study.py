@@ -530,8 +530,8 @@ def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:
                      f"{r['plateau_slope']:+.0f} ± {r['plateau_stderr']:.0f} | "
                      f"{doubling_text(r['doubling'], r['steps'])} | {converged} |")
     lines += ["", f"Converged: the run's held-out PSNR moved by at most {within.psnr_db:g} dB and its rate by at most "
-              f"{100 * within.rate_fraction:g}% (never less than {within.rate_floor_bits:g} bit) over its last doubling of "
-              "steps: from the longest earlier budget with at most half its steps (set aside in "
+              f"{100 * within.rate_fraction:g}% (never less than {within.rate_floor_bits:g} bit) over its last "
+              "doubling of steps: from the longest earlier budget with at most half its steps (set aside in "
               "<run>/superseded/) to its own; '-' when it has no such budget. Loss slope: the least-squares slope of "
               "the training loss (nats per image, per 1,000 steps) over the last quarter of the steps at the "
               "constant learning rate (before the cool-down), ± its standard error (widened for neighbouring logs' "
