@@ -239,7 +239,8 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
         size = codec_cfg.data.val_size
         if size not in heldout:
             heldout[size] = heldout_shapes(cfg.heldout_count, cfg.heldout_seed, size)
-        numbers, samples = measure_export(final, *heldout[size], cfg.prior_samples, run.name)
+        images, captions = heldout[size]
+        numbers, samples = measure_export(final, images, captions, cfg.prior_samples, run.name)
         history = json.loads((final / "codec_training.json").read_text())
         loss = history["config"]["loss"]
         model = history["config"]["model"]
@@ -248,14 +249,14 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
             condition = f"{condition} ({model.get('condition_injection', 'concat')})"
         numbers.update(name=run.name, beta=loss["kl_weight"], schedule=schedule_text(loss), condition=condition,
                        latent="global" if model.get("global_latent") else "grid", steps=history["steps"])
-        curve = loss_curve(out / run.name, heldout[size][0][0].numel())
+        curve = loss_curve(out / run.name, images[0].numel())
         constant_until = stable_end(history, history["steps"])
         slope, stderr = plateau_slope(curve["step"], curve["loss"], constant_until)
         numbers.update(loss_curve=curve, cooldown_steps=history["steps"] - min(constant_until, history["steps"]),
                        plateau_slope=slope, plateau_stderr=stderr)
         # The same measures on the codecs its shorter budgets exported (set aside when it was trained on): how far
         # its numbers still move with the budget.
-        budgets = {steps: measure_export(earlier, *heldout[size], cfg.prior_samples, run.name)[0]
+        budgets = {steps: measure_export(earlier, images, captions, cfg.prior_samples, run.name)[0]
                    for steps, earlier in earlier_exports(out / run.name).items() if steps < history["steps"]}
         budgets[history["steps"]] = numbers
         numbers["budgets"] = {str(steps): {key: budgets[steps][key] for key in BUDGET_KEYS}
