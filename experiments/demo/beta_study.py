@@ -554,8 +554,8 @@ of `overrides`, a run's own in `run_overrides`), measure each.
 
     python -m experiments.demo.beta_study --config configs/beta_study.yaml
     python -m experiments.demo.beta_study --config configs/beta_study.yaml \\
-        --set overrides='["train.max_steps=72000", "optim.cooldown_steps=8000", "optim.min_lr_ratio=0",
-                          "train.keep_checkpoints=17"]'
+        --set overrides='["train.max_steps=144000", "optim.cooldown_steps=16000", "optim.min_lr_ratio=0",
+                          "train.keep_checkpoints=33"]'
 
 Writes <output_dir>/results.json, report.md (the table), rate_distortion.png (rate in bits per image against held-out
 PSNR, each point named), budgets.png (each run's PSNR and rate at every budget it was trained to), loss_curves.png and
