@@ -141,7 +141,11 @@ def plateau_slope(steps: list[int], losses: list[float], stable_end: int,
 def doubling_check(budgets: dict[int, dict], within: ConvergedWithin) -> dict | None:
     """Whether a run's last budget (the largest key of `budgets`, steps -> {"psnr_db", "rate_bits"}) moved its point
     of the trade-off by less than `within` from the longest earlier budget with at most half its steps: the numbers
-    the study reports no longer depend on how long it trained. None when no earlier budget is that short."""
+    the study reports no longer depend on how long it trained. None when no earlier budget is that short.
+
+    Where both budgets carry "train_rec" (the training reconstruction loss at their end, training_reconstruction),
+    it also gives how much that improved in dB, 10 log10(before / now): a held-out PSNR that stops while the
+    training one still rises is a run learning its training set, not one that has nothing more to learn."""
     steps = max(budgets)
     earlier = [s for s in budgets if 2 * s <= steps]
     if not earlier:
@@ -150,8 +154,24 @@ def doubling_check(budgets: dict[int, dict], within: ConvergedWithin) -> dict | 
     psnr_change = now["psnr_db"] - before["psnr_db"]
     rate_change = now["rate_bits"] - before["rate_bits"]
     rate_allowed = max(within.rate_fraction * before["rate_bits"], within.rate_floor_bits)
-    return {"from_steps": max(earlier), "psnr_change_db": psnr_change, "rate_change_bits": rate_change,
-            "converged": bool(abs(psnr_change) <= within.psnr_db and abs(rate_change) <= rate_allowed)}
+    check = {"from_steps": max(earlier), "psnr_change_db": psnr_change, "rate_change_bits": rate_change,
+             "converged": bool(abs(psnr_change) <= within.psnr_db and abs(rate_change) <= rate_allowed)}
+    if before.get("train_rec") and now.get("train_rec"):
+        check["train_rec_gain_db"] = 10 * math.log10(before["train_rec"] / now["train_rec"])
+    return check
+
+
+def training_reconstruction(run_dir: Path, steps: int, fraction: float = 0.02) -> float | None:
+    """The mean training reconstruction loss (loss/rec, per pixel element) a run logged over the last `fraction`
+    of its `steps` (its last log when none falls there), from `run_dir`/history.jsonl: the same end-of-budget
+    window for every budget, as one batch of 16 is noisy. None when the history has no such log."""
+    from codec.common.logs import read_history
+
+    logs = [(h["step"], h["loss/rec"]) for h in read_history(run_dir) if "loss/rec" in h and h["step"] <= steps]
+    if not logs:
+        return None
+    window = [rec for step, rec in logs if step > steps * (1 - fraction)] or [logs[-1][1]]
+    return sum(window) / len(window)
 
 
 def stable_end(recorded: dict, steps: int) -> int:
@@ -256,9 +276,14 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
                        plateau_slope=slope, plateau_stderr=stderr)
         # The same measures on the codecs its shorter budgets exported (set aside when it was trained on): how far
         # its numbers still move with the budget.
+        exports = {steps: final for steps, final in earlier_exports(out / run.name).items() if steps < history["steps"]}
         budgets = {steps: measure_export(earlier, images, captions, cfg.prior_samples, run.name)[0]
-                   for steps, earlier in earlier_exports(out / run.name).items() if steps < history["steps"]}
+                   for steps, earlier in exports.items()}
         budgets[history["steps"]] = numbers
+        # Each budget's training reconstruction, from the history it ended with (set aside beside its codec).
+        for steps, numbers_then in budgets.items():
+            ended = exports[steps].parent if steps in exports else out / run.name
+            numbers_then["train_rec"] = training_reconstruction(ended, steps)
         numbers["budgets"] = {str(steps): {key: budgets[steps][key] for key in BUDGET_KEYS}
                               for steps in sorted(budgets)}
         numbers["doubling"] = doubling_check(budgets, cfg.converged_within)
@@ -274,7 +299,7 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
     return summary
 
 
-BUDGET_KEYS = ("psnr_db", "rate_bits", "prior_one_shape_percent")
+BUDGET_KEYS = ("psnr_db", "rate_bits", "prior_one_shape_percent", "train_rec")
 
 
 def measure_export(final: Path, images: torch.Tensor, captions: list[str], prior_count: int,
@@ -505,8 +530,9 @@ def plot_rate_distortion(results: list[dict], path: Path) -> Path:
 def doubling_text(doubling: dict | None, steps: int) -> str:
     if doubling is None:
         return "-"
+    training = (f" (training {doubling['train_rec_gain_db']:+.2f} dB)" if "train_rec_gain_db" in doubling else "")
     return (f"{doubling['from_steps']} -> {steps}: {doubling['psnr_change_db']:+.2f} dB, "
-            f"{doubling['rate_change_bits']:+.1f} bits")
+            f"{doubling['rate_change_bits']:+.1f} bits{training}")
 
 
 def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:
@@ -533,7 +559,10 @@ def report_markdown(results: list[dict], cfg: BetaStudyConfig) -> str:
     lines += ["", f"Converged: the run's held-out PSNR moved by at most {within.psnr_db:g} dB and its rate by at most "
               f"{100 * within.rate_fraction:g}% (never less than {within.rate_floor_bits:g} bit) over its last "
               "doubling of steps: from the longest earlier budget with at most half its steps (set aside in "
-              "<run>/superseded/) to its own; '-' when it has no such budget. Loss slope: the least-squares slope of "
+              "<run>/superseded/) to its own; '-' when it has no such budget. In brackets, how much the training "
+              "reconstruction improved over the same doubling (its mean squared error over the last 2% of each "
+              "budget): a held-out PSNR that stops while this still rises is a run learning its training set. "
+              "Loss slope: the least-squares slope of "
               "the training loss (nats per image, per 1,000 steps) over the last quarter of the steps at the "
               "constant learning rate (before the cool-down), ± its standard error (widened for neighbouring logs' "
               "correlation). It is no test of convergence: at a constant rate the weights improve by less than the "

@@ -85,6 +85,27 @@ def test_doubling_check_compares_the_last_budget_with_the_longest_at_most_half_a
     cvae = {9000: {"psnr_db": 28.37, "rate_bits": 0.1}, 18000: {"psnr_db": 28.05, "rate_bits": 0.6}}
     assert doubling_check(cvae, within) == {"from_steps": 9000, "psnr_change_db": pytest.approx(-0.32),
                                             "rate_change_bits": pytest.approx(0.5), "converged": True}
+    # β 1e-6 from 36,000 to 72,000 steps: held-out -0.47 dB while the training reconstruction's mean squared error
+    # fell from 5.97e-4 to 3.22e-4, 10 log10(5.97 / 3.22) = +2.681 dB: converged, by learning its training set.
+    memorised = {36000: {"psnr_db": 37.31, "rate_bits": 155.0, "train_rec": 5.97e-4},
+                 72000: {"psnr_db": 36.84, "rate_bits": 169.0, "train_rec": 3.22e-4}}
+    check = doubling_check(memorised, within)
+    assert check["converged"] and check["train_rec_gain_db"] == pytest.approx(2.681, abs=1e-3)
+    memorised[36000]["train_rec"] = None  # a budget whose history has no reconstruction logged: no training gain
+    assert "train_rec_gain_db" not in doubling_check(memorised, within)
+
+
+def test_training_reconstruction_is_the_mean_over_the_last_part_of_the_budget(tmp_path):
+    from experiments.demo.beta_study import training_reconstruction
+
+    assert training_reconstruction(tmp_path, 100) is None  # no history
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(json.dumps({"step": k, "loss/rec": float(k)}) + "\n" for k in range(1, 201)))
+    assert training_reconstruction(tmp_path, 100) == pytest.approx(99.5)  # steps 99 and 100: the last 2%
+    assert training_reconstruction(tmp_path, 200, fraction=0.05) == pytest.approx(195.5)  # 191..200
+    # Logs every 10 steps and none in the window: the last log before the budget's end.
+    history.write_text("".join(json.dumps({"step": k, "loss/rec": float(k)}) + "\n" for k in range(10, 100, 10)))
+    assert training_reconstruction(tmp_path, 100) == pytest.approx(90.0)
 
 
 def test_one_shape_holds_for_real_shapes_and_not_for_noise():
@@ -190,8 +211,19 @@ def test_a_longer_budget_extends_the_runs_from_their_checkpoints_to_the_same_cod
     assert extended["budgets"]["4"]["psnr_db"] == pytest.approx(runs[1]["psnr_db"], abs=1e-6)
     assert extended["doubling"]["from_steps"] == 2 and fresh["doubling"] is None
     assert extended["doubling"]["psnr_change_db"] == pytest.approx(extended["psnr_db"] - runs[0]["psnr_db"], abs=1e-6)
+    # Each budget's training reconstruction is read from the history it ended with: the 2-step one from the history
+    # set aside with its codec, the 6-step one from the run's own.
+    def logged_rec(history: Path, step: int) -> float:
+        return next(h["loss/rec"] for h in map(json.loads, history.read_text().splitlines()) if h["step"] == step)
+
+    b = tmp_path / "extended" / "b"
+    assert extended["budgets"]["2"]["train_rec"] == pytest.approx(logged_rec(b / "superseded/2-steps/history.jsonl", 2))
+    assert extended["budgets"]["6"]["train_rec"] == pytest.approx(logged_rec(b / "history.jsonl", 6))
+    assert extended["doubling"]["train_rec_gain_db"] == pytest.approx(
+        10 * math.log10(extended["budgets"]["2"]["train_rec"] / extended["budgets"]["6"]["train_rec"]))
     report = (tmp_path / "extended" / "report.md").read_text()
-    assert "| 2 -> 6: " in report and (tmp_path / "extended" / "budgets.png").stat().st_size > 1000
+    assert "| 2 -> 6: " in report and " bits (training " in report
+    assert (tmp_path / "extended" / "budgets.png").stat().st_size > 1000
 
 
 def test_steps_in_common_are_those_before_either_cool_down_starts():
