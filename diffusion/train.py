@@ -55,7 +55,7 @@ from codec.common.logs import (
     truncate_history,
 )
 from codec.common.loop import LoopResult
-from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
+from codec.common.optim import adamw, backward_and_step, learning_rate, set_learning_rate
 from codec.exchange.pipeline import LatentDiffusionPipeline, latent_norm, make_sampler
 from codec.measurement.evaluate import save_png
 from codec.network.model import codec_identity, compression_ratio, encoder_identity, load_codec
@@ -241,8 +241,7 @@ def train_unet(cfg: UNetTrainingConfig, resume: str | None = None) -> TrainResul
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # engages whenever grad is on (diffusers' down/mid/up blocks)
     noise_scheduler = build_noise_scheduler(cfg.diffusion)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = adamw(unet.parameters(), cfg.optim)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     inner = accelerator.unwrap_model(unet)
     ema = None

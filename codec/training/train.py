@@ -45,7 +45,7 @@ from codec.common.logs import (
     truncate_history,
 )
 from codec.common.loop import LoopResult
-from codec.common.optim import backward_and_step, learning_rate, set_learning_rate
+from codec.common.optim import adamw, backward_and_step, learning_rate, set_learning_rate
 from codec.data import CenterCrops, TrainCrops, bundled_photos, load_image_dataset
 from codec.data.crops import mirror_caption
 from codec.exchange.pretrained import Parent, load_parent
@@ -265,14 +265,12 @@ def train_codec(cfg: CodecConfig, resume: str | None = None) -> TrainResult:
         perceptual.to(accelerator.device)
     criterion = CodecLoss(cfg.loss, perceptual)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = adamw(trainable, cfg.optim)
     use_gan = cfg.loss.gan_weight > 0
     disc = opt_d = None
     if use_gan:
         disc = PatchDiscriminator(channels=cfg.loss.disc_channels, layers=cfg.loss.disc_layers)
-        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.loss.disc_lr or cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=0.0)
+        opt_d = adamw(disc.parameters(), cfg.optim, lr=cfg.loss.disc_lr or cfg.optim.lr, weight_decay=0.0)
         model, optimizer, disc, opt_d, loader = accelerator.prepare(model, optimizer, disc, opt_d, loader)
     else:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

@@ -22,7 +22,7 @@ import math
 import re
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -77,6 +77,10 @@ class BetaStudyConfig:
     # A run has converged when doubling its budget moved its point of the trade-off by less than this: half the
     # separation the study must show between neighbouring β (1 dB or 20% of the rate).
     converged_within: ConvergedWithin = field(default_factory=ConvergedWithin)
+    # true: a run with a warm-up-stable-decay step budget and no codec of half its steps is first trained to half (its
+    # cool-down halved too), then on to its budget from the checkpoints both make alike: a study started from
+    # nothing says whether each run converged, for the cost of the half's cool-down.
+    halve_first: bool = False
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -248,6 +252,11 @@ def run_study(cfg: BetaStudyConfig, root: Path) -> dict:
         f"data.train={json.dumps(str(root / cfg.shapes))}", f"train.output_dir={json.dumps(str(out / run.name))}",
         *cfg.overrides, *run.overrides]) for run in cfg.runs}
     to_train = [run.name for run in cfg.runs if not trained(out / run.name, configs[run.name].train)]
+    if cfg.halve_first:
+        halves = {name: half for name in to_train if (half := half_budget(configs[name], out / name)) is not None}
+        for name, half in halves.items():
+            set_aside_other_budget(out / name, half)
+        train_runs(list(halves.values()), list(halves), cfg.workers)
     for name in to_train:
         set_aside_other_budget(out / name, configs[name])
     train_runs([configs[name] for name in to_train], to_train, cfg.workers)
@@ -339,6 +348,24 @@ def trained(run_dir: Path, train) -> bool:
     if not (run_dir / "final" / "config.json").is_file() or not record.is_file():
         return False
     return bool(train.max_minutes) or json.loads(record.read_text())["steps"] >= train.max_steps
+
+
+def half_budget(codec_cfg, run_dir: Path):
+    """The run's budget halved, cool-down and all, where the doubling check will need it and the run has no codec of
+    at least that many steps: None for a clock budget or a schedule without a cool-down (no longer budget repeats
+    their steps), and for a run with such a codec already."""
+    train, optim = codec_cfg.train, codec_cfg.optim
+    if train.max_minutes or optim.cooldown_steps <= 0 or train.max_steps % 2 or optim.cooldown_steps % 2:
+        return None
+    half = train.max_steps // 2
+    exported = set(earlier_exports(run_dir))
+    record = run_dir / "final" / "codec_training.json"
+    if record.is_file() and (run_dir / "final" / "config.json").is_file():
+        exported.add(json.loads(record.read_text())["steps"])
+    if any(half <= steps for steps in exported):
+        return None
+    return replace(codec_cfg, train=replace(train, max_steps=half),
+                   optim=replace(optim, cooldown_steps=optim.cooldown_steps // 2))
 
 
 def steps_in_common(old: OptimConfig, old_steps: int, new: OptimConfig, new_steps: int) -> int:

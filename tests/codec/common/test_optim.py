@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from codec.common.optim import OptimConfig, learning_rate, set_learning_rate
+from codec.common.optim import OptimConfig, adamw, learning_rate, set_learning_rate
 
 
 def test_learning_rate_warmup_then_cosine():
@@ -12,6 +12,23 @@ def test_learning_rate_warmup_then_cosine():
     assert learning_rate(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down the cosine
     assert learning_rate(110, cfg, 110) == pytest.approx(0.1)
     assert learning_rate(500, cfg, 110) == pytest.approx(0.1)
+
+
+def test_fused_adamw_makes_the_same_steps_as_the_loop_one():
+    """optim.fused picks torch's fused kernel: the same AdamW update (to rounding), the config's betas and decay."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(1000), [torch.randn(1000) for _ in range(5)]
+    weights = {}
+    for fused in (False, True):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = adamw([weight], OptimConfig(lr=1e-2, betas=[0.9, 0.99], weight_decay=0.1, fused=fused))
+        assert optimizer.defaults["fused"] is (True if fused else None) and optimizer.defaults["betas"] == (0.9, 0.99)
+        for grad in grads:
+            weight.grad = grad.clone()
+            optimizer.step()
+        weights[fused] = weight.detach()
+    assert (weights[True] - start).abs().max() > 0.04  # five steps of about lr each
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)
 
 
 def test_set_learning_rate_reaches_every_group():

@@ -226,6 +226,35 @@ def test_a_longer_budget_extends_the_runs_from_their_checkpoints_to_the_same_cod
     assert (tmp_path / "extended" / "budgets.png").stat().st_size > 1000
 
 
+def test_halve_first_trains_half_the_budget_then_goes_on_so_a_study_from_nothing_has_its_doubling(tmp_path):
+    """halve_first: a 4-step budget with a 2-step cool-down is first trained to 2 steps (cool-down 1), then on to 4
+    from the checkpoint both make alike: the same two codecs a 2-step and a 4-step study train from scratch, so the
+    doubling check has its half."""
+    def study(name: str, steps: int, cooldown: int, halve_first: bool) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({
+            "codec_config": str(ROOT / "configs/codec/beta-study.yaml"), "shapes": str(tmp_path / "shapes"),
+            "render": {"count": 24, "size": 32, "seed": 0}, "output_dir": str(tmp_path / name),
+            "heldout_count": 4, "prior_samples": 4, "halve_first": halve_first,
+            "overrides": [f"train.max_steps={steps}", "optim.warmup_steps=0", f"optim.cooldown_steps={cooldown}",
+                          "optim.min_lr_ratio=0.0", "train.batch_size=4", "data.val_count=2",
+                          "train.checkpoint_every=1", "train.log_every=1", "train.latent_stats_images=4",
+                          "model.block_out_channels=[8,8,16,16]", "model.norm_num_groups=4"],
+            "runs": [{"name": "b", "overrides": ["loss.kl_weight=1"]}]}))
+        return path
+
+    halved = run_study(load_study_config(study("halved", 4, 2, True)), ROOT)["runs"][0]
+    two, four = (run_study(load_study_config(study(f"fresh{n}", n, n // 2, False)), ROOT)["runs"][0] for n in (2, 4))
+    assert list(halved["budgets"]) == ["2", "4"] and halved["doubling"]["from_steps"] == 2
+    assert halved["psnr_db"] == pytest.approx(four["psnr_db"], abs=1e-6) != pytest.approx(two["psnr_db"])
+    assert halved["budgets"]["2"]["psnr_db"] == pytest.approx(two["psnr_db"], abs=1e-6)
+    assert halved["budgets"]["2"]["rate_bits"] == pytest.approx(two["rate_bits"], rel=1e-6)
+    assert four["doubling"] is None  # without halve_first a study from nothing has one budget
+    # Run again, the study has both codecs and trains nothing: the same numbers.
+    again = run_study(load_study_config(study("halved", 4, 2, True)), ROOT)["runs"][0]
+    assert again["budgets"] == halved["budgets"]
+
+
 def test_steps_in_common_are_those_before_either_cool_down_starts():
     from codec.common.optim import OptimConfig
     from experiments.demo.beta_study import steps_in_common
