@@ -24,9 +24,10 @@ class OptimConfig:
     # can be extended from its checkpoints, and the decay lets its loss settle at the end.
     cooldown_steps: int = 0
     max_grad_norm: float | None = 1.0
-    # torch's fused AdamW kernel (CPU and CUDA): the same update, 1.17x the steps per second of the β study's small
-    # network on one core (docs/generative-vae.md). Off by default: the demo's numbers were measured without it, and
-    # a fused update rounds differently, so a run resumed across the switch is not the run it would have been.
+    # torch's fused AdamW kernel (CPU and CUDA): the same update, 1.17x the bare training steps per second of the β
+    # study's small network on one core (docs/generative-vae.md). Off by default: the demo's numbers were measured
+    # without it, and a fused update rounds differently, so a run resumed across the switch is not the run it would
+    # have been.
     fused: bool = False
 
     def __post_init__(self) -> None:
